@@ -1,0 +1,53 @@
+# Two commands for a new user: `make demo` and `make test`. Both set up .venv first.
+#
+# PyTorch: on a machine with an NVIDIA driver the normal (CUDA) build is installed; without one
+# the CPU build is pinned, because an unpinned `torch` from PyPI is a multi-GB CUDA build.
+# Override with TORCH_CPU_SPEC / TORCH_CPU_INDEX, e.g.
+#   make setup TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu TORCH_CPU_SPEC=torch
+
+PYTHON ?= python3
+VENV ?= .venv
+NNUNET_VENV ?= .venv-nnunet
+PY := $(VENV)/bin/python
+TORCH_CPU_SPEC ?= torch==2.13.0
+TORCH_CPU_INDEX ?=
+TORCH_GPU_SPEC ?= torch>=2.4
+DEMO_DIR ?= demo
+PYTEST_ARGS ?=
+
+.PHONY: setup test lint demo clean-demo
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(PY) -m pip install "$(TORCH_GPU_SPEC)"; \
+	else \
+		$(PY) -m pip install "$(TORCH_CPU_SPEC)" $(if $(TORCH_CPU_INDEX),--index-url $(TORCH_CPU_INDEX)); \
+	fi
+	$(PY) -m pip install --progress-bar off -e ".[dev]"
+	touch $@
+
+# nnU-Net v2, only as the reference the planner is compared with, in its own environment:
+# its dependencies (timm -> torchvision) pin a newer, CUDA build of torch.
+$(NNUNET_VENV)/.installed:
+	test -x $(NNUNET_VENV)/bin/python || $(PYTHON) -m venv $(NNUNET_VENV)
+	$(NNUNET_VENV)/bin/python -m pip install --progress-bar off "nnunetv2>=2.5"
+	touch $@
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: lint $(NNUNET_VENV)/.installed
+	MEDPIPE_NNUNET_BIN="$(CURDIR)/$(NNUNET_VENV)/bin" $(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/medpipe demo-data $(DEMO_DIR)/raw --cases 12 --test-cases 2 --seed 0
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/snakemake all --profile configs/profiles/local \
+		--configfile configs/demo.yaml --config dataset=$(DEMO_DIR)/raw results=$(DEMO_DIR)/results
+	@echo "Demo dataset: $(DEMO_DIR)/raw (preview: $(DEMO_DIR)/raw/preview.png)"
+	@echo "Workflow outputs: $(DEMO_DIR)/results (verify.json, fingerprint.json, plans.json, preprocessed/)"
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

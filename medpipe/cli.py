@@ -1,0 +1,249 @@
+"""The `medpipe` command. Each sub-command parses its options and calls one library function.
+
+User errors (`MedpipeError`) are printed as one message and exit non-zero without a
+traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from medpipe.errors import DatasetError, MedpipeError, VerificationFailed
+
+app = typer.Typer(
+    name="medpipe",
+    help="3D medical image segmentation and registration pipeline.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    )
+
+
+@app.command()
+def verify(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder (nnU-Net v2 raw layout).")],
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the report as JSON here.")
+    ] = None,
+    tolerance: Annotated[
+        float, typer.Option(help="Allowed geometry difference (mm, direction cosines).")
+    ] = 1e-4,
+    workers: Annotated[int, typer.Option(help="Processes reading cases in parallel.")] = 1,
+) -> None:
+    """Check a dataset; list every problem, then exit 1 if any is an error."""
+    from medpipe.data.verify import verify_dataset, write_report
+
+    with _progress() as progress:
+        task = progress.add_task("verifying", total=None)
+        report = verify_dataset(
+            dataset, tolerance, workers, on_case_checked=lambda _: progress.advance(task)
+        )
+    if json_out is not None:
+        write_report(report, json_out)
+    _print_problems(report.problems, dataset)
+    summary = (
+        f"{report.n_training} training and {report.n_test} test case(s); "
+        f"{len(report.errors)} error(s), {len(report.problems) - len(report.errors)} warning(s)"
+    )
+    if not report.ok:
+        raise VerificationFailed(summary, dataset)
+    console.print(f"[green]ok[/green] {dataset}: {summary}")
+
+
+@app.command("demo-data")
+def demo_data(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to create (or an earlier demo).")],
+    cases: Annotated[int, typer.Option(help="Training cases.")] = 12,
+    test_cases: Annotated[int, typer.Option(help="Test cases (imagesTs/labelsTs).")] = 2,
+    spacing: Annotated[
+        str, typer.Option(help="Voxel size in mm: one number, or three like 1,1,4.")
+    ] = "3",
+    seed: Annotated[int, typer.Option(help="Same seed, same files.")] = 0,
+) -> None:
+    """Build the brain tissue demo dataset from the MNI152 template shipped with nilearn."""
+    from medpipe.data.demo import DemoSettings, build_demo_dataset
+
+    settings = DemoSettings(
+        cases=cases, test_cases=test_cases, spacing=_parse_spacing(spacing), seed=seed
+    )
+    with _progress() as progress:
+        task = progress.add_task("building cases", total=cases + test_cases)
+        build_demo_dataset(out_dir, settings, on_case_written=lambda _: progress.advance(task))
+    console.print(
+        f"[green]wrote[/green] {out_dir}: {cases} training + {test_cases} test case(s) at "
+        f"{spacing} mm; preview {out_dir / 'preview.png'}"
+    )
+
+
+@app.command()
+def split(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder (nnU-Net v2 raw layout).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="splits.json to write.")] = Path(
+        "splits.json"
+    ),
+    folds: Annotated[int, typer.Option(help="Number of folds.")] = 5,
+    seed: Annotated[int, typer.Option(help="KFold seed (nnU-Net's is 12345).")] = 12345,
+) -> None:
+    """Write deterministic k-fold splits of the training cases (nnU-Net's rule and format)."""
+    from medpipe.data import load_dataset, make_splits, write_splits
+
+    splits = make_splits(load_dataset(dataset).case_ids, folds, seed)
+    write_splits(splits, output)
+    sizes = ", ".join(str(len(s["val"])) for s in splits)
+    console.print(f"[green]wrote[/green] {output}: {folds} folds, validation sizes {sizes}")
+
+
+@app.command()
+def fingerprint(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder (nnU-Net v2 raw layout).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="fingerprint.json to write.")],
+    workers: Annotated[int, typer.Option(help="Processes reading cases in parallel.")] = 1,
+) -> None:
+    """Spacings, shapes and foreground intensity statistics of the training cases."""
+    from medpipe.data import load_dataset
+    from medpipe.planning import fingerprint_dataset, write_fingerprint
+
+    total = len(load_dataset(dataset).training)
+    with _progress() as progress:
+        task = progress.add_task("fingerprinting", total=total)
+        result = fingerprint_dataset(dataset, workers, lambda _: progress.advance(task))
+    write_fingerprint(result, output)
+    console.print(
+        f"[green]wrote[/green] {output}: {len(result['cases'])} cases, median spacing "
+        f"{_fmt(result['median_spacing'])} mm, "
+        f"median shape {_fmt(result['median_shape_after_crop'])}"
+    )
+
+
+@app.command()
+def plan(
+    fingerprint_json: Annotated[Path, typer.Argument(help="fingerprint.json from `fingerprint`.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="plans.json to write.")],
+    gpu_memory_gb: Annotated[
+        float, typer.Option(help="GPU memory the patch and batch size are planned for.")
+    ] = 8.0,
+) -> None:
+    """nnU-Net-style plans: target spacing, normalisation, patch/batch size, topology."""
+    from medpipe.planning import plan_experiment, read_fingerprint, write_plans
+
+    plans = plan_experiment(read_fingerprint(fingerprint_json), gpu_memory_gb)
+    write_plans(plans, output)
+    for name, config in plans["configurations"].items():
+        console.print(
+            f"[green]{name}[/green]: spacing {_fmt(config['spacing'])} mm, patch "
+            f"{_fmt(config['patch_size'])}, batch {config['batch_size']}, "
+            f"{config['architecture']['arch_kwargs']['n_stages']} stages, "
+            f"{', '.join(config['normalization_schemes'])}"
+        )
+    console.print(f"[green]wrote[/green] {output}")
+
+
+@app.command()
+def preprocess(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder (nnU-Net v2 raw layout).")],
+    plans_json: Annotated[Path, typer.Argument(help="plans.json from `plan`.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the cases.")],
+    configuration: Annotated[str, typer.Option("--config", help="Plans configuration.")] = (
+        "3d_fullres"
+    ),
+    case: Annotated[
+        list[str] | None, typer.Option(help="Only these case ids (repeatable).")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Cases preprocessed in parallel.")] = 1,
+) -> None:
+    """Crop, normalise and resample training cases; finished cases are not redone."""
+    import json
+
+    from medpipe.data import load_dataset
+    from medpipe.preprocessing import PreprocessingPlan, preprocess_dataset
+
+    raw = load_dataset(dataset)
+    plans = json.loads(plans_json.read_text())
+    settings = PreprocessingPlan.from_plans(plans, configuration)
+    cases = [c for c in raw.training if not case or c.case_id in case]
+    unknown = set(case or []) - {c.case_id for c in raw.training}
+    if unknown:
+        raise DatasetError(f"no training case(s) {', '.join(sorted(unknown))}", dataset)
+    classes = sorted(v for v in raw.spec.label_values if v > 0)
+    with _progress() as progress:
+        task = progress.add_task("preprocessing", total=len(cases))
+        done = preprocess_dataset(
+            cases, settings, output, classes, workers, lambda _: progress.advance(task)
+        )
+    console.print(
+        f"[green]wrote[/green] {output}: {len(done)} case(s) preprocessed, "
+        f"{len(cases) - len(done)} already done"
+    )
+
+
+def _fmt(values: list[float]) -> str:
+    return " x ".join(f"{v:g}" for v in values)
+
+
+def _parse_spacing(text: str) -> float | tuple[float, float, float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"expected a number or three, got {text!r}") from None
+    if len(values) == 1:
+        return values[0]
+    if len(values) == 3:
+        return (values[0], values[1], values[2])
+    raise typer.BadParameter(f"expected one or three numbers, got {len(values)}")
+
+
+def _print_problems(problems: list, root: Path) -> None:
+    """One line per problem, "severity check file: message", so logs stay greppable."""
+    for problem in problems:
+        colour = "red" if problem.severity == "error" else "yellow"
+        try:
+            shown = problem.file.relative_to(root)
+        except ValueError:
+            shown = problem.file
+        console.print(
+            f"[{colour}]{problem.severity:<7}[/{colour}] {problem.check:<22} {shown}: "
+            f"{escape(problem.message)}",
+            soft_wrap=True,
+            highlight=False,
+        )
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one line and an exit code."""
+    try:
+        result = app(standalone_mode=False)
+    except MedpipeError as error:
+        err_console.print(f"[bold red]error:[/bold red] {error}", highlight=False)
+        sys.exit(error.exit_code)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        err_console.print("interrupted")
+        sys.exit(130)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

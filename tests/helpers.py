@@ -1,0 +1,79 @@
+"""Test data: random volumes on oblique, flipped grids, and tiny datasets on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+from medpipe.io import Geometry, Volume, write_image
+
+
+def oblique_geometry(seed: int = 0, flipped: bool = False) -> Geometry:
+    """Anisotropic spacing, a rotation about all three axes, optionally a left-handed frame."""
+    rng = np.random.default_rng(seed)
+    matrix = Rotation.from_euler("xyz", rng.uniform(-40, 40, 3), degrees=True).as_matrix()
+    if flipped:
+        matrix[:, 1] *= -1
+    return Geometry(
+        spacing=tuple(float(v) for v in rng.uniform(0.5, 3.0, 3)),
+        origin=tuple(float(v) for v in rng.uniform(-100, 100, 3)),
+        direction=tuple(float(v) for v in matrix.ravel()),
+    )
+
+
+def random_volume(
+    shape=(9, 8, 7), dtype=np.float32, seed: int = 0, geometry: Geometry | None = None
+) -> Volume:
+    rng = np.random.default_rng(seed)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        array = rng.integers(max(info.min, -1000), min(info.max, 1000), shape).astype(dtype)
+    else:
+        array = rng.normal(100.0, 30.0, shape).astype(dtype)
+    return Volume(array, geometry or oblique_geometry(seed))
+
+
+def make_dataset(
+    root: Path,
+    n_cases: int = 3,
+    n_channels: int = 1,
+    shape=(10, 9, 8),
+    file_ending: str = ".nii.gz",
+    n_test: int = 0,
+) -> Path:
+    """A small, valid nnU-Net v2 dataset: labels 0..2, oblique geometry shared per case."""
+    rng = np.random.default_rng(7)
+    for index in range(n_cases + n_test):
+        case_id = f"case_{index:03d}"
+        images, labels = ("imagesTr", "labelsTr") if index < n_cases else ("imagesTs", "labelsTs")
+        geometry = oblique_geometry(index)
+        label = np.zeros(shape, np.uint8)
+        label[2:6, 2:6, 2:6] = 1
+        label[5:8, 3:7, 4:7] = 2
+        for channel in range(n_channels):
+            image = (rng.normal(0, 1, shape) + 3 * label).astype(np.float32)
+            write_image(
+                Volume(image, geometry), root / images / f"{case_id}_{channel:04d}{file_ending}"
+            )
+        write_image(Volume(label, geometry), root / labels / f"{case_id}{file_ending}")
+    spec = {
+        "channel_names": {str(c): f"MR{c}" for c in range(n_channels)},
+        "labels": {"background": 0, "one": 1, "two": 2},
+        "numTraining": n_cases,
+        "file_ending": file_ending,
+    }
+    (root / "dataset.json").write_text(json.dumps(spec))
+    return root
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under root, to prove a command changed nothing."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }

@@ -1,0 +1,87 @@
+"""Our planner against nnU-Net v2's own, on the demo data and an anisotropic variant.
+
+nnU-Net runs as its users run it (`nnUNetv2_extract_fingerprint`, `nnUNetv2_plan_experiment`)
+on a copy of the dataset. Its plans list axes reversed (SimpleITK's z, y, x) and transposed
+by `transpose_forward`; we undo that before comparing. Tolerance: target spacing to 1e-6 mm;
+normalisation, patch size, batch size, strides and kernel sizes exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medpipe.data.demo import DemoSettings, build_demo_dataset
+from medpipe.planning import fingerprint_dataset, plan_experiment
+
+# nnU-Net lives in its own environment (`make test` builds .venv-nnunet); default: ours
+NNUNET_BIN = Path(os.environ.get("MEDPIPE_NNUNET_BIN", Path(sys.executable).parent))
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (NNUNET_BIN / "nnUNetv2_plan_experiment").exists(),
+        reason=f"nnU-Net v2 is not installed in {NNUNET_BIN}",
+    ),
+]
+
+
+def nnunet_plans(dataset: Path, work: Path, dataset_id: int) -> dict:
+    env = {
+        **os.environ,
+        "nnUNet_raw": str(work / "raw"),
+        "nnUNet_preprocessed": str(work / "preprocessed"),
+        "nnUNet_results": str(work / "results"),
+        "PYTHONIOENCODING": "utf-8",
+    }
+    name = f"Dataset{dataset_id:03d}_Medpipe"
+    shutil.copytree(dataset, work / "raw" / name)
+    for command in (
+        [NNUNET_BIN / "nnUNetv2_extract_fingerprint", "-d", str(dataset_id), "-np", "2"],
+        [NNUNET_BIN / "nnUNetv2_plan_experiment", "-d", str(dataset_id)],
+    ):
+        result = subprocess.run(
+            command, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600
+        )
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return json.loads((work / "preprocessed" / name / "nnUNetPlans.json").read_text())
+
+
+def in_array_order(values, transpose_backward):
+    """nnU-Net's (transposed, z-y-x) list -> medpipe's (i, j, k)."""
+    zyx = [values[a] for a in transpose_backward]
+    return list(reversed(zyx))
+
+
+@pytest.mark.parametrize(
+    ("spacing", "dataset_id"), [(3.0, 11), ((1.5, 1.5, 6.0), 12)], ids=["demo_3mm", "aniso"]
+)
+def test_plans_agree_with_nnunet(tmp_path, spacing, dataset_id):
+    dataset = build_demo_dataset(
+        tmp_path / "raw", DemoSettings(cases=4, test_cases=0, spacing=spacing, seed=5)
+    )
+    ours = plan_experiment(fingerprint_dataset(dataset, workers=2))["configurations"]
+    theirs_plans = nnunet_plans(dataset, tmp_path / "nnunet", dataset_id)
+    back = theirs_plans["transpose_backward"]
+    theirs = theirs_plans["configurations"]
+
+    assert set(ours) == set(theirs) - {"2d", "3d_cascade_fullres"}
+    mine, reference = ours["3d_fullres"], theirs["3d_fullres"]
+    np.testing.assert_allclose(
+        mine["spacing"], in_array_order(reference["spacing"], back), atol=1e-6
+    )
+    assert mine["patch_size"] == in_array_order(reference["patch_size"], back)
+    assert mine["batch_size"] == reference["batch_size"]
+    assert mine["normalization_schemes"] == reference["normalization_schemes"]
+    assert mine["use_mask_for_norm"] == reference["use_mask_for_norm"]
+    arch, ref_arch = mine["architecture"]["arch_kwargs"], reference["architecture"]["arch_kwargs"]
+    assert arch["n_stages"] == ref_arch["n_stages"]
+    assert arch["features_per_stage"] == list(ref_arch["features_per_stage"])
+    for key in ("strides", "kernel_sizes"):
+        assert arch[key] == [in_array_order(entry, back) for entry in ref_arch[key]]

@@ -1,0 +1,110 @@
+"""Fingerprint and plans: nnU-Net's rules on hand-made inputs with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import make_dataset
+
+from medpipe.io import read_image
+from medpipe.planning import fingerprint_dataset, plan_experiment
+from medpipe.planning.plans import fullres_target_spacing, normalisation_schemes
+from medpipe.planning.topology import feature_map_voxels, pool_and_conv_props
+
+
+def test_isotropic_topology_pools_all_axes_to_the_minimum_edge():
+    topology = pool_and_conv_props([3.0, 3.0, 3.0], [66, 78, 63])
+    assert topology.patch_size == (80, 80, 64)  # padded to multiples of 2**pools
+    assert topology.pool_per_axis == (4, 4, 4)
+    assert topology.strides[0] == (1, 1, 1)
+    assert all(k == (3, 3, 3) for k in topology.kernel_sizes)
+    assert topology.features_per_stage == (32, 64, 128, 256, 320)
+
+
+def test_anisotropic_topology_uses_in_plane_kernels_first():
+    topology = pool_and_conv_props([1.0, 1.0, 4.0], [197, 233, 47])
+    # the 4 mm axis is not pooled until the in-plane spacing has caught up (1 -> 2 -> 4)
+    assert [s[2] for s in topology.strides[:3]] == [1, 1, 1]
+    assert topology.kernel_sizes[0] == (3, 3, 1)
+    assert topology.kernel_sizes[2] == (3, 3, 3)
+    # 197 and 233 are pooled 5 times (to 7 and 8 voxels), 47 three times: pad to 32, 32, 8
+    assert topology.pool_per_axis == (5, 5, 3)
+    assert topology.patch_size == (224, 256, 48)
+
+
+def test_feature_map_count_by_hand_for_two_stages():
+    small = pool_and_conv_props([1.0, 1.0, 1.0], [8, 8, 8])
+    assert small.n_stages == 2  # 8 -> 4 voxels, then no axis is >= 8 any more
+    # encoder: 2 convs x 32 features x 8^3 + 2 x 64 x 4^3; decoder at 8^3: 2 convs and the
+    # transposed conv with 32 features, plus the 3-class head
+    expected = 2 * 32 * 512 + 2 * 64 * 64 + 3 * 32 * 512 + 3 * 512
+    assert feature_map_voxels(small, n_classes=3) == expected
+    # a single poolable axis needs >= 12 voxels to be pooled again (nnU-Net's 3 x 4 rule)
+    assert pool_and_conv_props([1.0, 4.0, 4.0], [11, 4, 4]).n_stages == 1
+
+
+def test_target_spacing_takes_tenth_percentile_on_a_thin_coarse_axis():
+    spacings = np.array([[5.0, 0.8, 0.8], [6.0, 0.8, 0.8], [10.0, 0.7, 0.7], [8, 0.8, 0.8]])
+    shapes = np.array([[20, 512, 512]] * 4)
+    target, reason = fullres_target_spacing(spacings, shapes)
+    np.testing.assert_allclose(target, [np.percentile([5, 6, 10, 8], 10), 0.8, 0.8])
+    assert "10th percentile" in reason
+    iso, reason = fullres_target_spacing(spacings, np.array([[200, 512, 512]] * 4))
+    np.testing.assert_allclose(iso, [7.0, 0.8, 0.8])  # many slices: plain median
+    assert "median" in reason
+
+
+def test_normalisation_follows_channel_names_and_crop_ratio():
+    schemes, mask, _ = normalisation_schemes({"0": "CT", "1": "T2"}, 0.6)
+    assert schemes == ["CTNormalization", "ZScoreNormalization"]
+    assert mask == [False, True]  # CT is never masked; cropping shrank, so z-score is
+    _, mask, reason = normalisation_schemes({"0": "T1"}, 0.9)
+    assert mask == [False] and "whole crop" in reason
+
+
+def test_fingerprint_and_plans_of_a_small_dataset(tmp_path):
+    root = make_dataset(tmp_path / "ds", n_cases=3, n_channels=2, shape=(24, 20, 16))
+    fingerprint = fingerprint_dataset(root)
+    assert len(fingerprint["cases"]) == 3
+    case = fingerprint["cases"][0]
+    assert case["shape"] == [24, 20, 16]
+    assert set(fingerprint["foreground_intensity_properties_per_channel"]) == {"0", "1"}
+    stats = fingerprint["foreground_intensity_properties_per_channel"]["0"]
+    foreground = np.concatenate(
+        [
+            read_image(root / "imagesTr" / f"case_{i:03d}_0000.nii.gz").array[
+                read_image(root / "labelsTr" / f"case_{i:03d}.nii.gz").array > 0
+            ]
+            for i in range(3)
+        ]
+    )
+    assert stats["mean"] == pytest.approx(foreground.mean(), abs=0.02)
+    assert stats["std"] == pytest.approx(foreground.std(), rel=0.02)
+    assert stats["percentile_00_5"] < stats["median"] < stats["percentile_99_5"]
+
+    plans = plan_experiment(fingerprint)
+    config = plans["configurations"]["3d_fullres"]
+    np.testing.assert_allclose(config["spacing"], fingerprint["median_spacing"])
+    assert all(
+        p % 2 ** (len(config["architecture"]["arch_kwargs"]["strides"]) - 1) == 0 or p >= 8
+        for p in config["patch_size"]
+    )
+    assert config["batch_size"] >= 2
+    assert {"spacing", "patch_size", "batch_size", "architecture", "normalization_schemes"} <= set(
+        config["reasons"]
+    )
+    assert "3d_lowres" not in plans["configurations"]
+
+
+def test_large_images_get_a_lowres_configuration():
+    fingerprint = {
+        "dataset_json": {"labels": {"background": 0, "organ": 1}, "channel_names": {"0": "CT"}},
+        "cases": [{"spacing": [0.8, 0.8, 0.8], "shape_after_crop": [512, 512, 512]}] * 10,
+        "median_relative_size_after_cropping": 1.0,
+        "foreground_intensity_properties_per_channel": {},
+    }
+    plans = plan_experiment(fingerprint)
+    lowres, fullres = plans["configurations"]["3d_lowres"], plans["configurations"]["3d_fullres"]
+    assert min(lowres["spacing"]) > max(fullres["spacing"])
+    assert np.prod(lowres["patch_size"]) / np.prod(lowres["median_image_size_in_voxels"]) >= 0.25
+    assert fullres["normalization_schemes"] == ["CTNormalization"]

@@ -1,0 +1,31 @@
+rule verify_dataset:
+    input:
+        f"{DATASET}/dataset.json",
+    output:
+        f"{RESULTS}/verify.json",
+    log:
+        f"{RESULTS}/logs/verify_dataset.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/verify_dataset.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "medpipe verify {DATASET} --json {output} --workers {threads} > {log} 2>&1"
+
+
+rule split_dataset:
+    input:
+        f"{RESULTS}/verify.json",
+    output:
+        f"{RESULTS}/splits.json",
+    log:
+        f"{RESULTS}/logs/split_dataset.log",
+    params:
+        folds=config["folds"],
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "medpipe split {DATASET} -o {output} --folds {params.folds} > {log} 2>&1"

@@ -1,0 +1,55 @@
+rule extract_fingerprint:
+    input:
+        f"{RESULTS}/verify.json",
+    output:
+        f"{RESULTS}/fingerprint.json",
+    log:
+        f"{RESULTS}/logs/extract_fingerprint.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/extract_fingerprint.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    shell:
+        "medpipe fingerprint {DATASET} -o {output} --workers {threads} > {log} 2>&1"
+
+
+rule plan_experiment:
+    input:
+        f"{RESULTS}/fingerprint.json",
+    output:
+        f"{RESULTS}/plans.json",
+    log:
+        f"{RESULTS}/logs/plan_experiment.log",
+    params:
+        gpu_memory_gb=config["gpu_memory_gb"],
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "medpipe plan {input} -o {output} --gpu-memory-gb {params.gpu_memory_gb} > {log} 2>&1"
+
+
+rule preprocess_case:
+    input:
+        plans=f"{RESULTS}/plans.json",
+    output:
+        data=f"{RESULTS}/preprocessed/{{configuration}}/{{case}}.npz",
+        properties=f"{RESULTS}/preprocessed/{{configuration}}/{{case}}.json",
+    log:
+        f"{RESULTS}/logs/preprocess_case/{{configuration}}/{{case}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/preprocess_case/{{configuration}}/{{case}}.tsv"
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "medpipe preprocess {DATASET} {input.plans} --config {wildcards.configuration}"
+        " -o {RESULTS}/preprocessed/{wildcards.configuration} --case {wildcards.case}"
+        " > {log} 2>&1"
+
+
+rule preprocess_all:
+    input:
+        expand(f"{RESULTS}/preprocessed/{CONFIGURATION}/{{case}}.npz", case=CASES),
