@@ -197,6 +197,64 @@ def preprocess(
     )
 
 
+ConfigOption = Annotated[Path, typer.Option("--config", help="Pipeline config (YAML).")]
+ModelOption = Annotated[str, typer.Option("--model", help="Registered model name.")]
+FoldOption = Annotated[int, typer.Option("--fold", help="Cross-validation fold.")]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config value, e.g. training.epochs=5 (repeatable)."),
+]
+RunDirOption = Annotated[
+    Path | None, typer.Option("--run-dir", help="Run folder [default: RESULTS/runs/MODEL/fold_K].")
+]
+
+
+@app.command("train-seg")
+def train_seg(
+    config: ConfigOption,
+    model: ModelOption,
+    fold: FoldOption = 0,
+    overrides: SetOption = None,
+    run_dir: RunDirOption = None,
+    restart: Annotated[
+        bool, typer.Option(help="Discard this run's checkpoints and train from scratch.")
+    ] = False,
+) -> None:
+    """Train a segmentation model on one fold; an interrupted run resumes where it stopped."""
+    from medpipe.config import load_config
+    from medpipe.training.segmentation import train_segmentation
+
+    folder = train_segmentation(load_config(config, overrides), model, fold, run_dir, restart)
+    console.print(f"[green]trained[/green] {model} fold {fold}: {folder}")
+
+
+@app.command("evaluate-seg")
+def evaluate_seg(
+    config: ConfigOption,
+    model: ModelOption,
+    fold: FoldOption = 0,
+    overrides: SetOption = None,
+    run_dir: RunDirOption = None,
+    checkpoint: Annotated[str, typer.Option(help="best or latest.")] = "best",
+    mirror: Annotated[bool, typer.Option(help="Mirroring test-time augmentation.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Score a trained fold on its validation cases, on the raw grid: Dice, HD95, volumes."""
+    from medpipe.config import load_config
+    from medpipe.evaluation.segmentation import evaluate_segmentation
+
+    summary = evaluate_segmentation(
+        load_config(config, overrides), model, fold, run_dir, checkpoint, mirror, device
+    )
+    for name, values in summary["classes"].items():
+        console.print(
+            f"{name:<16} Dice {values['dice']['mean']:.3f} +- {values['dice']['std']:.3f}  "
+            f"HD95 {values['hd95']['mean']:.2f} mm", highlight=False,
+        )
+    console.print(f"[green]mean Dice[/green] {summary['mean_dice']['mean']:.3f} over "
+                  f"{summary['cases']} case(s)")
+
+
 def _fmt(values: list[float]) -> str:
     return " x ".join(f"{v:g}" for v in values)
 

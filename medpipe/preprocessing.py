@@ -234,9 +234,27 @@ def restore_label(label: np.ndarray, properties: dict) -> Volume:
     """Map a label array in preprocessed space back onto the raw image's exact grid."""
     shape_cropped = properties["shape_after_cropping_and_before_resampling"]
     restored = resample_label(label, shape_cropped, properties["separate_axis"])
+    return _uncrop(restored, properties)
+
+
+def restore_probabilities(probabilities: np.ndarray, properties: dict) -> Volume:
+    """Labels on the raw grid from class probabilities (K, X, Y, Z) in preprocessed space.
+
+    As nnU-Net exports predictions: the probabilities are resampled (linearly, the coarse
+    axis by nearest neighbour) and the argmax taken on the raw grid, which keeps thin
+    structures that resampling a hard label map would lose.
+    """
+    shape_cropped = properties["shape_after_cropping_and_before_resampling"]
+    axis = properties["separate_axis"]
+    resampled = [_resize(p.astype(np.float32), shape_cropped, 1, axis) for p in probabilities]
+    label = np.argmax(np.stack(resampled), axis=0)
+    return _uncrop(label.astype(np.uint8 if len(probabilities) < 256 else np.int16), properties)
+
+
+def _uncrop(label: np.ndarray, properties: dict) -> Volume:
     full = np.zeros(properties["shape_before_cropping"], dtype=label.dtype)
     slicer = tuple(slice(lo, hi) for lo, hi in properties["bbox_used_for_cropping"])
-    full[slicer] = restored
+    full[slicer] = label
     return Volume(full, Geometry.from_json(properties["geometry"]))
 
 

@@ -1,0 +1,91 @@
+"""Segmentation metrics on label maps with their true voxel spacing.
+
+HD95 comes from MONAI (`compute_hausdorff_distance` with `percentile=95` and the image
+spacing, so distances are in mm); Dice and volumes are exact voxel counts. Conventions
+follow nnU-Net / the Medical Segmentation Decathlon: a class absent from both reference and
+prediction has Dice NaN (not 1), and HD95 is NaN when either mask is empty; averages skip
+NaN and report how many cases counted.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.metrics import compute_hausdorff_distance
+
+
+def hd95_mm(prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[float]) -> float:
+    """95th-percentile symmetric surface distance in mm between two boolean masks (MONAI).
+
+    NaN when either mask is empty: a distance to nothing is undefined.
+    """
+    if not (prediction.any() and reference.any()):
+        return math.nan
+    with warnings.catch_warnings():  # MONAI warns about empty masks, handled above
+        warnings.simplefilter("ignore")
+        distance = compute_hausdorff_distance(
+            torch.from_numpy(prediction)[None, None],
+            torch.from_numpy(reference)[None, None],
+            include_background=True,
+            percentile=95,
+            spacing=[float(s) for s in spacing],
+        )
+    return float(distance.item())
+
+
+def segmentation_metrics(
+    prediction: np.ndarray,
+    reference: np.ndarray,
+    classes: Mapping[str, int],
+    spacing: Sequence[float],
+) -> dict[str, dict[str, float]]:
+    """Per class: dice, hd95 (mm), volumes (ml) and their difference (prediction - reference).
+
+    PREDICTION and REFERENCE are label maps on the same grid of voxel SPACING (mm, array
+    axis order); CLASSES maps a class name to its label value (background excluded). Dice is
+    counted exactly in integers; one class at a time keeps memory at two boolean masks.
+    """
+    if prediction.shape != reference.shape:
+        raise ValueError(f"prediction {prediction.shape} and reference {reference.shape} differ")
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    result = {}
+    for name, value in classes.items():
+        predicted, expected = prediction == value, reference == value
+        n_pred, n_ref = int(predicted.sum()), int(expected.sum())
+        overlap = int(np.count_nonzero(predicted & expected))
+        result[name] = {
+            "dice": 2.0 * overlap / (n_pred + n_ref) if n_pred + n_ref else math.nan,
+            "hd95": hd95_mm(predicted, expected, spacing),
+            "volume_pred_ml": n_pred * voxel_ml,
+            "volume_ref_ml": n_ref * voxel_ml,
+            "volume_diff_ml": (n_pred - n_ref) * voxel_ml,
+        }
+    return result
+
+
+def dice_per_class(
+    prediction: torch.Tensor, reference: torch.Tensor, n_classes: int
+) -> torch.Tensor:
+    """Dice of each foreground class for label tensors of the same shape (validation use).
+
+    NaN where a class is in neither map, so a mean over classes/cases uses `nanmean`.
+    """
+    scores = []
+    for value in range(1, n_classes):
+        p, r = prediction == value, reference == value
+        denominator = p.sum() + r.sum()
+        overlap = 2.0 * (p & r).sum()
+        scores.append(overlap / denominator if denominator else torch.tensor(math.nan))
+    return torch.stack([s.double() for s in scores])
+
+
+def summarise(values: Sequence[float]) -> dict[str, float]:
+    """Mean, std (population, like nnU-Net's summary), and how many values were not NaN."""
+    finite = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
+    if finite.size == 0:
+        return {"mean": math.nan, "std": math.nan, "n": 0}
+    return {"mean": float(finite.mean()), "std": float(finite.std()), "n": int(finite.size)}

@@ -1,0 +1,26 @@
+"""Networks by name. Importing this package registers every built-in model."""
+
+from medpipe.models import segmentation  # noqa: F401  (registers the segmentation models)
+from medpipe.models.registry import (
+    MODELS,
+    ModelOptions,
+    ModelSpec,
+    NetworkShape,
+    build_model,
+    fit_patch_size,
+    model_spec,
+    parse_options,
+    register,
+)
+
+__all__ = [
+    "MODELS",
+    "ModelOptions",
+    "ModelSpec",
+    "NetworkShape",
+    "build_model",
+    "fit_patch_size",
+    "model_spec",
+    "parse_options",
+    "register",
+]

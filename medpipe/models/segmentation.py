@@ -1,0 +1,188 @@
+"""The three segmentation baselines, each built from MONAI parts.
+
+- `unet`: MONAI `UNet` with residual units and instance norm (a strong, plain CNN);
+- `swin_unetr`: MONAI `SwinUNETR` (a transformer encoder with a CNN decoder);
+- `nnunet`: MONAI `DynUNet` configured from `plans.json` exactly as nnU-Net would build its
+  PlainConvUNet: kernel sizes, strides and features per stage, instance norm, leaky ReLU,
+  deep supervision on the decoder's upper levels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from monai.networks.nets import DynUNet, SwinUNETR, UNet
+from pydantic import Field, field_validator
+
+from medpipe.errors import MedpipeError
+from medpipe.models.registry import ModelOptions, ModelSpec, NetworkShape, register
+
+# optimiser defaults from the papers / reference code of each model (see training.optim)
+ADAMW_COSINE = {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-5, "schedule": "cosine"}
+NNUNET_SGD = {
+    "name": "sgd",
+    "lr": 1e-2,
+    "momentum": 0.99,
+    "nesterov": True,
+    "weight_decay": 3e-5,
+    "schedule": "poly",
+}
+
+
+# --------------------------------------------------------------------------- unet
+
+
+class UNetOptions(ModelOptions):
+    channels: tuple[int, ...] = (32, 64, 128, 256, 320)
+    strides: tuple[int, ...] = (2, 2, 2, 2)
+    num_res_units: int = Field(2, ge=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @field_validator("strides")
+    @classmethod
+    def _one_stride_per_level(cls, strides, info):
+        channels = info.data.get("channels", ())
+        if channels and len(strides) != len(channels) - 1:
+            raise ValueError("needs one stride fewer than channels")
+        return strides
+
+
+def build_unet(shape: NetworkShape, options: UNetOptions) -> UNet:
+    return UNet(
+        spatial_dims=3,
+        in_channels=shape.in_channels,
+        out_channels=shape.out_channels,
+        channels=options.channels,
+        strides=options.strides,
+        num_res_units=options.num_res_units,
+        norm="instance",
+        dropout=options.dropout,
+    )
+
+
+def unet_divisor(shape: NetworkShape, options: UNetOptions) -> tuple[int, int, int]:
+    return (math.prod(options.strides),) * 3
+
+
+# --------------------------------------------------------------------------- swin_unetr
+
+
+class SwinUNETROptions(ModelOptions):
+    feature_size: int = Field(24, gt=0, multiple_of=12)  # SwinUNETR needs a multiple of 12
+    use_v2: bool = True  # residual conv blocks at each stage (Swin-UNETR v2)
+    use_checkpoint: bool = False  # gradient checkpointing: less memory, ~30% slower
+    depths: tuple[int, int, int, int] = (2, 2, 2, 2)
+    num_heads: tuple[int, int, int, int] = (3, 6, 12, 24)
+    drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+def build_swin_unetr(shape: NetworkShape, options: SwinUNETROptions) -> SwinUNETR:
+    return SwinUNETR(
+        in_channels=shape.in_channels,
+        out_channels=shape.out_channels,
+        feature_size=options.feature_size,
+        use_v2=options.use_v2,
+        use_checkpoint=options.use_checkpoint,
+        depths=options.depths,
+        num_heads=options.num_heads,
+        drop_rate=options.drop_rate,
+        spatial_dims=3,
+    )
+
+
+def swin_divisor(shape: NetworkShape, options: SwinUNETROptions) -> tuple[int, int, int]:
+    return (32, 32, 32)  # patch embedding (2) x four patch-merging stages (2**4)
+
+
+# --------------------------------------------------------------------------- nnunet
+
+
+class NNUNetOptions(ModelOptions):
+    deep_supervision: bool = True
+
+
+def nnunet_topology(architecture: dict) -> tuple[list, list, list[int]]:
+    """Kernel sizes, strides and features from the plans, with a clear error if absent."""
+    try:
+        kernels = [list(k) for k in architecture["kernel_sizes"]]
+        strides = [list(s) for s in architecture["strides"]]
+        features = [int(f) for f in architecture["features_per_stage"]]
+    except (KeyError, TypeError):
+        raise MedpipeError(
+            "model 'nnunet' is configured from plans.json: the configuration's "
+            "architecture.arch_kwargs needs kernel_sizes, strides and features_per_stage"
+        ) from None
+    if not len(kernels) == len(strides) == len(features):
+        raise MedpipeError("plans.json: kernel_sizes, strides and features differ in length")
+    return kernels, strides, features
+
+
+def deep_supervision_heads(n_stages: int) -> int:
+    """Extra outputs below full resolution, as nnU-Net weights them.
+
+    nnU-Net supervises every decoder level but gives the lowest one weight 0, so
+    n_stages - 3 extra heads (plus the full-resolution output) carry all its weight.
+    """
+    return max(0, n_stages - 3)
+
+
+def build_nnunet(shape: NetworkShape, options: NNUNetOptions) -> DynUNet:
+    kernels, strides, features = nnunet_topology(shape.architecture)
+    heads = deep_supervision_heads(len(strides)) if options.deep_supervision else 0
+    return DynUNet(
+        spatial_dims=3,
+        in_channels=shape.in_channels,
+        out_channels=shape.out_channels,
+        kernel_size=kernels,
+        strides=strides,
+        upsample_kernel_size=strides[1:],
+        filters=features,
+        norm_name=("INSTANCE", {"affine": True}),
+        act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
+        deep_supervision=heads > 0,
+        deep_supr_num=max(1, heads),
+        res_block=False,
+    )
+
+
+def nnunet_divisor(shape: NetworkShape, options: NNUNetOptions) -> Sequence[int]:
+    _, strides, _ = nnunet_topology(shape.architecture)
+    return tuple(math.prod(s[axis] for s in strides) for axis in range(3))
+
+
+register(
+    ModelSpec(
+        name="unet",
+        task="segmentation",
+        options=UNetOptions,
+        build=build_unet,
+        patch_divisor=unet_divisor,
+        optimizer_defaults=ADAMW_COSINE,
+        description="MONAI UNet, residual units, instance norm",
+    )
+)
+register(
+    ModelSpec(
+        name="swin_unetr",
+        task="segmentation",
+        options=SwinUNETROptions,
+        build=build_swin_unetr,
+        patch_divisor=swin_divisor,
+        optimizer_defaults={**ADAMW_COSINE, "lr": 1e-4},  # Hatamizadeh et al. / MONAI tutorial
+        description="MONAI SwinUNETR (v2 blocks by default)",
+        # at 32 voxels the bottleneck is 1 voxel wide and instance norm cannot train on it
+        min_patch_size=64,
+    )
+)
+register(
+    ModelSpec(
+        name="nnunet",
+        task="segmentation",
+        options=NNUNetOptions,
+        build=build_nnunet,
+        patch_divisor=nnunet_divisor,
+        optimizer_defaults=NNUNET_SGD,
+        description="MONAI DynUNet configured from plans.json (nnU-Net's PlainConvUNet)",
+    )
+)

@@ -1,0 +1,174 @@
+"""The one module that talks to MLflow.
+
+Training and evaluation call a small `Tracker` interface; `NullTracker` lets them run with
+tracking off. `MlflowTracker` uses `MlflowClient` with an explicit run id (no global
+"active run"), so a resumed training and a later evaluation log into the same run.
+The default store is `sqlite:///mlflow.db` in the working directory; any tracking URI (a
+`mlflow server`, say) comes from the config or `MLFLOW_TRACKING_URI`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from medpipe.config import TrackingConfig
+from medpipe.errors import MedpipeError
+from medpipe.io import write_json
+
+RUN_FILE = "mlflow_run.json"  # in a run folder: which MLflow run it logs to
+MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
+BATCH = 100  # MLflow's limit on params (and a safe size for metrics) per log_batch call
+
+
+class Tracker(Protocol):
+    run_id: str | None
+    resumed: bool  # True when an existing run was reopened (its params are already logged)
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None: ...
+
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
+
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+class NullTracker:
+    """Tracking off: every call is accepted and does nothing."""
+
+    run_id = None
+    resumed = False
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+
+class MlflowTracker:
+    def __init__(self, client, run_id: str, resumed: bool = False) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.resumed = resumed
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        for start in range(0, len(items), BATCH):
+            self.client.log_batch(self.run_id, params=items[start : start + BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, step or 0)
+            for k, v in metrics.items()
+            if v is not None and math.isfinite(float(v))
+        ]
+        for start in range(0, len(items), BATCH):
+            self.client.log_batch(self.run_id, metrics=items[start : start + BATCH])
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def open_tracker(
+    config: TrackingConfig,
+    experiment: str,
+    run_name: str,
+    run_folder: Path,
+    tags: Mapping[str, str] | None = None,
+) -> Tracker:
+    """The tracker for the run kept in RUN_FOLDER: reopened if that folder already logged to
+    this store (a resumed training, an evaluation), else a new run in EXPERIMENT."""
+    if not config.enabled:
+        return NullTracker()
+    try:
+        from mlflow import MlflowClient
+    except ImportError:
+        raise MedpipeError("tracking is on but mlflow is not installed") from None
+    uri = config.resolved_uri()
+    client = MlflowClient(tracking_uri=uri)
+    known = read_run_file(run_folder)
+    if known and known.get("tracking_uri") == uri:
+        try:
+            client.update_run(known["run_id"], status="RUNNING")
+            return MlflowTracker(client, known["run_id"], resumed=True)
+        except Exception:  # the store was reset since: start afresh below
+            pass
+    name = config.experiment or experiment
+    found = client.get_experiment_by_name(name)
+    experiment_id = found.experiment_id if found else client.create_experiment(name)
+    run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
+    write_json(
+        {"tracking_uri": uri, "experiment_id": experiment_id, "run_id": run.info.run_id},
+        run_folder / RUN_FILE,
+    )
+    return MlflowTracker(client, run.info.run_id)
+
+
+def read_run_file(run_folder: Path) -> dict | None:
+    path = Path(run_folder) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to dotted keys; lists stay whole (as JSON) so a patch size is one param."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def git_commit(folder: Path | None = None) -> str:
+    """The commit of the code that ran, or 'unknown' outside a git checkout."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+            cwd=folder or Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."

@@ -1,0 +1,231 @@
+"""The one training engine, shared by segmentation and registration.
+
+A task supplies its batches, its loss and its validation; the engine owns everything else:
+the epoch x iteration loop, device and mixed precision, gradient clipping, the schedule,
+checkpoints (`latest` every epoch, `best` on the validation score), exact resume, and the
+callbacks that draw progress or log to a tracker. It never imports a tracking library.
+
+Exact resume: at the start of every epoch the global torch RNG is re-seeded from
+(seed, epoch), and tasks draw their batches from (seed, epoch, index) (see
+`training.patches`), so a run resumed from `latest` continues bit for bit as if it had
+never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from medpipe.training.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
+
+
+class TrainingTask(Protocol):
+    """What a task gives the engine. `validate` returns metrics with a `score` key
+    (higher is better) that picks the `best` checkpoint."""
+
+    unit: str  # what one sample is: "patches", "pairs"
+
+    def batches(self, epoch: int) -> Iterable[Any]: ...
+
+    def loss(self, model: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, int]:
+        """The loss of one batch and how many samples it held."""
+        ...
+
+    def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]: ...
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    epochs: int
+    iterations_per_epoch: int
+    val_every: int
+    seed: int = 0
+    amp: bool = True
+    grad_clip: float | None = 12.0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+class Callback:
+    """Hooks; the default ones do nothing."""
+
+    def on_train_start(self, trainer: Trainer) -> None: ...
+
+    def on_iteration_end(self, trainer: Trainer, iteration: int, loss: float) -> None: ...
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+
+    def on_train_end(self, trainer: Trainer) -> None: ...
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from medpipe.errors import MedpipeError
+
+        raise MedpipeError("device 'cuda' was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """bf16 where the GPU supports it (no loss scaling needed), else fp16; none on CPU,
+    where autocast is slower than fp32 for 3D convolutions."""
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by tensors, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        task: TrainingTask,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        settings: EngineSettings,
+        checkpoint_dir: Path,
+        metadata: dict[str, Any] | None = None,
+        callbacks: Sequence[Callback] = (),
+    ) -> None:
+        self.model = model.to(settings.device)
+        self.task = task
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.settings = settings
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.metadata = dict(metadata or {})  # construction args etc., saved with every checkpoint
+        self.callbacks = list(callbacks)
+        self.dtype = autocast_dtype(settings.device, settings.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+        self.epoch = 0  # epochs completed
+        self.history: list[dict[str, float]] = []
+        self.best_score = -math.inf
+        self.best_epoch: int | None = None
+
+    # ------------------------------------------------------------------ state
+
+    def resume(self) -> bool:
+        """Continue from `latest` if there is one; True when it was loaded."""
+        if not checkpoint_exists(self.checkpoint_dir, "latest"):
+            return False
+        state, meta = load_checkpoint(self.checkpoint_dir, "latest", self.settings.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if torch.cuda.is_available() and state.get("rng_cuda"):
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self.epoch = meta["epoch"]
+        self.history = meta["history"]
+        self.best_score = meta["best_score"] if meta["best_score"] is not None else -math.inf
+        self.best_epoch = meta["best_epoch"]
+        return True
+
+    def _metadata(self) -> dict[str, Any]:
+        return {
+            **self.metadata,
+            "epoch": self.epoch,
+            "epochs": self.settings.epochs,
+            "best_score": self.best_score if math.isfinite(self.best_score) else None,
+            "best_epoch": self.best_epoch,
+            "history": self.history,
+        }
+
+    def _save(self, improved: bool) -> None:
+        rng_cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": rng_cuda,
+        }
+        if improved:  # `best` first: `latest` marks the epoch as done
+            save_checkpoint(self.checkpoint_dir, "best", {"model": state["model"]},
+                            self._metadata())
+        save_checkpoint(self.checkpoint_dir, "latest", state, self._metadata())
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self) -> list[dict[str, float]]:
+        for callback in self.callbacks:
+            callback.on_train_start(self)
+        while self.epoch < self.settings.epochs:
+            metrics = self._train_one_epoch()
+            self.epoch += 1
+            improved = False
+            last = self.epoch == self.settings.epochs
+            if last or self.epoch % self.settings.val_every == 0:
+                self.model.eval()
+                with torch.no_grad(), self._autocast():
+                    validation = self.task.validate(self.model, self.settings.device)
+                metrics.update({f"val_{k}": v for k, v in validation.items()})
+                score = validation["score"]
+                if math.isfinite(score) and score > self.best_score:
+                    self.best_score, self.best_epoch, improved = score, self.epoch, True
+            metrics["peak_memory_mb"] = peak_memory_mb(self.settings.device)
+            self.history.append({"epoch": self.epoch, **metrics})
+            self._save(improved)
+            for callback in self.callbacks:
+                callback.on_epoch_end(self, metrics)
+        for callback in self.callbacks:
+            callback.on_train_end(self)
+        return self.history
+
+    def _train_one_epoch(self) -> dict[str, float]:
+        torch.manual_seed(epoch_seed(self.settings.seed, self.epoch))
+        self.model.train()
+        device = self.settings.device
+        losses, samples = [], 0
+        start = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]
+        for iteration, batch in enumerate(self.task.batches(self.epoch)):
+            self.optimizer.zero_grad(set_to_none=True)
+            with self._autocast():
+                loss, count = self.task.loss(self.model, batch, device)
+            self.scaler.scale(loss).backward()
+            if self.settings.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            losses.append(float(loss.detach()))
+            samples += count
+            for callback in self.callbacks:
+                callback.on_iteration_end(self, iteration, losses[-1])
+        seconds = time.perf_counter() - start
+        return {
+            "train_loss": float(np.mean(losses)),
+            "lr": lr,
+            f"{self.task.unit}_per_s": samples / seconds,
+            "epoch_seconds": seconds,
+        }
+
+    def _autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.settings.device.type, dtype=self.dtype)

@@ -1,0 +1,145 @@
+"""Training patches from preprocessed cases, sampled the way nnU-Net samples them.
+
+Every patch is a pure function of (seed, epoch, index): its case, position and augmentation
+come from a random generator seeded with those three numbers. Resuming at an epoch boundary
+therefore replays exactly the batches an uninterrupted run would have drawn, with any number
+of loader workers, and no sampler state needs to be checkpointed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from medpipe.errors import DatasetError
+from medpipe.preprocessing import is_preprocessed, load_preprocessed
+
+Augment = Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class CachedCase:
+    case_id: str
+    data: np.ndarray  # (C, X, Y, Z) float32, normalised
+    seg: np.ndarray  # (X, Y, Z) integer labels
+    class_locations: dict[int, np.ndarray]  # label value -> (n, 3) voxel positions
+    properties: dict
+
+
+def load_cases(preprocessed_dir: str | Path, case_ids: Sequence[str]) -> list[CachedCase]:
+    """Read the cases once into memory: preprocessing is never repeated during training."""
+    folder = Path(preprocessed_dir)
+    cases = []
+    for case_id in case_ids:
+        if not is_preprocessed(folder, case_id):
+            raise DatasetError("case is not preprocessed (run `medpipe preprocess`)",
+                               folder / f"{case_id}.npz")
+        data, seg, properties = load_preprocessed(folder, case_id)
+        if seg is None:
+            raise DatasetError("preprocessed case has no label", folder / f"{case_id}.npz")
+        locations = {
+            int(value): np.asarray(points, dtype=np.int64).reshape(-1, 3)
+            for value, points in properties.get("class_locations", {}).items()
+        }
+        cases.append(CachedCase(case_id, data, seg[0], locations, properties))
+    return cases
+
+
+def do_oversample(index_in_batch: int, batch_size: int, fraction: float) -> bool:
+    """nnU-Net's rule: the last `round(batch_size * fraction)` samples of a batch are forced
+    to contain foreground (at least one sample when the fraction is positive)."""
+    return index_in_batch >= round(batch_size * (1.0 - fraction))
+
+
+def patch_origin(
+    shape: Sequence[int],
+    patch_size: Sequence[int],
+    rng: np.random.Generator,
+    centre: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Lower corner of a patch: uniform over the positions that keep at least half of the
+    patch inside the image when it is smaller (nnU-Net pads such cases), or centred on
+    CENTRE (a foreground voxel), clipped to those same bounds."""
+    shape, patch = np.asarray(shape), np.asarray(patch_size)
+    pad = np.maximum(patch - shape, 0)
+    low = -(pad // 2)
+    high = shape + pad // 2 + pad % 2 - patch
+    if centre is None:
+        return np.array([rng.integers(lo, hi + 1) for lo, hi in zip(low, high, strict=True)])
+    return np.clip(np.asarray(centre) - patch // 2, low, high)
+
+
+def crop_patch(array: np.ndarray, origin: Sequence[int], patch_size: Sequence[int]) -> np.ndarray:
+    """array[..., origin:origin+patch] with zero padding wherever the box leaves the array."""
+    spatial = array.shape[-3:]
+    out = np.zeros((*array.shape[:-3], *patch_size), dtype=array.dtype)
+    src, dst = [], []
+    for o, p, s in zip(origin, patch_size, spatial, strict=True):
+        lo, hi = max(o, 0), min(o + p, s)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - o, hi - o))
+    out[(..., *dst)] = array[(..., *src)]
+    return out
+
+
+class PatchDataset(Dataset):
+    """`iterations x batch_size` patches per epoch; call `set_epoch` before each epoch."""
+
+    def __init__(
+        self,
+        cases: Sequence[CachedCase],
+        patch_size: Sequence[int],
+        batch_size: int,
+        iterations: int,
+        seed: int,
+        oversample_foreground: float = 0.33,
+        augment: Augment | None = None,
+    ) -> None:
+        if not cases:
+            raise DatasetError("no training cases for this fold")
+        self.cases = list(cases)
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.batch_size = batch_size
+        self.iterations = iterations
+        self.seed = seed
+        self.oversample_foreground = oversample_foreground
+        self.augment = augment
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.iterations * self.batch_size
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        case = self.cases[rng.integers(len(self.cases))]
+        centre = None
+        if do_oversample(index % self.batch_size, self.batch_size, self.oversample_foreground):
+            centre = self._foreground_voxel(case, rng)
+        origin = patch_origin(case.seg.shape, self.patch_size, rng, centre)
+        sample = {
+            "image": torch.from_numpy(crop_patch(case.data, origin, self.patch_size)),
+            "label": torch.from_numpy(
+                crop_patch(case.seg[None], origin, self.patch_size).astype(np.int64)
+            ),
+        }
+        if self.augment is not None:
+            sample = self.augment(sample, int(rng.integers(2**31)))
+        return sample
+
+    @staticmethod
+    def _foreground_voxel(case: CachedCase, rng: np.random.Generator) -> np.ndarray | None:
+        """A random voxel of a random foreground class present in the case (nnU-Net picks
+        the class first, so small structures are seen as often as large ones)."""
+        present = [v for v, points in case.class_locations.items() if v != 0 and len(points)]
+        if not present:
+            return None
+        points = case.class_locations[present[rng.integers(len(present))]]
+        return points[rng.integers(len(points))]

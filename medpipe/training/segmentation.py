@@ -1,0 +1,281 @@
+"""Segmentation on the shared engine: the task (batches, loss, validation) and `train_segmentation`,
+which turns a pipeline config, a model name and a fold into a trained run folder.
+
+A run folder (`results/runs/<model>/fold_<k>/`) holds everything needed to use the model
+later without the pipeline: `model.json` (how to build the net and preprocess a scan),
+`plans.json`, `config.json`, `checkpoints/{latest,best}.{pt,json}` and `figures/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.losses import DeepSupervisionLoss, DiceCELoss
+from torch import nn
+from torch.utils.data import DataLoader
+
+from medpipe.config import PipelineConfig, TrainingConfig, optimizer_config
+from medpipe.data.splits import fold_cases, read_splits
+from medpipe.errors import MedpipeError
+from medpipe.inference.sliding_window import predict_probabilities
+from medpipe.io import write_json
+from medpipe.metrics import dice_per_class
+from medpipe.models import NetworkShape, build_model, fit_patch_size, model_spec, parse_options
+from medpipe.training.augment import Augmenter
+from medpipe.training.callbacks import ProgressPrinter, TrackingCallback
+from medpipe.training.engine import EngineSettings, Trainer, pick_device
+from medpipe.training.optim import build_optimizer, build_scheduler
+from medpipe.training.patches import CachedCase, PatchDataset, load_cases
+
+
+class SegmentationTask:
+    """Patches in, Dice + cross-entropy out (deep-supervised when the net returns several)."""
+
+    unit = "patches"
+
+    def __init__(
+        self,
+        dataset: PatchDataset,
+        validation_cases: Sequence[CachedCase],
+        n_classes: int,
+        batch_dice: bool = False,
+        overlap: float = 0.5,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        self.dataset = dataset
+        self.validation_cases = list(validation_cases)
+        self.n_classes = n_classes
+        self.overlap = overlap
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        # nnU-Net's loss: soft Dice without background (smooth 1e-5) + cross-entropy, 1:1
+        dice_ce = DiceCELoss(
+            include_background=False, to_onehot_y=True, softmax=True, batch=batch_dice,
+            smooth_nr=1e-5, smooth_dr=1e-5,
+        )
+        self.loss_function = dice_ce
+        self.deep_loss: DeepSupervisionLoss | None = None
+        self.example: dict[str, Any] | None = None  # last validation example, for figures
+
+    def batches(self, epoch: int) -> DataLoader:
+        self.dataset.set_epoch(epoch)
+        return DataLoader(
+            self.dataset, batch_size=self.dataset.batch_size, shuffle=False,
+            num_workers=self.num_workers, pin_memory=self.pin_memory,
+        )
+
+    def loss(self, model: nn.Module, batch: dict, device: torch.device):
+        image = batch["image"].to(device, non_blocking=True)
+        label = batch["label"].to(device, non_blocking=True)
+        output = model(image)
+        if output.dim() == image.dim() + 1:  # DynUNet's deep supervision: (B, heads, C, ...)
+            return self._deep_supervision(len(output[0]))(list(output.unbind(1)), label), len(
+                image
+            )
+        return self.loss_function(output, label), len(image)
+
+    def _deep_supervision(self, heads: int) -> DeepSupervisionLoss:
+        """nnU-Net's weights: 1/2^level, normalised to sum to 1."""
+        if self.deep_loss is None:
+            weights = [0.5**level for level in range(heads)]
+            weights = [w / sum(weights) for w in weights]
+            self.deep_loss = DeepSupervisionLoss(self.loss_function, weights=weights)
+        return self.deep_loss
+
+    def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        """Sliding-window prediction of each validation case (preprocessed grid); mean Dice
+        per class over cases, and their mean as the score that selects `best`."""
+        per_case = []
+        for index, case in enumerate(self.validation_cases):
+            probabilities = predict_probabilities(
+                model, case.data, self.dataset.patch_size, device, overlap=self.overlap,
+                batch_size=self.dataset.batch_size,
+            )
+            prediction = probabilities.argmax(0)
+            per_case.append(dice_per_class(prediction, torch.from_numpy(case.seg), self.n_classes))
+            if index == 0:
+                self.example = {
+                    "case_id": case.case_id, "image": case.data[0], "reference": case.seg,
+                    "prediction": prediction.numpy().astype(np.uint8),
+                }
+        dice = torch.nanmean(torch.stack(per_case), dim=0).tolist()
+        metrics = {f"dice_{c}": d for c, d in enumerate(dice, start=1)}
+        metrics["score"] = float(np.nanmean(dice)) if not all(map(math.isnan, dice)) else math.nan
+        return metrics
+
+
+# --------------------------------------------------------------------------- the entry point
+
+
+def load_plans(config: PipelineConfig) -> tuple[dict, dict]:
+    """(plans, the chosen configuration's block), with errors that say which step to run."""
+    if not config.plans_file.is_file():
+        raise MedpipeError("no plans: run `medpipe plan` (or the workflow) first",
+                           config.plans_file)
+    plans = json.loads(config.plans_file.read_text(encoding="utf-8"))
+    try:
+        return plans, plans["configurations"][config.configuration]
+    except KeyError:
+        raise MedpipeError(f"plans have no configuration {config.configuration!r}",
+                           config.plans_file) from None
+
+
+def fold_case_ids(config: PipelineConfig, fold: int) -> tuple[list[str], list[str]]:
+    if not config.splits_file.is_file():
+        raise MedpipeError("no splits: run `medpipe split` (or the workflow) first",
+                           config.splits_file)
+    splits = read_splits(config.splits_file)
+    if not 0 <= fold < len(splits):
+        raise MedpipeError(f"fold {fold} does not exist; splits have folds 0-{len(splits) - 1}",
+                           config.splits_file)
+    split = fold_cases(splits, fold)
+    return list(split["train"]), list(split["val"])
+
+
+def network_shape(plans: dict, configuration: dict) -> NetworkShape:
+    return NetworkShape(
+        in_channels=len(plans["channel_names"]),
+        out_channels=len(plans["labels"]),
+        architecture=configuration["architecture"]["arch_kwargs"],
+    )
+
+
+def describe_run(
+    config: PipelineConfig, model: str, fold: int, training: TrainingConfig
+) -> dict[str, Any]:
+    """Everything that defines the run; its hash guards resume against a changed config."""
+    plans, configuration = load_plans(config)
+    shape = network_shape(plans, configuration)
+    options = parse_options(model, config.model_entry(model).options)
+    patch = fit_patch_size(model, training.patch_size or configuration["patch_size"], shape,
+                           options)
+    train_ids, val_ids = fold_case_ids(config, fold)
+    return {
+        "task": "segmentation",
+        "model": model,
+        "options": options.model_dump(mode="json"),
+        "in_channels": shape.in_channels,
+        "out_channels": shape.out_channels,
+        "architecture": shape.architecture,
+        "configuration": config.configuration,
+        "patch_size": list(patch),
+        "batch_size": training.batch_size or configuration["batch_size"],
+        "batch_dice": bool(configuration.get("batch_dice", False)),
+        "labels": plans["labels"],
+        "channel_names": plans["channel_names"],
+        "dataset_name": plans.get("dataset_name", "dataset"),
+        "data_hash": plans.get("data_hash"),
+        "fold": fold,
+        "train_cases": train_ids,
+        "val_cases": val_ids,
+        "training": training.model_dump(mode="json"),
+    }
+
+
+def run_hash(description: dict[str, Any]) -> str:
+    stable = {k: v for k, v in description.items() if k not in ("training",)}
+    stable["training"] = {k: v for k, v in description["training"].items()
+                          if k not in ("num_workers", "device", "val_every")}
+    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_segmentation(
+    config: PipelineConfig,
+    model: str,
+    fold: int,
+    run_dir: Path | None = None,
+    restart: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Train MODEL on FOLD; resumes an interrupted run in the same folder. Returns the folder."""
+    spec = model_spec(model, task="segmentation")
+    training = config.training_for(model, spec.optimizer_defaults)
+    description = describe_run(config, model, fold, training)
+    run_dir = Path(run_dir or config.run_dir(model, fold))
+    checkpoints = run_dir / "checkpoints"
+    description["run_hash"] = run_hash(description)
+    _guard_resume(run_dir, description, restart)
+    _write_run_files(config, run_dir, description)
+
+    device = pick_device(training.device)
+    torch.manual_seed(training.seed)  # the initial weights
+    shape = NetworkShape(description["in_channels"], description["out_channels"],
+                         description["architecture"])
+    network = build_model(model, shape, description["options"])
+    dataset = PatchDataset(
+        load_cases(config.preprocessed_dir, description["train_cases"]),
+        description["patch_size"], description["batch_size"], training.iterations_per_epoch,
+        seed=training.seed, oversample_foreground=training.oversample_foreground,
+        augment=Augmenter() if training.augment else None,
+    )
+    task = SegmentationTask(
+        dataset, load_cases(config.preprocessed_dir, description["val_cases"]),
+        n_classes=description["out_channels"], batch_dice=description["batch_dice"],
+        overlap=training.val_overlap, num_workers=training.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    optimizer = build_optimizer(network, optimizer_config(training))
+    scheduler = build_scheduler(
+        optimizer, optimizer_config(training), training.epochs * training.iterations_per_epoch
+    )
+    settings = EngineSettings(
+        epochs=training.epochs, iterations_per_epoch=training.iterations_per_epoch,
+        val_every=training.val_every, seed=training.seed, amp=training.amp,
+        grad_clip=training.grad_clip, device=device,
+    )
+    from medpipe.tracking import git_commit, open_tracker
+
+    tracker = open_tracker(
+        config.tracking, description["dataset_name"], f"{model}_fold_{fold}", run_dir,
+        tags={"model": model, "fold": str(fold), "task": "segmentation"},
+    )
+    callbacks = [TrackingCallback(tracker, run_dir, config, description, git_commit(),
+                                  class_names=_class_names(description["labels"]))]
+    if progress:
+        callbacks.append(ProgressPrinter(f"{model} fold {fold}"))
+    trainer = Trainer(network, task, optimizer, scheduler, settings, checkpoints,
+                      metadata={"model": description}, callbacks=callbacks)
+    trainer.resume()
+    try:
+        trainer.fit()
+    except BaseException:
+        tracker.finish("KILLED")
+        raise
+    return run_dir
+
+
+def _class_names(labels: dict[str, int]) -> dict[int, str]:
+    return {int(v): k for k, v in labels.items() if int(v) != 0}
+
+
+def _guard_resume(run_dir: Path, description: dict, restart: bool) -> None:
+    model_file = run_dir / "model.json"
+    if restart:
+        for name in ("latest", "best"):
+            for suffix in (".pt", ".json"):
+                (run_dir / "checkpoints" / f"{name}{suffix}").unlink(missing_ok=True)
+        return
+    if not model_file.is_file():
+        return
+    previous = json.loads(model_file.read_text(encoding="utf-8"))
+    if previous.get("run_hash") != description["run_hash"]:
+        raise MedpipeError(
+            "this run folder holds a run with different settings; resume it with the same "
+            "config, or pass --restart to train from scratch", run_dir
+        )
+
+
+def _write_run_files(config: PipelineConfig, run_dir: Path, description: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(description, run_dir / "model.json")
+    plans, _ = load_plans(config)
+    write_json(plans, run_dir / "plans.json")  # inference preprocesses with these
+    write_json(config.model_dump(mode="json"), run_dir / "config.json")
