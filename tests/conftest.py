@@ -1,4 +1,65 @@
+import json
 import sys
 from pathlib import Path
 
+import pytest
+import yaml
+
 sys.path.insert(0, str(Path(__file__).parent))
+
+# tiny networks so that a training step takes well under a second on two CPU cores
+TINY_FEATURES = [8, 16, 32, 64]
+TINY_MODELS = {
+    "unet": {"options": {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}},
+    "swin_unetr": {
+        "options": {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]},
+        # Swin-UNETR's literature lr (1e-4) barely moves in a dozen steps
+        "training": {"patch_size": [64, 64, 64], "optimizer": {"lr": 1e-3}},
+    },
+    "nnunet": {},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """A real preprocessed dataset (5 demo brains at 6 mm, planned and preprocessed by
+    medpipe) and a pipeline config that trains tiny nets on it for a few iterations.
+
+    The plans' features are shrunk to TINY_FEATURES, as a user would edit plans.json to
+    make nnU-Net's network smaller; `nnunet` must follow them."""
+    from medpipe.data import load_dataset, make_splits, write_splits
+    from medpipe.data.demo import DemoSettings, build_demo_dataset
+    from medpipe.planning import fingerprint_dataset, plan_experiment, write_plans
+    from medpipe.preprocessing import PreprocessingPlan, preprocess_dataset
+
+    root = tmp_path_factory.mktemp("tiny")
+    raw = root / "raw"
+    build_demo_dataset(raw, DemoSettings(cases=5, test_cases=0, spacing=6.0, seed=3))
+    results = root / "results"
+    plans = plan_experiment(fingerprint_dataset(raw), 8)
+    arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    arch["features_per_stage"] = TINY_FEATURES[: arch["n_stages"]]
+    write_plans(plans, results / "plans.json")
+    dataset = load_dataset(raw)
+    write_splits(make_splits(dataset.case_ids, 5, 12345), results / "splits.json")
+    classes = sorted(v for v in dataset.spec.label_values if v > 0)
+    preprocess_dataset(
+        dataset.training, PreprocessingPlan.from_plans(plans), results / "preprocessed" /
+        "3d_fullres", classes,
+    )
+    config = {
+        "dataset": str(raw),
+        "results": str(results),
+        "training": {
+            "epochs": 2, "iterations_per_epoch": 2, "batch_size": 2, "val_every": 1,
+            "num_workers": 0, "patch_size": [32, 32, 32],
+        },
+        "models": TINY_MODELS,
+        "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "tiny"},
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())

@@ -100,6 +100,9 @@ def swin_divisor(shape: NetworkShape, options: SwinUNETROptions) -> tuple[int, i
 
 class NNUNetOptions(ModelOptions):
     deep_supervision: bool = True
+    # None: the plans' features (32 doubling to 320); a list overrides them per stage, as
+    # nnU-Net users edit plans.json for a smaller or larger net (e.g. for a CPU demo)
+    features_per_stage: tuple[int, ...] | None = None
 
 
 def nnunet_topology(architecture: dict) -> tuple[list, list, list[int]]:
@@ -129,6 +132,13 @@ def deep_supervision_heads(n_stages: int) -> int:
 
 def build_nnunet(shape: NetworkShape, options: NNUNetOptions) -> DynUNet:
     kernels, strides, features = nnunet_topology(shape.architecture)
+    if options.features_per_stage is not None:
+        if len(options.features_per_stage) != len(features):
+            raise MedpipeError(
+                f"nnunet option features_per_stage needs {len(features)} values, one per "
+                f"stage of the plans, got {len(options.features_per_stage)}"
+            )
+        features = list(options.features_per_stage)
     heads = deep_supervision_heads(len(strides)) if options.deep_supervision else 0
     return DynUNet(
         spatial_dims=3,

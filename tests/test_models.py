@@ -1,0 +1,99 @@
+"""The model registry: each baseline builds from its options and the plans, and fits its patch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from medpipe.errors import MedpipeError
+from medpipe.models import (
+    MODELS,
+    ModelOptions,
+    ModelSpec,
+    NetworkShape,
+    build_model,
+    fit_patch_size,
+    register,
+)
+
+# an anisotropic plan (as nnU-Net makes for 1 x 1 x 4 mm data): no pooling and 3x3x1 kernels
+# on the coarse last axis at first, so the DynUNet must follow it axis by axis
+ANISOTROPIC = {
+    "n_stages": 4,
+    "features_per_stage": [8, 16, 32, 64],
+    "kernel_sizes": [[3, 3, 1], [3, 3, 1], [3, 3, 3], [3, 3, 3]],
+    "strides": [[1, 1, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2]],
+}
+SMALL = {
+    "unet": {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1},
+    "swin_unetr": {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]},
+    "nnunet": {},
+}
+
+
+@pytest.mark.parametrize("name", ["unet", "swin_unetr", "nnunet"])
+def test_each_baseline_maps_a_fitted_patch_to_class_scores(name):
+    shape = NetworkShape(in_channels=2, out_channels=4, architecture=ANISOTROPIC)
+    patch = fit_patch_size(name, (70, 50, 12), shape, SMALL[name])
+    net = build_model(name, shape, SMALL[name]).eval()
+    with torch.no_grad():
+        out = net(torch.randn(1, 2, *patch))
+    assert out.shape == (1, 4, *patch)
+
+
+def test_patch_is_rounded_down_to_what_each_net_accepts():
+    shape = NetworkShape(1, 2, ANISOTROPIC)
+    assert fit_patch_size("nnunet", (80, 48, 12), shape) == (80, 48, 12)  # multiples 8, 8, 4
+    assert fit_patch_size("nnunet", (83, 50, 13), shape) == (80, 48, 12)
+    assert fit_patch_size("unet", (83, 50, 13), shape, SMALL["unet"]) == (80, 48, 12)
+    assert fit_patch_size("swin_unetr", (100, 70, 12), shape) == (96, 64, 64)  # min 64
+
+
+def test_nnunet_follows_the_plans_kernels_strides_and_features():
+    net = build_model("nnunet", NetworkShape(1, 3, ANISOTROPIC))
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv3d)]
+    assert convs[0].kernel_size == (3, 3, 1) and convs[0].out_channels == 8
+    strided = [m.stride for m in convs if m.stride != (1, 1, 1)]
+    assert strided[:3] == [(2, 2, 1), (2, 2, 2), (2, 2, 2)]
+    assert max(m.out_channels for m in convs) == 64
+
+
+def test_nnunet_deep_supervision_outputs_while_training():
+    net = build_model("nnunet", NetworkShape(1, 3, ANISOTROPIC)).train()
+    out = net(torch.randn(2, 1, 32, 32, 8))
+    # main output + n_stages - 3 lower levels, all upsampled to the patch (MONAI DynUNet)
+    assert out.shape == (2, 2, 3, 32, 32, 8)
+    single = build_model("nnunet", NetworkShape(1, 3, ANISOTROPIC), {"deep_supervision": False})
+    assert single.train()(torch.randn(2, 1, 32, 32, 8)).shape == (2, 3, 32, 32, 8)
+
+
+def test_unknown_model_and_bad_options_are_clear_errors():
+    with pytest.raises(MedpipeError, match=r"unknown model 'vnet'.*nnunet, swin_unetr, unet"):
+        build_model("vnet", NetworkShape(1, 2))
+    with pytest.raises(MedpipeError, match="feature_size"):
+        build_model("swin_unetr", NetworkShape(1, 2), {"feature_size": 20})
+    with pytest.raises(MedpipeError, match="chanels"):
+        build_model("unet", NetworkShape(1, 2), {"chanels": [4, 8]})
+    with pytest.raises(MedpipeError, match="kernel_sizes"):
+        build_model("nnunet", NetworkShape(1, 2, {"n_stages": 3}))
+
+
+def test_a_fourth_model_is_one_builder_and_one_entry():
+    class TinyOptions(ModelOptions):
+        width: int = 4
+
+    def build(shape, options):
+        return nn.Sequential(
+            nn.Conv3d(shape.in_channels, options.width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv3d(options.width, shape.out_channels, 1),
+        )
+
+    register(ModelSpec("tiny_test_net", "segmentation", TinyOptions, build,
+                       lambda shape, options: (1, 1, 1), {"name": "adamw", "lr": 1e-3}))
+    try:
+        net = build_model("tiny_test_net", NetworkShape(1, 3), {"width": 2})
+        assert net(torch.randn(1, 1, 5, 5, 5)).shape == (1, 3, 5, 5, 5)
+    finally:
+        del MODELS["tiny_test_net"]

@@ -1,0 +1,84 @@
+"""Patch sampling: nnU-Net's foreground oversampling, padding, and replayable randomness."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medpipe.training.augment import Augmenter
+from medpipe.training.patches import (
+    CachedCase,
+    PatchDataset,
+    crop_patch,
+    do_oversample,
+    patch_origin,
+)
+
+
+def small_case(seed: int = 0, shape=(30, 26, 20)) -> CachedCase:
+    """Mostly background with one small foreground cube: random patches rarely hit it."""
+    rng = np.random.default_rng(seed)
+    seg = np.zeros(shape, np.int8)
+    seg[3:6, 4:7, 2:5] = 2
+    data = rng.normal(size=(1, *shape)).astype(np.float32)
+    locations = {2: np.argwhere(seg == 2)}
+    return CachedCase(f"case_{seed}", data, seg, locations, {})
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "forced"), [(2, [False, True]), (3, [False, False, True]), (1, [False])]
+)
+def test_last_third_of_each_batch_is_forced_to_foreground(batch_size, forced):
+    # nnU-Net: a sample is forced when index >= round(batch_size * (1 - 0.33))
+    assert [do_oversample(i, batch_size, 0.33) for i in range(batch_size)] == forced
+
+
+def test_forced_patches_contain_foreground_and_random_ones_mostly_do_not():
+    dataset = PatchDataset([small_case()], (8, 8, 8), batch_size=2, iterations=100, seed=0)
+    forced = [dataset[i]["label"].max().item() > 0 for i in range(1, 200, 2)]
+    free = [dataset[i]["label"].max().item() > 0 for i in range(0, 200, 2)]
+    assert all(forced)
+    assert sum(free) < 40  # the cube is 27 of 15,600 voxels
+
+
+def test_every_patch_is_a_function_of_seed_epoch_and_index():
+    augmenter = Augmenter()
+    a = PatchDataset([small_case(0), small_case(1)], (16, 16, 16), 2, 4, seed=7,
+                     augment=augmenter)
+    b = PatchDataset([small_case(0), small_case(1)], (16, 16, 16), 2, 4, seed=7,
+                     augment=Augmenter())
+    a.set_epoch(3)
+    b.set_epoch(3)
+    for index in (5, 0, 5):  # order of access does not matter
+        assert torch.equal(a[index]["image"], b[index]["image"])
+        assert torch.equal(a[index]["label"], b[index]["label"])
+    b.set_epoch(4)
+    assert not torch.equal(a[5]["image"], b[5]["image"])
+
+
+def test_augmentation_keeps_labels_integer_and_shapes():
+    dataset = PatchDataset([small_case()], (16, 16, 16), 2, 20, seed=0, augment=Augmenter())
+    for index in range(40):
+        sample = dataset[index]
+        assert sample["image"].shape == (1, 16, 16, 16)
+        assert sample["image"].dtype == torch.float32
+        assert sample["label"].dtype == torch.int64
+        assert set(sample["label"].unique().tolist()) <= {0, 2}
+
+
+def test_crop_pads_with_zeros_outside_the_array():
+    array = np.arange(1, 1 + 4 * 5 * 6, dtype=np.float32).reshape(1, 4, 5, 6)
+    patch = crop_patch(array, (-2, 1, 3), (6, 3, 5))
+    expected = np.pad(array, ((0, 0), (2, 0), (0, 0), (0, 2)))[:, 0:6, 1:4, 3:8]
+    np.testing.assert_array_equal(patch, expected)
+
+
+def test_small_images_keep_at_least_half_the_patch_inside():
+    rng = np.random.default_rng(0)
+    shape, patch = np.array([10, 40, 6]), np.array([16, 16, 16])
+    for _ in range(200):
+        origin = patch_origin(shape, patch, rng)
+        inside = np.minimum(origin + patch, shape) - np.maximum(origin, 0)
+        assert np.all(inside >= np.minimum(shape, patch // 2))
+        assert np.all(origin[1] >= 0) and origin[1] + 16 <= 40
