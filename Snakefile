@@ -10,6 +10,9 @@ configfile: "configs/demo.yaml"
 
 validate(config, "configs/schema.yaml")
 
+# the config file the `medpipe` commands read (dataset/results are passed explicitly, as
+# `--config dataset=... results=...` on the command line may override them)
+CONFIG_FILE = workflow.configfiles[-1]
 DATASET = config["dataset"]
 RESULTS = config["results"]
 CONFIGURATION = config["configuration"]
@@ -18,6 +21,7 @@ CASES = glob_wildcards(f"{DATASET}/labelsTr/{{case}}{config['file_ending']}").ca
 
 include: "workflow/rules/data.smk"
 include: "workflow/rules/planning.smk"
+include: "workflow/rules/segmentation.smk"
 
 
 rule all:
@@ -26,3 +30,4 @@ rule all:
         f"{RESULTS}/splits.json",
         f"{RESULTS}/plans.json",
         expand(f"{RESULTS}/preprocessed/{CONFIGURATION}/{{case}}.npz", case=CASES),
+        rules.segmentation_all.input,

@@ -76,6 +76,9 @@ class PipelineConfig(StrictModel):
     configuration: Literal["3d_fullres", "3d_lowres"] = "3d_fullres"
     folds: int = Field(5, ge=2)
     gpu_memory_gb: float = Field(8, gt=0)
+    segmentation_models: list[str] = Field(default_factory=lambda: ["nnunet", "unet",
+                                                                     "swin_unetr"])
+    train_folds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
     training: dict[str, Any] = Field(default_factory=dict)
     models: dict[str, ModelEntry] = Field(default_factory=dict)
     tracking: TrackingConfig = TrackingConfig()

@@ -200,16 +200,11 @@ def _dataset_json(settings: DemoSettings) -> dict[str, object]:
 
 def write_preview(dataset_dir: Path, out_png: Path, max_cases: int = 4) -> Path:
     """Mid slices (axial, coronal, sagittal) of a few cases with label overlays."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
+
+    from medpipe.figures import save_figure, show_slice
 
     labels = sorted((dataset_dir / "labelsTr").glob("*.nii.gz"))[:max_cases]
-    colours = ListedColormap(
-        [(0, 0, 0, 0), (0.2, 0.6, 1, 0.5), (1, 0.4, 0.2, 0.5), (1, 1, 0.3, 0.5)]
-    )
     fig, axes = plt.subplots(len(labels), 3, figsize=(9, 3 * len(labels)), squeeze=False)
     for row, label_path in zip(axes, labels, strict=True):
         case_id = label_path.name[: -len(".nii.gz")]
@@ -222,15 +217,9 @@ def write_preview(dataset_dir: Path, out_png: Path, max_cases: int = 4) -> Path:
             "sagittal": (image[centre[0], :, :], label[centre[0], :, :]),
         }
         for ax, (view, (img, lab)) in zip(row, views.items(), strict=True):
-            ax.imshow(img.T, cmap="gray", origin="lower")
-            ax.imshow(lab.T, cmap=colours, vmin=0, vmax=3, origin="lower", interpolation="nearest")
-            ax.set_title(f"{case_id} {view}", fontsize=8)
-            ax.axis("off")
+            show_slice(ax, img, lab, len(LABELS), f"{case_id} {view}")
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=80, metadata={"Software": None})
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 def _refuse_foreign_folder(out_dir: Path) -> None:

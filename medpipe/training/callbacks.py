@@ -128,7 +128,10 @@ class TrackingCallback(Callback):
         for png in sorted(figures.glob("*.png")):
             self.tracker.log_artifact(png, "figures")
         self.tracker.log_artifact(self.run_dir / "checkpoints" / "best.json", "checkpoints")
-        self.tracker.log_metrics({"best_val_dice": trainer.best_score}, step=trainer.epoch)
+        summary = trainer.summary()
+        self.tracker.log_metrics(
+            {"best_val_dice": summary["best_score"], "parameters": summary["parameters"],
+             "training_seconds": summary["training_seconds"]}, step=trainer.epoch)
         self.tracker.finish("FINISHED")
 
     def _plans_block(self) -> dict:

@@ -180,9 +180,11 @@ class Trainer:
             last = self.epoch == self.settings.epochs
             if last or self.epoch % self.settings.val_every == 0:
                 self.model.eval()
+                start = time.perf_counter()
                 with torch.no_grad(), self._autocast():
                     validation = self.task.validate(self.model, self.settings.device)
                 metrics.update({f"val_{k}": v for k, v in validation.items()})
+                metrics["val_seconds"] = time.perf_counter() - start
                 score = validation["score"]
                 if math.isfinite(score) and score > self.best_score:
                     self.best_score, self.best_epoch, improved = score, self.epoch, True
@@ -194,6 +196,20 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_train_end(self)
         return self.history
+
+    def summary(self) -> dict[str, Any]:
+        """The costs and result of the training so far, for reports and the workflow."""
+        return {
+            "epochs": self.epoch,
+            "best_epoch": self.best_epoch,
+            "best_score": self.best_score if math.isfinite(self.best_score) else None,
+            "training_seconds": sum(
+                h["epoch_seconds"] + h.get("val_seconds", 0.0) for h in self.history
+            ),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "peak_memory_mb": max((h["peak_memory_mb"] for h in self.history), default=None),
+            "device": str(self.settings.device),
+        }
 
     def _train_one_epoch(self) -> dict[str, float]:
         torch.manual_seed(epoch_seed(self.settings.seed, self.epoch))

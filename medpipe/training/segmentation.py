@@ -77,9 +77,8 @@ class SegmentationTask:
         label = batch["label"].to(device, non_blocking=True)
         output = model(image)
         if output.dim() == image.dim() + 1:  # DynUNet's deep supervision: (B, heads, C, ...)
-            return self._deep_supervision(len(output[0]))(list(output.unbind(1)), label), len(
-                image
-            )
+            heads = list(output.unbind(1))
+            return self._deep_supervision(len(heads))(heads, label), len(image)
         return self.loss_function(output, label), len(image)
 
     def _deep_supervision(self, heads: int) -> DeepSupervisionLoss:
@@ -249,7 +248,11 @@ def train_segmentation(
     except BaseException:
         tracker.finish("KILLED")
         raise
+    write_json(trainer.summary(), run_dir / TRAINING_SUMMARY)
     return run_dir
+
+
+TRAINING_SUMMARY = "training.json"  # written last: the run is complete when it exists
 
 
 def _class_names(labels: dict[str, int]) -> dict[int, str]:
@@ -259,6 +262,7 @@ def _class_names(labels: dict[str, int]) -> dict[int, str]:
 def _guard_resume(run_dir: Path, description: dict, restart: bool) -> None:
     model_file = run_dir / "model.json"
     if restart:
+        (run_dir / TRAINING_SUMMARY).unlink(missing_ok=True)
         for name in ("latest", "best"):
             for suffix in (".pt", ".json"):
                 (run_dir / "checkpoints" / f"{name}{suffix}").unlink(missing_ok=True)

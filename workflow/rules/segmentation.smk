@@ -1,0 +1,52 @@
+# Train each segmentation model on each fold, then score it on the fold's validation cases.
+# Training resumes from its last checkpoint when re-run after a crash: the rule's output is
+# the summary written at the very end, so Snakemake never deletes the checkpoints.
+
+
+rule train_segmentation:
+    input:
+        plans=f"{RESULTS}/plans.json",
+        splits=f"{RESULTS}/splits.json",
+        cases=expand(f"{RESULTS}/preprocessed/{CONFIGURATION}/{{case}}.npz", case=CASES),
+    output:
+        f"{RESULTS}/runs/{{model}}/fold_{{fold}}/training.json",
+    log:
+        f"{RESULTS}/logs/train_segmentation/{{model}}_fold_{{fold}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train_segmentation/{{model}}_fold_{{fold}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=24 * 60,
+        gpu=1,
+    shell:
+        "medpipe train-seg --config {CONFIG_FILE} --set dataset={DATASET} --set results={RESULTS}"
+        " --model {wildcards.model} --fold {wildcards.fold} > {log} 2>&1"
+
+
+rule evaluate_segmentation:
+    input:
+        f"{RESULTS}/runs/{{model}}/fold_{{fold}}/training.json",
+    output:
+        f"{RESULTS}/runs/{{model}}/fold_{{fold}}/evaluation/summary.json",
+    log:
+        f"{RESULTS}/logs/evaluate_segmentation/{{model}}_fold_{{fold}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate_segmentation/{{model}}_fold_{{fold}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=1,
+    shell:
+        "medpipe evaluate-seg --config {CONFIG_FILE} --set dataset={DATASET}"
+        " --set results={RESULTS} --model {wildcards.model} --fold {wildcards.fold} > {log} 2>&1"
+
+
+rule segmentation_all:
+    input:
+        expand(
+            f"{RESULTS}/runs/{{model}}/fold_{{fold}}/evaluation/summary.json",
+            model=config["segmentation_models"],
+            fold=config["train_folds"],
+        ),
