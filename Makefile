@@ -47,7 +47,8 @@ demo: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/snakemake all --profile configs/profiles/local \
 		--configfile configs/demo.yaml --config dataset=$(DEMO_DIR)/raw results=$(DEMO_DIR)/results
 	@echo "Demo dataset: $(DEMO_DIR)/raw (preview: $(DEMO_DIR)/raw/preview.png)"
-	@echo "Workflow outputs: $(DEMO_DIR)/results (verify.json, fingerprint.json, plans.json, preprocessed/)"
+	@echo "Workflow outputs: $(DEMO_DIR)/results (plans.json, preprocessed/, runs/MODEL/fold_0/evaluation/)"
+	@echo "MLflow runs: mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

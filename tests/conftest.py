@@ -14,7 +14,8 @@ TINY_MODELS = {
     "swin_unetr": {
         "options": {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]},
         # Swin-UNETR's literature lr (1e-4) barely moves in a dozen steps
-        "training": {"patch_size": [64, 64, 64], "optimizer": {"lr": 1e-3}},
+        # (64^3 is its smallest patch: one sample per step keeps it quick on a CPU)
+        "training": {"patch_size": [64, 64, 64], "batch_size": 1, "optimizer": {"lr": 1e-3}},
     },
     "nnunet": {},
 }

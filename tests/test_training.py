@@ -43,11 +43,11 @@ def fixed_batch_loss(root, run_dir, weights: str | None) -> float:
         return task.loss(net, batch, torch.device("cpu"))[0].item()
 
 
-@pytest.mark.parametrize("model", ["unet", "nnunet", "swin_unetr"])
-def test_each_baseline_learns(tiny_pipeline, model):
+@pytest.mark.parametrize(("model", "steps"), [("unet", 4), ("nnunet", 4), ("swin_unetr", 2)])
+def test_each_baseline_learns(tiny_pipeline, model, steps):
     config = load_config(
         tiny_pipeline / "config.yaml",
-        [*NO_TRACKING, "training.epochs=3", "training.iterations_per_epoch=4",
+        [*NO_TRACKING, "training.epochs=3", f"training.iterations_per_epoch={steps}",
          "training.augment=false", "training.val_every=3"],
     )
     run_dir = train_segmentation(config, model, 0, tiny_pipeline / "runs" / model,

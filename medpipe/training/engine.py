@@ -134,9 +134,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"])
+        torch.set_rng_state(state["rng_cpu"].cpu())  # RNG states must be CPU byte tensors
         if torch.cuda.is_available() and state.get("rng_cuda"):
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
         self.epoch = meta["epoch"]
         self.history = meta["history"]
         self.best_score = meta["best_score"] if meta["best_score"] is not None else -math.inf

@@ -28,6 +28,7 @@ from medpipe.inference.sliding_window import predict_probabilities
 from medpipe.io import write_json
 from medpipe.metrics import dice_per_class
 from medpipe.models import NetworkShape, build_model, fit_patch_size, model_spec, parse_options
+from medpipe.tracking import RUN_FILE, git_commit, open_tracker
 from medpipe.training.augment import Augmenter
 from medpipe.training.callbacks import ProgressPrinter, TrackingCallback
 from medpipe.training.engine import EngineSettings, Trainer, pick_device
@@ -230,8 +231,6 @@ def train_segmentation(
         val_every=training.val_every, seed=training.seed, amp=training.amp,
         grad_clip=training.grad_clip, device=device,
     )
-    from medpipe.tracking import git_commit, open_tracker
-
     tracker = open_tracker(
         config.tracking, description["dataset_name"], f"{model}_fold_{fold}", run_dir,
         tags={"model": model, "fold": str(fold), "task": "segmentation"},
@@ -261,8 +260,9 @@ def _class_names(labels: dict[str, int]) -> dict[int, str]:
 
 def _guard_resume(run_dir: Path, description: dict, restart: bool) -> None:
     model_file = run_dir / "model.json"
-    if restart:
+    if restart:  # a fresh run: new weights, and a new MLflow run rather than the old one
         (run_dir / TRAINING_SUMMARY).unlink(missing_ok=True)
+        (run_dir / RUN_FILE).unlink(missing_ok=True)
         for name in ("latest", "best"):
             for suffix in (".pt", ".json"):
                 (run_dir / "checkpoints" / f"{name}{suffix}").unlink(missing_ok=True)
