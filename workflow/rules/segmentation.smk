@@ -14,14 +14,19 @@ rule train_segmentation:
         f"{RESULTS}/logs/train_segmentation/{{model}}_fold_{{fold}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/train_segmentation/{{model}}_fold_{{fold}}.tsv"
+    params:
+        config_file=CONFIG_FILE,
+        dataset=DATASET,
+        results=RESULTS,
     threads: 2
     resources:
         mem_mb=16000,
         runtime=24 * 60,
         gpu=1,
     shell:
-        "medpipe train-seg --config {CONFIG_FILE} --set dataset={DATASET} --set results={RESULTS}"
-        " --model {wildcards.model} --fold {wildcards.fold} > {log} 2>&1"
+        "medpipe train-seg --config {params.config_file} --set dataset={params.dataset}"
+        " --set results={params.results} --model {wildcards.model} --fold {wildcards.fold}"
+        " > {log} 2>&1"
 
 
 rule evaluate_segmentation:
@@ -33,14 +38,19 @@ rule evaluate_segmentation:
         f"{RESULTS}/logs/evaluate_segmentation/{{model}}_fold_{{fold}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/evaluate_segmentation/{{model}}_fold_{{fold}}.tsv"
+    params:
+        config_file=CONFIG_FILE,
+        dataset=DATASET,
+        results=RESULTS,
     threads: 2
     resources:
         mem_mb=8000,
         runtime=60,
         gpu=1,
     shell:
-        "medpipe evaluate-seg --config {CONFIG_FILE} --set dataset={DATASET}"
-        " --set results={RESULTS} --model {wildcards.model} --fold {wildcards.fold} > {log} 2>&1"
+        "medpipe evaluate-seg --config {params.config_file} --set dataset={params.dataset}"
+        " --set results={params.results} --model {wildcards.model} --fold {wildcards.fold}"
+        " > {log} 2>&1"
 
 
 rule segmentation_all:
