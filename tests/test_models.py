@@ -97,3 +97,32 @@ def test_a_fourth_model_is_one_builder_and_one_entry():
         assert net(torch.randn(1, 1, 5, 5, 5)).shape == (1, 3, 5, 5, 5)
     finally:
         del MODELS["tiny_test_net"]
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("voxelmorph", {}), ("voxelmorph_diff", {}), ("voxelmorph_diff", {"half_resolution": True})],
+)
+def test_registration_nets_return_the_warped_image_and_a_field(name, options):
+    shape = NetworkShape(1, 3)
+    patch = fit_patch_size(name, (66, 78, 63), shape, options)
+    assert all(p % (16 if options else 8) == 0 for p in patch)
+    net = build_model(name, shape, options)
+    moving, fixed = torch.rand(1, 1, *patch), torch.rand(1, 1, *patch)
+    warped, ddf = net(moving, fixed)
+    assert warped.shape == moving.shape and ddf.shape == (1, 3, *patch)
+    with torch.no_grad():  # a net that predicts no motion must return the moving image
+        for parameter in net.parameters():
+            parameter.zero_()
+        warped, ddf = net(moving, fixed)
+    assert torch.count_nonzero(ddf) == 0
+    torch.testing.assert_close(warped, moving)
+
+
+def test_registration_defaults_are_voxelmorphs():
+    from medpipe.models import model_spec, parse_options
+
+    assert parse_options("voxelmorph", {}).integration_steps == 0
+    assert parse_options("voxelmorph_diff", {}).integration_steps == 7
+    with pytest.raises(MedpipeError, match="known segmentation models: nnunet"):
+        model_spec("voxelmorph", task="segmentation")

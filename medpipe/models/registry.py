@@ -62,7 +62,8 @@ def model_spec(name: str, task: Task | None = None) -> ModelSpec:
     spec = MODELS.get(name)
     if spec is None or (task is not None and spec.task != task):
         known = ", ".join(sorted(n for n, s in MODELS.items() if task in (None, s.task)))
-        raise MedpipeError(f"unknown model {name!r}; known {task or ''} models: {known}".strip())
+        kind = f"{task} models" if task else "models"
+        raise MedpipeError(f"unknown model {name!r}; known {kind}: {known}")
     return spec
 
 
