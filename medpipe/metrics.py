@@ -1,4 +1,5 @@
-"""Segmentation metrics on label maps with their true voxel spacing.
+"""Segmentation metrics on label maps with their true voxel spacing, and deformation metrics
+(Jacobian determinant, folding, SDlogJ) of displacement fields.
 
 HD95 comes from MONAI (`compute_hausdorff_distance` with `percentile=95` and the image
 spacing, so distances are in mm); Dice and volumes are exact voxel counts. Conventions
@@ -89,3 +90,31 @@ def summarise(values: Sequence[float]) -> dict[str, float]:
     if finite.size == 0:
         return {"mean": math.nan, "std": math.nan, "n": 0}
     return {"mean": float(finite.mean()), "std": float(finite.std()), "n": int(finite.size)}
+
+
+# --------------------------------------------------------------------------- deformations
+
+
+def jacobian_determinant(ddf: np.ndarray) -> np.ndarray:
+    """det(I + grad u) per voxel of a displacement field u of shape (3, X, Y, Z) in voxels,
+    channel c moving along array axis c (medpipe's `ddf` convention). Central differences
+    inside, one-sided at the border (numpy's `gradient`). Voxel units make it independent
+    of the spacing: mm displacements over mm distances give the same ratio."""
+    if ddf.ndim != 4 or ddf.shape[0] != 3:
+        raise ValueError(f"expected a (3, X, Y, Z) displacement field, got {ddf.shape}")
+    grad = np.stack([np.stack(np.gradient(ddf[c].astype(np.float64)), 0) for c in range(3)])
+    grad += np.eye(3)[:, :, None, None, None]  # d(x + u)/dx
+    return np.linalg.det(np.moveaxis(grad, (0, 1), (-2, -1)))
+
+
+def deformation_metrics(ddf: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:
+    """Folding (% of voxels with det J <= 0) and SDlogJ (std of log det J, clipped to
+    [1e-9, 1e9] as Learn2Reg does so folded voxels count instead of vanishing), over MASK."""
+    det = jacobian_determinant(ddf)
+    values = det[mask.astype(bool)] if mask is not None else det.ravel()
+    return {
+        "folding_percent": float(100.0 * np.mean(values <= 0)),
+        "sdlogj": float(np.std(np.log(np.clip(values, 1e-9, 1e9)))),
+        "jacobian_min": float(values.min()),
+        "jacobian_mean": float(values.mean()),
+    }

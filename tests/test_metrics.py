@@ -107,3 +107,42 @@ def test_summary_skips_nan_and_counts():
     summary = summarise([0.5, math.nan, 1.0])
     assert summary == {"mean": 0.75, "std": 0.25, "n": 2}
     assert summarise([math.nan])["n"] == 0
+
+
+def smooth_field(seed: int, shape=(24, 20, 16), amplitude=2.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    field = ndimage.gaussian_filter(rng.normal(size=(3, *shape)), (0, 3, 3, 3))
+    return amplitude * field / np.abs(field).max()
+
+
+def test_jacobian_matches_simpleitk_on_an_anisotropic_grid():
+    from medpipe.metrics import jacobian_determinant
+
+    ddf = smooth_field(0)
+    # ITK's filter takes the field in mm on a spaced grid, with (z, y, x) array order
+    field_mm = np.moveaxis(ddf * np.asarray(SPACING)[:, None, None, None], 0, -1)
+    image = sitk.GetImageFromArray(np.transpose(field_mm, (2, 1, 0, 3)), isVector=True)
+    image.SetSpacing(SPACING)
+    itk = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(image, True))
+    ours = jacobian_determinant(ddf)
+    inner = (slice(1, -1),) * 3  # both use central differences away from the border
+    np.testing.assert_allclose(ours[inner], np.transpose(itk, (2, 1, 0))[inner], atol=1e-5)
+
+
+def test_deformation_metrics_known_answers():
+    from medpipe.metrics import deformation_metrics
+
+    zero = np.zeros((3, 10, 10, 10))
+    assert deformation_metrics(zero) == {
+        "folding_percent": 0.0, "sdlogj": 0.0, "jacobian_min": 1.0, "jacobian_mean": 1.0
+    }
+    scaling = np.zeros((3, 10, 10, 10))
+    scaling[0] = 0.5 * np.arange(10)[:, None, None]  # x -> 1.5 x: det J = 1.5 everywhere
+    assert deformation_metrics(scaling)["jacobian_mean"] == pytest.approx(1.5)
+    folded = np.zeros((3, 10, 10, 10))
+    folded[0] = -2.0 * np.arange(10)[:, None, None]  # x -> -x: every voxel folds
+    metrics = deformation_metrics(folded)
+    assert metrics["folding_percent"] == 100.0 and metrics["jacobian_min"] == pytest.approx(-1)
+    mask = np.zeros((10, 10, 10), bool)
+    mask[:5] = True
+    assert deformation_metrics(folded, mask)["folding_percent"] == 100.0
