@@ -1,0 +1,1 @@
+"""Registration: the classical SimpleITK baseline, losses and fields shared with the networks."""
