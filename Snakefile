@@ -22,6 +22,7 @@ CASES = glob_wildcards(f"{DATASET}/labelsTr/{{case}}{config['file_ending']}").ca
 include: "workflow/rules/data.smk"
 include: "workflow/rules/planning.smk"
 include: "workflow/rules/segmentation.smk"
+include: "workflow/rules/registration.smk"
 
 
 rule all:
@@ -31,3 +32,4 @@ rule all:
         f"{RESULTS}/plans.json",
         expand(f"{RESULTS}/preprocessed/{CONFIGURATION}/{{case}}.npz", case=CASES),
         rules.segmentation_all.input,
+        rules.registration_all.input,

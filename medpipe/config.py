@@ -60,6 +60,26 @@ class ModelEntry(StrictModel):
     training: dict[str, Any] = Field(default_factory=dict)
 
 
+class RegistrationConfig(StrictModel):
+    """What the registration networks learn from and how the methods are compared."""
+
+    models: list[str] = Field(default_factory=lambda: ["voxelmorph", "voxelmorph_diff"])
+    baselines: list[Literal["identity", "classical"]] = Field(
+        default_factory=lambda: ["identity", "classical"])
+    atlas: str | None = None  # a case id: every case to it; None: subject to subject
+    prealign: Literal["affine", "none"] = "affine"  # SimpleITK affine, as VoxelMorph's data
+    # the networks' grid in mm; None: the plans' spacing. Deformations are smooth, so a
+    # coarser grid costs little accuracy and makes CPU training ~8x cheaper per halving
+    spacing: tuple[float, float, float] | None = None
+    similarity: Literal["lncc", "mse"] = "lncc"
+    lncc_window: int = Field(9, ge=3)  # voxels, VoxelMorph's
+    regularisation: float = Field(1.0, ge=0)  # lambda x diffusion (gradient L2) of the field
+    dice_weight: float = Field(0.0, ge=0)  # > 0: semi-supervised, Dice of warped labels
+    val_pairs: int = Field(6, ge=1)  # validation pairs during training
+    eval_pairs: int = Field(20, ge=1)  # held-out pairs scored by evaluate-reg
+    classical: dict[str, Any] = Field(default_factory=dict)  # ClassicalSettings overrides
+
+
 class TrackingConfig(StrictModel):
     enabled: bool = True
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
@@ -81,6 +101,7 @@ class PipelineConfig(StrictModel):
     train_folds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
     training: dict[str, Any] = Field(default_factory=dict)
     models: dict[str, ModelEntry] = Field(default_factory=dict)
+    registration: RegistrationConfig = RegistrationConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @property

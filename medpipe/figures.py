@@ -1,4 +1,4 @@
-"""Figures written to disk (PNG, headless): learning curves and label overlays."""
+"""Figures written to disk (PNG, headless): learning curves, label overlays, registrations."""
 
 from __future__ import annotations
 
@@ -77,5 +77,45 @@ def plot_segmentation_overlay(
         show_slice(axes[axis, 0], cut[0], None, n_classes, f"{title} image, axis {axis}")
         show_slice(axes[axis, 1], cut[0], cut[1], n_classes, "reference")
         show_slice(axes[axis, 2], cut[0], cut[2], n_classes, "prediction")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_registration(
+    fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray, ddf: np.ndarray,
+    path: str | Path, title: str = "", axis: int = 2,
+) -> Path:
+    """One mid slice across AXIS: fixed, moving, warped moving, the deformation drawn as a
+    warped grid, and the Jacobian determinant (red: < 1, shrinking; blue: > 1; black
+    contour: folding, <= 0). DDF is (3, X, Y, Z) in voxels on the fixed grid."""
+    from medpipe.metrics import jacobian_determinant
+
+    index = fixed.shape[axis] // 2
+    cut = [np.take(a, index, axis=axis) for a in (fixed, moving, warped)]
+    in_plane = [a for a in range(3) if a != axis]
+    flow = [np.take(ddf[a], index, axis=axis) for a in in_plane]
+    det = np.take(jacobian_determinant(ddf), index, axis=axis)
+    fig, axes = plt.subplots(1, 5, figsize=(15, 3.4))
+    for ax, image, name in zip(axes[:3], cut, ("fixed", "moving", "warped"), strict=True):
+        show_slice(ax, image, None, 1, f"{title} {name}" if name == "fixed" else name)
+    ax = axes[3]
+    rows, cols = np.meshgrid(np.arange(cut[0].shape[0]), np.arange(cut[0].shape[1]),
+                             indexing="ij")
+    x, y = rows + flow[0], cols + flow[1]
+    step = max(1, min(cut[0].shape) // 20)
+    for i in range(0, x.shape[0], step):
+        ax.plot(x[i, :], y[i, :], color="k", linewidth=0.5)
+    for j in range(0, x.shape[1], step):
+        ax.plot(x[:, j], y[:, j], color="k", linewidth=0.5)
+    ax.set_aspect("equal")
+    ax.set_title("deformation grid", fontsize=8)
+    ax.axis("off")
+    ax = axes[4]
+    shown = ax.imshow(det.T, cmap="RdBu", vmin=0, vmax=2, origin="lower")
+    if (det <= 0).any():
+        ax.contour(det.T, levels=[0], colors="k", linewidths=0.8)
+    ax.set_title(f"Jacobian determinant (min {det.min():.2f})", fontsize=8)
+    ax.axis("off")
+    fig.colorbar(shown, ax=ax, fraction=0.046)
     fig.tight_layout()
     return save_figure(fig, path)

@@ -251,6 +251,31 @@ def restore_probabilities(probabilities: np.ndarray, properties: dict) -> Volume
     return _uncrop(label.astype(np.uint8 if len(probabilities) < 256 else np.int16), properties)
 
 
+def preprocessed_geometry(properties: dict) -> Geometry:
+    """Where the voxels of a preprocessed array lie: the raw grid, cropped, then rescaled."""
+    return resized_geometry(
+        Geometry.from_json(properties["geometry"]),
+        properties["shape_after_cropping_and_before_resampling"],
+        properties["shape_after_resampling"],
+        start=[lo for lo, _ in properties["bbox_used_for_cropping"]],
+    )
+
+
+def resized_geometry(geometry: Geometry, before: Sequence[int], after: Sequence[int],
+                     start: Sequence[int] = (0, 0, 0)) -> Geometry:
+    """The grid of an array of shape BEFORE (starting at voxel START of GEOMETRY's grid)
+    resized to AFTER with `zoom(grid_mode=True)`, which keeps the outer voxel edges fixed."""
+    before, after = np.asarray(before, float), np.asarray(after, float)
+    scale = before / after  # input voxels per output voxel
+    first_centre = np.asarray(start, float) + 0.5 * scale - 0.5  # input index of voxel 0
+    origin = geometry.affine_lps @ np.append(first_centre, 1.0)
+    return Geometry(
+        spacing=tuple(float(v) for v in np.asarray(geometry.spacing) * scale),
+        origin=tuple(float(v) for v in origin[:3]),
+        direction=geometry.direction,
+    )
+
+
 def _uncrop(label: np.ndarray, properties: dict) -> Volume:
     full = np.zeros(properties["shape_before_cropping"], dtype=label.dtype)
     slicer = tuple(slice(lo, hi) for lo, hi in properties["bbox_used_for_cropping"])

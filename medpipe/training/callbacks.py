@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from medpipe.config import PipelineConfig
-from medpipe.figures import plot_learning_curve, plot_segmentation_overlay
+from medpipe.figures import plot_learning_curve
 from medpipe.tracking import Tracker, flatten
 from medpipe.training.engine import Callback, Trainer
 
@@ -116,13 +116,9 @@ class TrackingCallback(Callback):
     def on_train_end(self, trainer: Trainer) -> None:
         figures = self.run_dir / "figures"
         plot_learning_curve(trainer.history, figures / "learning_curve.png")
-        example = getattr(trainer.task, "example", None)
-        if example:
-            plot_segmentation_overlay(
-                example["image"], example["reference"], example["prediction"],
-                self.description["out_channels"], figures / "validation_overlay.png",
-                title=example["case_id"],
-            )
+        write_figures = getattr(trainer.task, "write_figures", None)
+        if write_figures is not None:  # each task draws its own validation example
+            write_figures(figures)
         for name in ("model.json", "config.json", "plans.json"):
             self.tracker.log_artifact(self.run_dir / name)
         for png in sorted(figures.glob("*.png")):

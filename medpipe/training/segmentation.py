@@ -1,15 +1,9 @@
 """Segmentation on the shared engine: the task (batches, loss, validation) and `train_segmentation`,
-which turns a pipeline config, a model name and a fold into a trained run folder.
-
-A run folder (`results/runs/<model>/fold_<k>/`) holds everything needed to use the model
-later without the pipeline: `model.json` (how to build the net and preprocess a scan),
-`plans.json`, `config.json`, `checkpoints/{latest,best}.{pt,json}` and `figures/`.
-"""
+which turns a pipeline config, a model name and a fold into a trained run folder
+(see `training.runs` for what the folder holds)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,19 +15,15 @@ from monai.losses import DeepSupervisionLoss, DiceCELoss
 from torch import nn
 from torch.utils.data import DataLoader
 
-from medpipe.config import PipelineConfig, TrainingConfig, optimizer_config
-from medpipe.data.splits import fold_cases, read_splits
-from medpipe.errors import MedpipeError
+from medpipe.config import PipelineConfig, TrainingConfig
+from medpipe.figures import plot_segmentation_overlay
 from medpipe.inference.sliding_window import predict_probabilities
-from medpipe.io import write_json
 from medpipe.metrics import dice_per_class
 from medpipe.models import NetworkShape, build_model, fit_patch_size, model_spec, parse_options
-from medpipe.tracking import RUN_FILE, git_commit, open_tracker
 from medpipe.training.augment import Augmenter
-from medpipe.training.callbacks import ProgressPrinter, TrackingCallback
-from medpipe.training.engine import EngineSettings, Trainer, pick_device
-from medpipe.training.optim import build_optimizer, build_scheduler
+from medpipe.training.engine import pick_device
 from medpipe.training.patches import CachedCase, PatchDataset, load_cases
+from medpipe.training.runs import fit_run, fold_case_ids, load_plans, prepare_run_dir
 
 
 class SegmentationTask:
@@ -112,32 +102,18 @@ class SegmentationTask:
         return metrics
 
 
+    def write_figures(self, folder: Path) -> list[Path]:
+        """The last validation's first case: image, reference and prediction."""
+        if self.example is None:
+            return []
+        example = self.example
+        return [plot_segmentation_overlay(
+            example["image"], example["reference"], example["prediction"], self.n_classes,
+            folder / "validation_overlay.png", title=example["case_id"],
+        )]
+
+
 # --------------------------------------------------------------------------- the entry point
-
-
-def load_plans(config: PipelineConfig) -> tuple[dict, dict]:
-    """(plans, the chosen configuration's block), with errors that say which step to run."""
-    if not config.plans_file.is_file():
-        raise MedpipeError("no plans: run `medpipe plan` (or the workflow) first",
-                           config.plans_file)
-    plans = json.loads(config.plans_file.read_text(encoding="utf-8"))
-    try:
-        return plans, plans["configurations"][config.configuration]
-    except KeyError:
-        raise MedpipeError(f"plans have no configuration {config.configuration!r}",
-                           config.plans_file) from None
-
-
-def fold_case_ids(config: PipelineConfig, fold: int) -> tuple[list[str], list[str]]:
-    if not config.splits_file.is_file():
-        raise MedpipeError("no splits: run `medpipe split` (or the workflow) first",
-                           config.splits_file)
-    splits = read_splits(config.splits_file)
-    if not 0 <= fold < len(splits):
-        raise MedpipeError(f"fold {fold} does not exist; splits have folds 0-{len(splits) - 1}",
-                           config.splits_file)
-    split = fold_cases(splits, fold)
-    return list(split["train"]), list(split["val"])
 
 
 def network_shape(plans: dict, configuration: dict) -> NetworkShape:
@@ -180,13 +156,6 @@ def describe_run(
     }
 
 
-def run_hash(description: dict[str, Any]) -> str:
-    stable = {k: v for k, v in description.items() if k not in ("training",)}
-    stable["training"] = {k: v for k, v in description["training"].items()
-                          if k not in ("num_workers", "device", "val_every")}
-    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def train_segmentation(
     config: PipelineConfig,
     model: str,
@@ -200,10 +169,7 @@ def train_segmentation(
     training = config.training_for(model, spec.optimizer_defaults)
     description = describe_run(config, model, fold, training)
     run_dir = Path(run_dir or config.run_dir(model, fold))
-    checkpoints = run_dir / "checkpoints"
-    description["run_hash"] = run_hash(description)
-    _guard_resume(run_dir, description, restart)
-    _write_run_files(config, run_dir, description)
+    prepare_run_dir(config, run_dir, description, restart)
 
     device = pick_device(training.device)
     torch.manual_seed(training.seed)  # the initial weights
@@ -222,64 +188,4 @@ def train_segmentation(
         overlap=training.val_overlap, num_workers=training.num_workers,
         pin_memory=device.type == "cuda",
     )
-    optimizer = build_optimizer(network, optimizer_config(training))
-    scheduler = build_scheduler(
-        optimizer, optimizer_config(training), training.epochs * training.iterations_per_epoch
-    )
-    settings = EngineSettings(
-        epochs=training.epochs, iterations_per_epoch=training.iterations_per_epoch,
-        val_every=training.val_every, seed=training.seed, amp=training.amp,
-        grad_clip=training.grad_clip, device=device,
-    )
-    tracker = open_tracker(
-        config.tracking, description["dataset_name"], f"{model}_fold_{fold}", run_dir,
-        tags={"model": model, "fold": str(fold), "task": "segmentation"},
-    )
-    callbacks = [TrackingCallback(tracker, run_dir, config, description, git_commit(),
-                                  class_names=_class_names(description["labels"]))]
-    if progress:
-        callbacks.append(ProgressPrinter(f"{model} fold {fold}"))
-    trainer = Trainer(network, task, optimizer, scheduler, settings, checkpoints,
-                      metadata={"model": description}, callbacks=callbacks)
-    trainer.resume()
-    try:
-        trainer.fit()
-    except BaseException:
-        tracker.finish("KILLED")
-        raise
-    write_json(trainer.summary(), run_dir / TRAINING_SUMMARY)
-    return run_dir
-
-
-TRAINING_SUMMARY = "training.json"  # written last: the run is complete when it exists
-
-
-def _class_names(labels: dict[str, int]) -> dict[int, str]:
-    return {int(v): k for k, v in labels.items() if int(v) != 0}
-
-
-def _guard_resume(run_dir: Path, description: dict, restart: bool) -> None:
-    model_file = run_dir / "model.json"
-    if restart:  # a fresh run: new weights, and a new MLflow run rather than the old one
-        (run_dir / TRAINING_SUMMARY).unlink(missing_ok=True)
-        (run_dir / RUN_FILE).unlink(missing_ok=True)
-        for name in ("latest", "best"):
-            for suffix in (".pt", ".json"):
-                (run_dir / "checkpoints" / f"{name}{suffix}").unlink(missing_ok=True)
-        return
-    if not model_file.is_file():
-        return
-    previous = json.loads(model_file.read_text(encoding="utf-8"))
-    if previous.get("run_hash") != description["run_hash"]:
-        raise MedpipeError(
-            "this run folder holds a run with different settings; resume it with the same "
-            "config, or pass --restart to train from scratch", run_dir
-        )
-
-
-def _write_run_files(config: PipelineConfig, run_dir: Path, description: dict) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(description, run_dir / "model.json")
-    plans, _ = load_plans(config)
-    write_json(plans, run_dir / "plans.json")  # inference preprocesses with these
-    write_json(config.model_dump(mode="json"), run_dir / "config.json")
+    return fit_run(config, run_dir, description, network, task, training, device, progress)

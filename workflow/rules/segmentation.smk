@@ -14,6 +14,8 @@ rule train_segmentation:
         f"{RESULTS}/logs/train_segmentation/{{model}}_fold_{{fold}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/train_segmentation/{{model}}_fold_{{fold}}.tsv"
+    wildcard_constraints:
+        model="|".join(config["segmentation_models"]),
     params:
         config_file=CONFIG_FILE,
         dataset=DATASET,
@@ -38,6 +40,8 @@ rule evaluate_segmentation:
         f"{RESULTS}/logs/evaluate_segmentation/{{model}}_fold_{{fold}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/evaluate_segmentation/{{model}}_fold_{{fold}}.tsv"
+    wildcard_constraints:
+        model="|".join(config["segmentation_models"]),
     params:
         config_file=CONFIG_FILE,
         dataset=DATASET,

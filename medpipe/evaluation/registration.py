@@ -1,0 +1,221 @@
+"""`evaluate-reg`: every method on the same held-out pairs, scored the same way.
+
+A method turns a (moving, fixed) pair of preprocessed cases into an ITK displacement field
+on the fixed case's *raw* grid (see `registration.fields`): identity (a zero field), the
+classical SimpleITK baseline, or a trained network (pre-alignment + predicted field,
+composed in `compose_field`). The moving raw label map is then warped through that field
+with nearest-neighbour interpolation and compared with the fixed raw labels: Dice and HD95
+(mm) per label; the field gives folding (% of voxels with det J <= 0) and SDlogJ. Seconds
+per pair count everything from the two preprocessed images to the field.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from medpipe.config import PipelineConfig
+from medpipe.data.layout import load_dataset
+from medpipe.errors import MedpipeError
+from medpipe.figures import plot_registration
+from medpipe.inference.model_io import load_trained
+from medpipe.io import Volume, atomic_output, read_image, write_json
+from medpipe.metrics import deformation_metrics, segmentation_metrics, summarise
+from medpipe.registration.classical import (
+    ClassicalSettings,
+    displacement_field,
+    register_classical,
+)
+from medpipe.registration.fields import (
+    compose_field,
+    field_to_ddf,
+    identity_field,
+    warp_with_field,
+)
+from medpipe.registration.pairs import (
+    RegistrationCase,
+    evaluation_pairs,
+    load_registration_cases,
+    pair_arrays,
+    pair_matrix,
+    resample_case,
+)
+from medpipe.training.engine import autocast_dtype, pick_device
+from medpipe.training.registration import PREALIGNMENT_FILE, read_prealignment
+from medpipe.training.runs import fold_case_ids, load_plans
+
+BASELINES = ("identity", "classical")
+PAIR_METRICS = ("folding_percent", "sdlogj", "jacobian_min", "jacobian_mean", "seconds")
+
+# (moving case, fixed case, fixed raw Volume) -> ITK field on the fixed raw grid
+Method = Callable[[RegistrationCase, RegistrationCase, Volume], sitk.Image]
+
+
+def evaluate_registration(
+    config: PipelineConfig,
+    method: str,
+    fold: int,
+    run_dir: Path | None = None,
+    checkpoint: str = "best",
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Score METHOD (identity, classical, or a trained network's name) on FOLD's held-out
+    pairs; write `evaluation/pairs.csv`, `evaluation/summary.json` and a figure in the run
+    folder and log them to its MLflow run. Returns the summary."""
+    run_dir = Path(run_dir or config.run_dir(method, fold))
+    plans, _ = load_plans(config)
+    _, val_ids = fold_case_ids(config, fold)
+    settings = config.registration
+    torch_device = pick_device(device)
+    if method in BASELINES:
+        spacing, register = None, _baseline(method, ClassicalSettings(**settings.classical))
+        atlas, description = settings.atlas, None
+    else:
+        network, description = load_trained(run_dir, checkpoint, torch_device)
+        if description.get("task") != "registration" or description["fold"] != fold:
+            raise MedpipeError(f"run folder does not hold a registration network for fold "
+                               f"{fold}", run_dir)
+        spacing = description["registration"]["spacing"]
+        atlas = description["registration"]["atlas"]
+        register = _network(network, description, run_dir, torch_device)
+    pairs = evaluation_pairs(val_ids, atlas, settings.eval_pairs)
+    if not pairs:
+        raise MedpipeError(f"fold {fold} has no held-out pairs to evaluate", config.splits_file)
+    ids = sorted({case_id for pair in pairs for case_id in pair})
+    cases = {c.case_id: resample_case(c, spacing)
+             for c in load_registration_cases(config.preprocessed_dir, ids)}
+    dataset = load_dataset(config.dataset)
+    classes = {name: int(v) for name, v in plans["labels"].items() if int(v) != 0}
+    rows, per_pair = [], []
+    out = run_dir / "evaluation"
+    for index, (moving_id, fixed_id) in enumerate(pairs):
+        fixed_image = read_image(dataset.case(fixed_id).images[0])
+        start = time.perf_counter()
+        field = register(cases[moving_id], cases[fixed_id], fixed_image)
+        seconds = time.perf_counter() - start
+        moving_labels = read_image(dataset.case(moving_id).label)
+        fixed_labels = read_image(dataset.case(fixed_id).label)
+        warped_labels = warp_with_field(moving_labels, field, labels=True)
+        scores = segmentation_metrics(warped_labels.array, fixed_labels.array, classes,
+                                      fixed_labels.spacing)
+        ddf = field_to_ddf(field)
+        pair_scores = {**deformation_metrics(ddf), "seconds": seconds}
+        per_pair.append({"moving": moving_id, "fixed": fixed_id, **pair_scores,
+                         "mean_dice": float(np.nanmean([s["dice"] for s in scores.values()]))})
+        for name, values in scores.items():
+            rows.append({"moving": moving_id, "fixed": fixed_id, "class": name,
+                         "dice": values["dice"], "hd95": values["hd95"], **pair_scores})
+        if index == 0:
+            moving_image = read_image(dataset.case(moving_id).images[0])
+            warped = warp_with_field(moving_image, field)
+            plot_registration(
+                fixed_image.array, _on_grid(moving_image, fixed_image), warped.array, ddf,
+                out / f"{method}_{moving_id}_to_{fixed_id}.png",
+                title=f"{method}: {moving_id} -> {fixed_id}",
+            )
+    summary = _summary(method, fold, classes, rows, per_pair, torch_device, checkpoint
+                       if description else None)
+    _write_csv(rows, out / "pairs.csv")
+    write_json(summary, out / "summary.json")
+    _log(config, run_dir, method, fold, plans, summary, out, description)
+    return summary
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def _baseline(method: str, settings: ClassicalSettings) -> Method:
+    if method == "identity":
+        return lambda moving, fixed, target: identity_field(target.geometry, target.shape)
+
+    def classical(moving: RegistrationCase, fixed: RegistrationCase, target: Volume):
+        transform = register_classical(fixed.volume(), moving.volume(), settings)
+        return displacement_field(transform, target)
+
+    return classical
+
+
+def _network(network: torch.nn.Module, description: dict, run_dir: Path,
+             device: torch.device) -> Method:
+    matrices = None
+    if description["registration"]["prealign"] == "affine":
+        matrices = read_prealignment(run_dir, description)  # training aligned the val cases
+        if matrices is None:
+            raise MedpipeError(f"{PREALIGNMENT_FILE} is missing or belongs to another run",
+                               run_dir)
+    dtype = autocast_dtype(device, True)
+
+    def register(moving: RegistrationCase, fixed: RegistrationCase, target: Volume):
+        matrix = pair_matrix(matrices, moving.case_id, fixed.case_id)
+        arrays = pair_arrays(moving, fixed, matrix, description["grid_shape"])
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            _, ddf = network(torch.from_numpy(arrays["moving"])[None].to(device),
+                             torch.from_numpy(arrays["fixed"])[None].to(device))
+        ddf = ddf[0].float().cpu().numpy()
+        return compose_field(target.geometry, target.shape, ddf, fixed.geometry, matrix)
+
+    return register
+
+
+def _on_grid(moving: Volume, fixed: Volume) -> np.ndarray:
+    """The moving image where it lies physically on the fixed grid (for the figure)."""
+    return warp_with_field(moving, identity_field(fixed.geometry, fixed.shape)).array
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _summary(method, fold, classes, rows, per_pair, device, checkpoint) -> dict[str, Any]:
+    return {
+        "method": method,
+        "fold": fold,
+        "checkpoint": checkpoint,
+        "device": str(device),
+        "pairs": len(per_pair),
+        "classes": {name: {metric: summarise([r[metric] for r in rows if r["class"] == name])
+                           for metric in ("dice", "hd95")} for name in classes},
+        "mean_dice": summarise([p["mean_dice"] for p in per_pair]),
+        "mean_hd95": summarise([r["hd95"] for r in rows]),
+        **{metric: summarise([p[metric] for p in per_pair]) for metric in PAIR_METRICS},
+    }
+
+
+def _write_csv(rows: list[dict], path: Path) -> None:
+    with atomic_output(path) as staging, staging.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["moving", "fixed", "class", "dice", "hd95",
+                                               *PAIR_METRICS])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _log(config, run_dir, method, fold, plans, summary, out, description) -> None:
+    from medpipe.tracking import git_commit, open_tracker
+
+    tracker = open_tracker(
+        config.tracking, plans.get("dataset_name", "dataset"), f"{method}_fold_{fold}", run_dir,
+        tags={"model": method, "fold": str(fold), "task": "registration"},
+    )
+    if description is None and not tracker.resumed:  # a baseline: its run starts here
+        tracker.log_params({"method": method, "fold": fold,
+                            **{f"classical.{k}": v for k, v in ClassicalSettings(
+                                **config.registration.classical).__dict__.items()}})
+        tracker.set_tags({"git_commit": git_commit(), "device": summary["device"]})
+    metrics = {"eval_mean_dice": summary["mean_dice"]["mean"],
+               "eval_mean_hd95": summary["mean_hd95"]["mean"]}
+    for metric in PAIR_METRICS:
+        metrics[f"eval_{metric}"] = summary[metric]["mean"]
+    metrics["eval_seconds_per_pair"] = metrics.pop("eval_seconds")
+    for name, values in summary["classes"].items():
+        for metric in ("dice", "hd95"):
+            metrics[f"eval_{metric}_{name}"] = values[metric]["mean"]
+    tracker.log_metrics(metrics)
+    for path in sorted(out.iterdir()):
+        tracker.log_artifact(path, "evaluation")
+    tracker.finish("FINISHED")

@@ -1,0 +1,130 @@
+"""Displacement fields: the one place where medpipe's internal field and ITK's meet.
+
+Internally a network predicts `ddf`, shape (3, X, Y, Z), in voxels of the grid it ran on,
+channel c moving along array axis c: the warped image at voxel x is moving(x + ddf(x)),
+exactly what MONAI's `Warp` computes. Users get ITK's convention instead: a vector image on
+the fixed image's grid whose value at a fixed physical point p (LPS mm) is the displacement
+d(p) such that p + d(p) is the corresponding point in the moving image. Then
+
+    SimpleITK.Resample(moving, fixed, SimpleITK.DisplacementFieldTransform(field))
+
+reproduces medpipe's warped image, and ANTs/ITK tools read the file as a warp.
+
+Every method (identity, the classical baseline, the networks) ends in such a field on the
+fixed image's raw grid, and the evaluation warps and scores through it alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+from scipy.ndimage import map_coordinates
+
+from medpipe.io import Geometry, Volume, from_sitk, to_sitk
+
+
+def voxels_to_mm(ddf: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """(3, X, Y, Z) voxel displacements -> (3, X, Y, Z) LPS millimetres on GEOMETRY's grid."""
+    linear = geometry.direction_matrix * np.asarray(geometry.spacing)
+    return np.einsum("rc,c...->r...", linear, ddf)
+
+
+def mm_to_voxels(displacement: np.ndarray, geometry: Geometry) -> np.ndarray:
+    linear = np.linalg.inv(geometry.direction_matrix * np.asarray(geometry.spacing))
+    return np.einsum("rc,c...->r...", linear, displacement)
+
+
+def to_itk_field(displacement_mm: np.ndarray, geometry: Geometry) -> sitk.Image:
+    """An ITK displacement field image (vector of float64, mm) from (3, X, Y, Z) in mm."""
+    vectors = np.moveaxis(displacement_mm.astype(np.float64), 0, -1)
+    return to_sitk(Volume(vectors, geometry))
+
+
+def field_to_ddf(field: sitk.Image) -> np.ndarray:
+    """medpipe's ddf (3, X, Y, Z) in voxels of the field's own grid, from an ITK field."""
+    volume = from_sitk(field)
+    return mm_to_voxels(np.moveaxis(volume.array.astype(np.float64), -1, 0), volume.geometry)
+
+
+def ddf_to_field(ddf: np.ndarray, geometry: Geometry) -> sitk.Image:
+    """The ITK field of a voxel ddf predicted on GEOMETRY's grid (same grid, no resampling)."""
+    return to_itk_field(voxels_to_mm(ddf, geometry), geometry)
+
+
+def identity_field(geometry: Geometry, shape: tuple[int, int, int]) -> sitk.Image:
+    return to_itk_field(np.zeros((3, *shape)), geometry)
+
+
+def physical_points(geometry: Geometry, shape: tuple[int, ...]) -> np.ndarray:
+    """(3, X, Y, Z) LPS coordinates of every voxel centre of a grid."""
+    index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape[:3]],
+                                 indexing="ij"))
+    affine = geometry.affine_lps
+    return np.einsum("rc,c...->r...", affine[:3, :3], index) + affine[:3, 3, None, None, None]
+
+
+def compose_field(
+    target: Geometry,
+    target_shape: tuple[int, int, int],
+    ddf: np.ndarray | None = None,
+    source: Geometry | None = None,
+    prealign: np.ndarray | None = None,
+) -> sitk.Image:
+    """The ITK field on TARGET's grid of `prealign o (id + ddf)`.
+
+    DDF is a voxel field predicted on SOURCE's grid (the fixed image as the network saw it:
+    cropped, resampled, padded); it is interpolated (trilinear) at TARGET's voxel centres.
+    PREALIGN is a 4x4 matrix in LPS mm taking fixed points into the moving image (the
+    affine pre-alignment), applied after the deformable part, as the moving image was
+    pre-aligned before the network saw it. Either part may be absent.
+    """
+    points = physical_points(target, target_shape)
+    moved = points.copy()
+    if ddf is not None:
+        source = source or target
+        index = np.einsum("rc,c...->r...", np.linalg.inv(source.affine_lps)[:3, :3], points)
+        index += np.linalg.inv(source.affine_lps)[:3, 3, None, None, None]
+        sampled = np.stack([map_coordinates(ddf[c], index, order=1, mode="nearest")
+                            for c in range(3)])
+        moved += voxels_to_mm(sampled, source)
+    if prealign is not None:
+        moved = np.einsum("rc,c...->r...", prealign[:3, :3], moved)
+        moved += prealign[:3, 3, None, None, None]
+    return to_itk_field(moved - points, target)
+
+
+def warp_with_field(moving: Volume, field: sitk.Image, labels: bool = False) -> Volume:
+    """MOVING resampled onto the field's grid through it (see `resample`)."""
+    transform = sitk.DisplacementFieldTransform(sitk.Image(field))  # it consumes its input
+    return resample(moving, transform, from_sitk(field).geometry, field.GetSize(), labels)
+
+
+def resample(moving: Volume, transform: sitk.Transform, geometry: Geometry,
+             shape: tuple[int, ...], labels: bool = False) -> Volume:
+    """MOVING on the grid (GEOMETRY, SHAPE) through TRANSFORM (fixed -> moving points):
+    linear, or nearest neighbour for labels; points outside the moving image get 0."""
+    reference = sitk.Image([int(n) for n in shape[:3]], sitk.sitkUInt8)
+    reference.SetSpacing(geometry.spacing)
+    reference.SetOrigin(geometry.origin)
+    reference.SetDirection(geometry.direction)
+    warped = sitk.Resample(
+        to_sitk(moving), reference, transform,
+        sitk.sitkNearestNeighbor if labels else sitk.sitkLinear, 0.0,
+    )
+    return from_sitk(warped)
+
+
+def affine_matrix(transform: sitk.Transform) -> np.ndarray:
+    """4x4 LPS matrix of an affine (or composite of affine-like) SimpleITK transform.
+
+    Found by applying the transform to the origin and the unit vectors: exact for any
+    transform that is affine, whatever its centre/translation parametrisation.
+    """
+    origin = np.asarray(transform.TransformPoint((0.0, 0.0, 0.0)))
+    matrix = np.eye(4)
+    for axis in range(3):
+        unit = [0.0, 0.0, 0.0]
+        unit[axis] = 1.0
+        matrix[:3, axis] = np.asarray(transform.TransformPoint(tuple(unit))) - origin
+    matrix[:3, 3] = origin
+    return matrix

@@ -1,0 +1,189 @@
+"""Registration pairs on one grid: the fixed image's preprocessed grid, padded.
+
+Cases come from the segmentation preprocessing (cropped, normalised, resampled to the
+plans' spacing), so a network sees intensities and voxel sizes prepared one way. For a pair,
+the moving case is resampled onto the fixed case's grid through its affine pre-alignment
+(or, without one, where it lies physically), and both are padded at the far end of each
+axis to the run's common shape (a multiple of the network's divisor), so index 0 stays at
+the fixed grid's origin and a predicted field restricted to the unpadded part lies exactly
+on that grid.
+
+Pre-alignment, VoxelMorph-style: every case is affinely registered once to a reference case
+(SimpleITK, centred initialiser + affine, Mattes MI); a pair (moving m, fixed f) then uses
+A_m o A_f^-1 (fixed -> reference -> moving), so n cases cost n affine registrations, not n^2.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.ndimage import affine_transform, zoom
+from torch.utils.data import Dataset
+
+from medpipe.errors import DatasetError
+from medpipe.io import Geometry, Volume
+from medpipe.preprocessing import preprocessed_geometry, resized_geometry
+from medpipe.registration.classical import ClassicalSettings, register_classical
+from medpipe.registration.fields import affine_matrix
+from medpipe.training.patches import load_cases
+
+
+@dataclass(frozen=True)
+class RegistrationCase:
+    case_id: str
+    image: np.ndarray  # (C, X, Y, Z) float32, normalised, on the preprocessed grid
+    labels: np.ndarray  # (X, Y, Z) integer labels on the same grid
+    geometry: Geometry  # where the preprocessed grid lies
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.labels.shape)
+
+    def volume(self, channel: int = 0) -> Volume:
+        return Volume(self.image[channel], self.geometry)
+
+
+def load_registration_cases(preprocessed_dir: str | Path,
+                            case_ids: Sequence[str]) -> list[RegistrationCase]:
+    return [
+        RegistrationCase(case.case_id, case.data, case.seg,
+                         preprocessed_geometry(case.properties))
+        for case in load_cases(preprocessed_dir, case_ids)
+    ]
+
+
+def resample_case(case: RegistrationCase, spacing: Sequence[float] | None) -> RegistrationCase:
+    """CASE on a grid of SPACING (mm) covering the same region (linear for the image,
+    nearest neighbour for labels); unchanged when SPACING is None."""
+    if spacing is None:
+        return case
+    before = case.shape
+    after = [max(1, round(n * s / t))
+             for n, s, t in zip(before, case.geometry.spacing, spacing, strict=True)]
+    factors = [a / b for a, b in zip(after, before, strict=True)]
+    image = np.stack([zoom(c, factors, order=1, mode="nearest", grid_mode=True)
+                      for c in case.image]).astype(np.float32)
+    labels = zoom(case.labels, factors, order=0, mode="nearest", grid_mode=True)
+    return RegistrationCase(case.case_id, image, labels,
+                            resized_geometry(case.geometry, before, after))
+
+
+def padded_shape(shapes: Sequence[Sequence[int]], divisor: Sequence[int]) -> tuple[int, ...]:
+    """The smallest shape holding every case that the network's divisor divides."""
+    largest = np.max(np.asarray(shapes), axis=0)
+    divisor = np.asarray(divisor)
+    return tuple(int(v) for v in -(-largest // divisor) * divisor)
+
+
+def prealign(cases: Sequence[RegistrationCase], reference: RegistrationCase,
+             settings: ClassicalSettings | None = None) -> dict[str, list[list[float]]]:
+    """Per case, the 4x4 LPS affine taking reference points into the case (identity for
+    the reference itself), from a SimpleITK affine registration on the first channel.
+    Run it at the preprocessed spacing: on a coarse grid its multi-resolution pyramid
+    runs out of voxels (at 6 mm it made the demo pairs worse than no alignment)."""
+    settings = settings or ClassicalSettings(deformable="none")
+    matrices = {}
+    for case in cases:
+        if case.case_id == reference.case_id:
+            matrix = np.eye(4)
+        else:
+            matrix = affine_matrix(register_classical(reference.volume(), case.volume(),
+                                                      settings))
+        matrices[case.case_id] = matrix.tolist()
+    return matrices
+
+
+def pair_matrix(matrices: dict[str, list] | None, moving: str, fixed: str) -> np.ndarray:
+    """Fixed points -> moving points: A_moving o A_fixed^-1 (identity without matrices)."""
+    if not matrices:
+        return np.eye(4)
+    return np.asarray(matrices[moving]) @ np.linalg.inv(np.asarray(matrices[fixed]))
+
+
+def pair_arrays(moving: RegistrationCase, fixed: RegistrationCase, matrix: np.ndarray,
+                shape: Sequence[int]) -> dict[str, np.ndarray]:
+    """Both images and label maps of a pair on the fixed case's grid padded to SHAPE.
+
+    Image padding (and moving-image points outside its own grid) take each image's
+    minimum, the background of a normalised scan; labels take 0.
+    """
+    shape = tuple(int(n) for n in shape)
+    # fixed voxel index -> fixed physical point -> moving physical point -> moving index
+    voxel_map = np.linalg.inv(moving.geometry.affine_lps) @ matrix @ fixed.geometry.affine_lps
+    linear, offset = voxel_map[:3, :3], voxel_map[:3, 3]
+    moving_image = np.stack([
+        affine_transform(channel, linear, offset, output_shape=shape, order=1,
+                         cval=float(channel.min()))
+        for channel in moving.image
+    ]).astype(np.float32)
+    moving_labels = affine_transform(moving.labels, linear, offset, output_shape=shape,
+                                     order=0, cval=0)
+    return {
+        "moving": moving_image,
+        "fixed": _pad(fixed.image, shape, per_channel_min=True),
+        "moving_labels": moving_labels.astype(np.int64)[None],
+        "fixed_labels": _pad(fixed.labels[None].astype(np.int64), shape),
+    }
+
+
+def _pad(array: np.ndarray, shape: Sequence[int], per_channel_min: bool = False) -> np.ndarray:
+    if any(have > want for have, want in zip(array.shape[1:], shape, strict=True)):
+        raise DatasetError(f"case of shape {array.shape[1:]} does not fit the grid {shape}")
+    out = np.empty((array.shape[0], *shape), dtype=array.dtype)
+    for c, channel in enumerate(array):
+        out[c] = channel.min() if per_channel_min else 0
+        out[c][tuple(slice(0, n) for n in channel.shape)] = channel
+    return out
+
+
+def evaluation_pairs(val_ids: Sequence[str], atlas: str | None, limit: int) -> list[tuple]:
+    """Held-out (moving, fixed) pairs: every ordered pair of distinct validation cases, or
+    each validation case to the atlas; the first LIMIT in a fixed order."""
+    if atlas is not None:
+        pairs = [(case_id, atlas) for case_id in val_ids if case_id != atlas]
+    else:
+        pairs = list(itertools.permutations(val_ids, 2))
+    return pairs[:limit]
+
+
+class PairDataset(Dataset):
+    """`iterations x batch_size` random training pairs per epoch; each item is a pure
+    function of (seed, epoch, index), as the segmentation patches are (exact resume)."""
+
+    def __init__(self, cases: Sequence[RegistrationCase], matrices: dict[str, list] | None,
+                 shape: Sequence[int], batch_size: int, iterations: int, seed: int,
+                 atlas: RegistrationCase | None = None) -> None:
+        movers = [c for c in cases if atlas is None or c.case_id != atlas.case_id]
+        if len(movers) < (1 if atlas is not None else 2):
+            raise DatasetError("registration needs at least two training cases (or an atlas "
+                               "and one case)")
+        self.cases = movers
+        self.matrices = matrices
+        self.shape = tuple(shape)
+        self.batch_size = batch_size
+        self.iterations = iterations
+        self.seed = seed
+        self.atlas = atlas
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.iterations * self.batch_size
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        if self.atlas is not None:
+            moving, fixed = self.cases[rng.integers(len(self.cases))], self.atlas
+        else:
+            first, second = rng.choice(len(self.cases), size=2, replace=False)
+            moving, fixed = self.cases[first], self.cases[second]
+        matrix = pair_matrix(self.matrices, moving.case_id, fixed.case_id)
+        arrays = pair_arrays(moving, fixed, matrix, self.shape)
+        return {name: torch.from_numpy(array) for name, array in arrays.items()}

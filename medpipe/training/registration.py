@@ -1,0 +1,257 @@
+"""Registration on the shared engine: the task (pairs, loss, validation) and
+`train_registration`, which turns a config, a network name and a fold into a run folder.
+
+Loss, as VoxelMorph: similarity of the warped moving image to the fixed one (local
+normalised cross-correlation over 9^3 windows, or MSE) + lambda x diffusion of the field
+(mean squared spatial gradient), + optionally gamma x soft Dice of the moving one-hot labels
+warped by the same field (VoxelMorph's semi-supervised variant). All parts are MONAI's.
+For `voxelmorph_diff` the penalty applies to the integrated displacement MONAI returns,
+not to the velocity field VoxelMorph regularises; both penalise a rough warp.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss, DiffusionLoss, LocalNormalizedCrossCorrelationLoss
+from monai.networks.blocks import Warp
+from torch import nn
+from torch.utils.data import DataLoader
+
+from medpipe.config import PipelineConfig, RegistrationConfig, TrainingConfig
+from medpipe.errors import MedpipeError
+from medpipe.figures import plot_registration
+from medpipe.io import write_json
+from medpipe.metrics import deformation_metrics, dice_per_class
+from medpipe.models import NetworkShape, build_model, model_spec, parse_options
+from medpipe.registration.classical import ClassicalSettings
+from medpipe.registration.pairs import (
+    PairDataset,
+    RegistrationCase,
+    evaluation_pairs,
+    load_registration_cases,
+    padded_shape,
+    pair_arrays,
+    pair_matrix,
+    prealign,
+    resample_case,
+)
+from medpipe.training.engine import pick_device
+from medpipe.training.runs import fit_run, fold_case_ids, load_plans, prepare_run_dir
+
+PREALIGNMENT_FILE = "prealign.json"
+
+
+class RegistrationLoss(nn.Module):
+    def __init__(self, settings: RegistrationConfig, n_classes: int) -> None:
+        super().__init__()
+        self.n_classes = n_classes
+        self.similarity = (
+            LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=settings.lncc_window)
+            if settings.similarity == "lncc" else nn.MSELoss()
+        )
+        self.smoothness = DiffusionLoss()
+        self.regularisation = settings.regularisation
+        self.dice_weight = settings.dice_weight
+        self.dice = DiceLoss(include_background=False)
+        self.warp_labels = Warp(mode="bilinear", padding_mode="zeros")
+
+    def forward(self, warped: torch.Tensor, fixed: torch.Tensor, ddf: torch.Tensor,
+                moving_labels: torch.Tensor, fixed_labels: torch.Tensor) -> torch.Tensor:
+        # similarity in fp32: LNCC divides small variances, which bf16 cannot hold
+        loss = self.similarity(warped.float(), fixed.float())
+        loss = loss + self.regularisation * self.smoothness(ddf.float())
+        if self.dice_weight > 0:
+            moved = self.warp_labels(one_hot(moving_labels, self.n_classes), ddf.float())
+            loss = loss + self.dice_weight * self.dice(moved, one_hot(fixed_labels,
+                                                                      self.n_classes))
+        return loss
+
+
+def one_hot(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(B, 1, X, Y, Z) integer labels -> (B, K, X, Y, Z) float one-hot."""
+    return F.one_hot(labels[:, 0], n_classes).movedim(-1, 1).float()
+
+
+class RegistrationTask:
+    """Pairs in, similarity + smoothness (+ Dice) out; validation scores held-out pairs by
+    the Dice of nearest-neighbour-warped labels on the fixed grid."""
+
+    unit = "pairs"
+
+    def __init__(self, dataset: PairDataset, validation: Sequence[dict[str, Any]],
+                 loss: RegistrationLoss, num_workers: int = 0, pin_memory: bool = False) -> None:
+        self.dataset = dataset
+        self.validation = list(validation)  # {"moving_id", "fixed_id", "shape", arrays...}
+        self.loss_function = loss
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.warp_nearest = Warp(mode="nearest", padding_mode="zeros")
+        self.example: dict[str, Any] | None = None
+
+    def batches(self, epoch: int) -> DataLoader:
+        self.dataset.set_epoch(epoch)
+        return DataLoader(self.dataset, batch_size=self.dataset.batch_size, shuffle=False,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory)
+
+    def loss(self, model: nn.Module, batch: dict, device: torch.device):
+        moving, fixed = batch["moving"].to(device), batch["fixed"].to(device)
+        warped, ddf = model(moving, fixed)
+        loss = self.loss_function(warped, fixed, ddf, batch["moving_labels"].to(device),
+                                  batch["fixed_labels"].to(device))
+        return loss, len(moving)
+
+    def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        per_pair, folding = [], []
+        for index, pair in enumerate(self.validation):
+            moving = torch.from_numpy(pair["moving"])[None].to(device)
+            fixed = torch.from_numpy(pair["fixed"])[None].to(device)
+            warped, ddf = model(moving, fixed)
+            ddf = ddf.float()
+            labels = torch.from_numpy(pair["moving_labels"])[None].to(device).float()
+            moved = self.warp_nearest(labels, ddf)[0, 0].round().long().cpu()
+            region = tuple(slice(0, n) for n in pair["shape"])  # the fixed grid, unpadded
+            reference = torch.from_numpy(pair["fixed_labels"][0])
+            n_classes = self.loss_function.n_classes
+            per_pair.append(dice_per_class(moved[region], reference[region], n_classes))
+            field = ddf[0].cpu().numpy()[(slice(None), *region)]
+            folding.append(deformation_metrics(field)["folding_percent"])
+            if index == 0:
+                self.example = {
+                    "title": f"{pair['moving_id']} -> {pair['fixed_id']}",
+                    "fixed": pair["fixed"][0][region], "moving": pair["moving"][0][region],
+                    "warped": warped[0, 0].float().cpu().numpy()[region], "ddf": field,
+                }
+        dice = torch.nanmean(torch.stack(per_pair), dim=0).tolist()
+        metrics = {f"dice_{c}": d for c, d in enumerate(dice, start=1)}
+        metrics["folding_percent"] = float(np.mean(folding))
+        metrics["score"] = float(np.nanmean(dice)) if not all(map(math.isnan, dice)) else math.nan
+        return metrics
+
+    def write_figures(self, folder: Path) -> list[Path]:
+        if self.example is None:
+            return []
+        e = self.example
+        return [plot_registration(e["fixed"], e["moving"], e["warped"], e["ddf"],
+                                  folder / "validation_registration.png", title=e["title"])]
+
+
+# --------------------------------------------------------------------------- the entry point
+
+
+def describe_registration_run(config: PipelineConfig, model: str, fold: int,
+                              training: TrainingConfig) -> dict[str, Any]:
+    """Everything that defines the run; its hash guards resume against a changed config."""
+    plans, _ = load_plans(config)
+    options = parse_options(model, config.model_entry(model).options)
+    train_ids, val_ids = fold_case_ids(config, fold)
+    settings = config.registration
+    if settings.atlas is not None and settings.atlas not in train_ids + val_ids:
+        raise MedpipeError(f"atlas {settings.atlas!r} is not a training case of the dataset")
+    return {
+        "task": "registration",
+        "model": model,
+        "options": options.model_dump(mode="json"),
+        "in_channels": len(plans["channel_names"]),
+        "out_channels": 3,  # a displacement per spatial axis
+        "architecture": {},
+        "configuration": config.configuration,
+        "batch_size": training.batch_size or 1,  # VoxelMorph trains on one pair at a time
+        "labels": plans["labels"],
+        "channel_names": plans["channel_names"],
+        "dataset_name": plans.get("dataset_name", "dataset"),
+        "data_hash": plans.get("data_hash"),
+        "fold": fold,
+        "train_cases": train_ids,
+        "val_cases": val_ids,
+        "registration": settings.model_dump(
+            mode="json", include={"atlas", "prealign", "spacing", "similarity", "lncc_window",
+                                  "regularisation", "dice_weight", "val_pairs"}),
+        "classical": ClassicalSettings(**settings.classical).__dict__ | {"deformable": "none"},
+        "training": training.model_dump(mode="json"),
+    }
+
+
+def train_registration(
+    config: PipelineConfig,
+    model: str,
+    fold: int,
+    run_dir: Path | None = None,
+    restart: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Train a registration network on FOLD's training cases; resumes in the same folder."""
+    spec = model_spec(model, task="registration")
+    training = config.training_for(model, spec.optimizer_defaults)
+    description = describe_registration_run(config, model, fold, training)
+    run_dir = Path(run_dir or config.run_dir(model, fold))
+    preprocessed = load_registration_cases(
+        config.preprocessed_dir, description["train_cases"] + description["val_cases"])
+    cases = [resample_case(c, description["registration"]["spacing"]) for c in preprocessed]
+    shape = NetworkShape(description["in_channels"], 3, {})
+    options = parse_options(model, description["options"])
+    description["grid_shape"] = list(padded_shape([c.shape for c in cases],
+                                                  spec.patch_divisor(shape, options)))
+    description["reference_case"] = description["registration"]["atlas"] or \
+        description["train_cases"][0]
+    prepare_run_dir(config, run_dir, description, restart)
+    if restart:
+        (run_dir / PREALIGNMENT_FILE).unlink(missing_ok=True)
+    matrices = prealignment(run_dir, description, preprocessed)
+
+    device = pick_device(training.device)
+    torch.manual_seed(training.seed)
+    network = build_model(model, shape, description["options"])
+    by_id = {case.case_id: case for case in cases}
+    atlas_id = description["registration"]["atlas"]
+    dataset = PairDataset(
+        [by_id[i] for i in description["train_cases"]], matrices, description["grid_shape"],
+        description["batch_size"], training.iterations_per_epoch, training.seed,
+        atlas=by_id[atlas_id] if atlas_id else None,
+    )
+    pairs = evaluation_pairs(description["val_cases"], atlas_id,
+                             description["registration"]["val_pairs"])
+    validation = [
+        {"moving_id": m, "fixed_id": f, "shape": by_id[f].shape,
+         **pair_arrays(by_id[m], by_id[f], pair_matrix(matrices, m, f),
+                       description["grid_shape"])}
+        for m, f in pairs
+    ]
+    loss = RegistrationLoss(config.registration.model_copy(
+        update=description["registration"]), n_classes=len(description["labels"]))
+    task = RegistrationTask(dataset, validation, loss, num_workers=training.num_workers,
+                            pin_memory=device.type == "cuda")
+    return fit_run(config, run_dir, description, network, task, training, device, progress)
+
+
+def prealignment(run_dir: Path, description: dict,
+                 cases: Sequence[RegistrationCase]) -> dict[str, list] | None:
+    """The per-case affines to the reference case, computed once and kept in the run folder
+    (the evaluation reuses them); None when the run does not pre-align."""
+    if description["registration"]["prealign"] == "none":
+        return None
+    stored = read_prealignment(run_dir, description)
+    if stored is not None:
+        return stored
+    reference = next(c for c in cases if c.case_id == description["reference_case"])
+    settings = ClassicalSettings(**description["classical"])
+    matrices = prealign(cases, reference, settings)
+    write_json({"run_hash": description["run_hash"], "reference": reference.case_id,
+                "matrices": matrices}, run_dir / PREALIGNMENT_FILE)
+    return matrices
+
+
+def read_prealignment(run_dir: Path, description: dict) -> dict[str, list] | None:
+    """The stored affines when they belong to this run (same settings and data), else None."""
+    path = run_dir / PREALIGNMENT_FILE
+    if not path.is_file():
+        return None
+    stored = json.loads(path.read_text(encoding="utf-8"))
+    return stored["matrices"] if stored.get("run_hash") == description["run_hash"] else None

@@ -1,0 +1,132 @@
+"""Run folders, shared by every task: what a run is, how it resumes, and the one function
+that wires a task and a network into the engine with tracking and progress.
+
+A run folder (`results/runs/<model>/fold_<k>/`) holds everything needed to use the model
+later without the pipeline: `model.json` (how to build the net and prepare its input),
+`plans.json`, `config.json`, `checkpoints/{latest,best}.{pt,json}`, `figures/`, and
+`training.json`, written last, which marks the run complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from medpipe.config import PipelineConfig, TrainingConfig, optimizer_config
+from medpipe.data.splits import fold_cases, read_splits
+from medpipe.errors import MedpipeError
+from medpipe.io import write_json
+from medpipe.tracking import RUN_FILE, git_commit, open_tracker
+from medpipe.training.callbacks import ProgressPrinter, TrackingCallback
+from medpipe.training.engine import EngineSettings, Trainer, TrainingTask
+from medpipe.training.optim import build_optimizer, build_scheduler
+
+TRAINING_SUMMARY = "training.json"  # written last: the run is complete when it exists
+
+
+def load_plans(config: PipelineConfig) -> tuple[dict, dict]:
+    """(plans, the chosen configuration's block), with errors that say which step to run."""
+    if not config.plans_file.is_file():
+        raise MedpipeError("no plans: run `medpipe plan` (or the workflow) first",
+                           config.plans_file)
+    plans = json.loads(config.plans_file.read_text(encoding="utf-8"))
+    try:
+        return plans, plans["configurations"][config.configuration]
+    except KeyError:
+        raise MedpipeError(f"plans have no configuration {config.configuration!r}",
+                           config.plans_file) from None
+
+
+def fold_case_ids(config: PipelineConfig, fold: int) -> tuple[list[str], list[str]]:
+    if not config.splits_file.is_file():
+        raise MedpipeError("no splits: run `medpipe split` (or the workflow) first",
+                           config.splits_file)
+    splits = read_splits(config.splits_file)
+    if not 0 <= fold < len(splits):
+        raise MedpipeError(f"fold {fold} does not exist; splits have folds 0-{len(splits) - 1}",
+                           config.splits_file)
+    split = fold_cases(splits, fold)
+    return list(split["train"]), list(split["val"])
+
+
+def run_hash(description: dict[str, Any]) -> str:
+    """Hash of what defines the run; settings that do not change the result are left out."""
+    stable = {k: v for k, v in description.items() if k not in ("training", "run_hash")}
+    stable["training"] = {k: v for k, v in description["training"].items()
+                          if k not in ("num_workers", "device", "val_every")}
+    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def class_names(labels: dict[str, int]) -> dict[int, str]:
+    return {int(v): k for k, v in labels.items() if int(v) != 0}
+
+
+def prepare_run_dir(config: PipelineConfig, run_dir: Path, description: dict,
+                    restart: bool) -> None:
+    """Guard a resume against changed settings (or wipe the old run with RESTART), then
+    write the files that describe the run."""
+    description["run_hash"] = run_hash(description)
+    model_file = run_dir / "model.json"
+    if restart:  # a fresh run: new weights, and a new MLflow run rather than the old one
+        (run_dir / TRAINING_SUMMARY).unlink(missing_ok=True)
+        (run_dir / RUN_FILE).unlink(missing_ok=True)
+        for name in ("latest", "best"):
+            for suffix in (".pt", ".json"):
+                (run_dir / "checkpoints" / f"{name}{suffix}").unlink(missing_ok=True)
+    elif model_file.is_file():
+        previous = json.loads(model_file.read_text(encoding="utf-8"))
+        if previous.get("run_hash") != description["run_hash"]:
+            raise MedpipeError(
+                "this run folder holds a run with different settings; resume it with the "
+                "same config, or pass --restart to train from scratch", run_dir
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(description, model_file)
+    plans, _ = load_plans(config)
+    write_json(plans, run_dir / "plans.json")  # inference prepares scans with these
+    write_json(config.model_dump(mode="json"), run_dir / "config.json")
+
+
+def fit_run(
+    config: PipelineConfig,
+    run_dir: Path,
+    description: dict[str, Any],
+    network: nn.Module,
+    task: TrainingTask,
+    training: TrainingConfig,
+    device,
+    progress: bool = True,
+) -> Path:
+    """Train NETWORK on TASK in RUN_DIR (resuming from `latest`), tracked; write the summary."""
+    model, fold = description["model"], description["fold"]
+    optimizer = build_optimizer(network, optimizer_config(training))
+    scheduler = build_scheduler(
+        optimizer, optimizer_config(training), training.epochs * training.iterations_per_epoch
+    )
+    settings = EngineSettings(
+        epochs=training.epochs, iterations_per_epoch=training.iterations_per_epoch,
+        val_every=training.val_every, seed=training.seed, amp=training.amp,
+        grad_clip=training.grad_clip, device=device,
+    )
+    tracker = open_tracker(
+        config.tracking, description["dataset_name"], f"{model}_fold_{fold}", run_dir,
+        tags={"model": model, "fold": str(fold), "task": description["task"]},
+    )
+    callbacks = [TrackingCallback(tracker, run_dir, config, description, git_commit(),
+                                  class_names=class_names(description["labels"]))]
+    if progress:
+        callbacks.append(ProgressPrinter(f"{model} fold {fold}"))
+    trainer = Trainer(network, task, optimizer, scheduler, settings, run_dir / "checkpoints",
+                      metadata={"model": description}, callbacks=callbacks)
+    trainer.resume()
+    try:
+        trainer.fit()
+    except BaseException:
+        tracker.finish("KILLED")
+        raise
+    write_json(trainer.summary(), run_dir / TRAINING_SUMMARY)
+    return run_dir
