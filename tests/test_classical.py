@@ -67,7 +67,7 @@ def test_displacement_field_is_itks_convention(pair):
 
 def test_the_baseline_improves_overlap_over_no_registration(pair):
     # (the slower B-spline stage is checked at the demo's 3 mm by hand: see classical.py)
-    fixed, moving, fixed_labels, moving_labels, transform = pair
+    fixed, _, fixed_labels, moving_labels, transform = pair
     classes = {"CSF": 1, "GM": 2, "WM": 3}
 
     def mean_dice(field):

@@ -34,6 +34,7 @@ from medpipe.registration.classical import (
     register_classical,
 )
 from medpipe.registration.fields import (
+    affine_matrix,
     compose_field,
     field_to_ddf,
     identity_field,
@@ -44,11 +45,9 @@ from medpipe.registration.pairs import (
     evaluation_pairs,
     load_registration_cases,
     pair_arrays,
-    pair_matrix,
     resample_case,
 )
 from medpipe.training.engine import autocast_dtype, pick_device
-from medpipe.training.registration import PREALIGNMENT_FILE, read_prealignment
 from medpipe.training.runs import fold_case_ids, load_plans
 
 BASELINES = ("identity", "classical")
@@ -75,22 +74,20 @@ def evaluate_registration(
     settings = config.registration
     torch_device = pick_device(device)
     if method in BASELINES:
-        spacing, register = None, _baseline(method, ClassicalSettings(**settings.classical))
+        register = _baseline(method, ClassicalSettings(**settings.classical))
         atlas, description = settings.atlas, None
     else:
         network, description = load_trained(run_dir, checkpoint, torch_device)
         if description.get("task") != "registration" or description["fold"] != fold:
             raise MedpipeError(f"run folder does not hold a registration network for fold "
                                f"{fold}", run_dir)
-        spacing = description["registration"]["spacing"]
         atlas = description["registration"]["atlas"]
-        register = _network(network, description, run_dir, torch_device)
+        register = _network(network, description, torch_device)
     pairs = evaluation_pairs(val_ids, atlas, settings.eval_pairs)
     if not pairs:
         raise MedpipeError(f"fold {fold} has no held-out pairs to evaluate", config.splits_file)
     ids = sorted({case_id for pair in pairs for case_id in pair})
-    cases = {c.case_id: resample_case(c, spacing)
-             for c in load_registration_cases(config.preprocessed_dir, ids)}
+    cases = {c.case_id: c for c in load_registration_cases(config.preprocessed_dir, ids)}
     dataset = load_dataset(config.dataset)
     classes = {name: int(v) for name, v in plans["labels"].items() if int(v) != 0}
     rows, per_pair = [], []
@@ -142,18 +139,20 @@ def _baseline(method: str, settings: ClassicalSettings) -> Method:
     return classical
 
 
-def _network(network: torch.nn.Module, description: dict, run_dir: Path,
-             device: torch.device) -> Method:
-    matrices = None
-    if description["registration"]["prealign"] == "affine":
-        matrices = read_prealignment(run_dir, description)  # training aligned the val cases
-        if matrices is None:
-            raise MedpipeError(f"{PREALIGNMENT_FILE} is missing or belongs to another run",
-                               run_dir)
+def _network(network: torch.nn.Module, description: dict, device: torch.device) -> Method:
+    """Pre-align the pair directly (one SimpleITK affine, as a user would for a new pair;
+    training composed per-case affines instead, which is cheaper for many pairs and a
+    little rougher), then predict the field on the network's grid and compose both."""
     dtype = autocast_dtype(device, True)
+    settings = description["registration"]
+    classical = ClassicalSettings(**description["classical"])
 
     def register(moving: RegistrationCase, fixed: RegistrationCase, target: Volume):
-        matrix = pair_matrix(matrices, moving.case_id, fixed.case_id)
+        matrix = np.eye(4)
+        if settings["prealign"] == "affine":
+            matrix = affine_matrix(register_classical(fixed.volume(), moving.volume(),
+                                                      classical))
+        moving, fixed = (resample_case(c, settings["spacing"]) for c in (moving, fixed))
         arrays = pair_arrays(moving, fixed, matrix, description["grid_shape"])
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             _, ddf = network(torch.from_numpy(arrays["moving"])[None].to(device),

@@ -27,7 +27,10 @@ from medpipe.io import Volume, to_sitk
 class ClassicalSettings:
     deformable: Literal["demons", "bspline", "none"] = "demons"
     histogram_bins: int = 32
-    sampling_fraction: float = 0.2  # of the fixed voxels, random (seeded) per iteration
+    # 1.0: every fixed voxel, deterministic. Below 1, random sampling, which SimpleITK does
+    # not reproduce from its seed (the demo's pre-alignment moved by up to 10 mm between
+    # two identical runs), so it is only for the slower B-spline stage when speed matters
+    sampling_fraction: float = 1.0
     affine_iterations: int = 200
     bspline_iterations: int = 100
     demons_iterations: int = 50
@@ -38,14 +41,19 @@ class ClassicalSettings:
     seed: int = 0
 
 
-def _method(settings: ClassicalSettings, iterations: int) -> sitk.ImageRegistrationMethod:
+def _method(settings: ClassicalSettings, iterations: int,
+            size: tuple[int, ...]) -> sitk.ImageRegistrationMethod:
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=settings.histogram_bins)
-    method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(settings.sampling_fraction, settings.seed)
+    if settings.sampling_fraction < 1.0:
+        method.SetMetricSamplingStrategy(method.RANDOM)
+        method.SetMetricSamplingPercentage(settings.sampling_fraction, settings.seed)
+    else:
+        method.SetMetricSamplingStrategy(method.NONE)
     method.SetInterpolator(sitk.sitkLinear)
-    method.SetShrinkFactorsPerLevel(list(settings.shrink_factors))
-    method.SetSmoothingSigmasPerLevel(list(settings.smoothing_sigmas))
+    shrink, sigmas = pyramid(size, settings.shrink_factors, settings.smoothing_sigmas)
+    method.SetShrinkFactorsPerLevel(shrink)
+    method.SetSmoothingSigmasPerLevel(sigmas)
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     method.SetOptimizerAsGradientDescent(
         learningRate=1.0, numberOfIterations=iterations, convergenceMinimumValue=1e-6,
@@ -53,6 +61,15 @@ def _method(settings: ClassicalSettings, iterations: int) -> sitk.ImageRegistrat
     )
     method.SetOptimizerScalesFromPhysicalShift()
     return method
+
+
+def pyramid(size: tuple[int, ...], shrink: tuple[int, ...], sigmas: tuple[float, ...],
+            smallest: int = 16) -> tuple[list[int], list[float]]:
+    """The resolution levels whose shrunken image keeps SMALLEST voxels along every axis
+    (the finest level always stays): a 33-voxel-wide image is not registered at 8 voxels."""
+    levels = [(f, s) for f, s in zip(shrink, sigmas, strict=True)
+              if f == 1 or min(size) // f >= smallest]
+    return [f for f, _ in levels], [s for _, s in levels]
 
 
 def register_classical(
@@ -65,7 +82,7 @@ def register_classical(
         fixed_image, moving_image, sitk.AffineTransform(3),
         sitk.CenteredTransformInitializerFilter.GEOMETRY,
     )
-    affine = _method(settings, settings.affine_iterations)
+    affine = _method(settings, settings.affine_iterations, fixed_image.GetSize())
     affine.SetInitialTransform(initial, inPlace=False)
     affine_transform = affine.Execute(fixed_image, moving_image)
     if settings.deformable == "none":
@@ -76,7 +93,7 @@ def register_classical(
     physical = np.asarray(fixed_image.GetSize()) * np.asarray(fixed_image.GetSpacing())
     mesh = [max(1, round(extent / settings.bspline_mesh_mm)) for extent in physical]
     bspline = sitk.BSplineTransformInitializer(fixed_image, mesh, order=3)
-    deformable = _method(settings, settings.bspline_iterations)
+    deformable = _method(settings, settings.bspline_iterations, fixed_image.GetSize())
     deformable.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5,
                                     numberOfIterations=settings.bspline_iterations)
     deformable.SetMovingInitialTransform(affine_transform)

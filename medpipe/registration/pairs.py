@@ -8,9 +8,12 @@ axis to the run's common shape (a multiple of the network's divisor), so index 0
 the fixed grid's origin and a predicted field restricted to the unpadded part lies exactly
 on that grid.
 
-Pre-alignment, VoxelMorph-style: every case is affinely registered once to a reference case
-(SimpleITK, centred initialiser + affine, Mattes MI); a pair (moving m, fixed f) then uses
-A_m o A_f^-1 (fixed -> reference -> moving), so n cases cost n affine registrations, not n^2.
+Pre-alignment for training, VoxelMorph-style: every case is affinely registered once to a
+reference case (SimpleITK, centred initialiser + affine, Mattes MI); a pair (moving m,
+fixed f) then uses A_m o A_f^-1 (fixed -> reference -> moving), so n cases cost n affine
+registrations, not n^2. The composition carries two registrations' errors (on the 3 mm demo
+mean Dice 0.53 vs 0.63 for a direct pairwise affine), so evaluation and inference align
+each pair directly; the network learns to correct the rougher training alignment.
 """
 
 from __future__ import annotations

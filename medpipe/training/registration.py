@@ -218,6 +218,11 @@ def train_registration(
     )
     pairs = evaluation_pairs(description["val_cases"], atlas_id,
                              description["registration"]["val_pairs"])
+    if not pairs:
+        raise MedpipeError(
+            f"fold {fold} has fewer than two validation cases, so no held-out pair to "
+            "validate on; register to an atlas (--atlas CASE_ID) or use fewer folds",
+            config.splits_file)
     validation = [
         {"moving_id": m, "fixed_id": f, "shape": by_id[f].shape,
          **pair_arrays(by_id[m], by_id[f], pair_matrix(matrices, m, f),

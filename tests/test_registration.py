@@ -1,0 +1,211 @@
+"""Registration networks on the shared engine: recovery of a known warp, exact resume, the
+evaluation of every method through the ITK field, and the commands."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from test_fields import smooth_ddf
+
+from medpipe.config import RegistrationConfig, load_config
+from medpipe.errors import MedpipeError
+from medpipe.evaluation.registration import evaluate_registration
+from medpipe.io import Geometry
+from medpipe.metrics import deformation_metrics, jacobian_determinant
+from medpipe.models import NetworkShape, build_model
+from medpipe.registration.fields import ddf_to_field
+from medpipe.registration.pairs import PairDataset, RegistrationCase, pair_arrays
+from medpipe.training.engine import EngineSettings, Trainer
+from medpipe.training.optim import build_optimizer, build_scheduler
+from medpipe.training.registration import RegistrationLoss, RegistrationTask, train_registration
+
+ATLAS = "brain_001"  # a training case of fold 0 in the tiny pipeline (the validation case
+# of fold 0, brain_000 or the like, is registered to it)
+TINY_VXM = ["models.voxelmorph.options.channels=[8,16,16,16]",
+            "models.voxelmorph.options.final_conv_channels=[8]",
+            "models.voxelmorph_diff.options.channels=[8,16,16,16]",
+            "models.voxelmorph_diff.options.final_conv_channels=[8]",
+            f"registration.atlas={ATLAS}", "training.batch_size=1"]
+
+
+def textured_image(shape, seed=0) -> np.ndarray:
+    """Smoothed noise inside a ball: texture everywhere a field must be recovered."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    texture = gaussian_filter(rng.standard_normal(shape), 2.0)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    ball = (np.sum(grid**2, axis=0) < 0.8).astype(float)
+    return ((texture / texture.std()) * ball + 2.0 * ball).astype(np.float32)
+
+
+def test_network_recovers_a_known_warp_and_its_jacobian_matches_itk(tmp_path):
+    """fixed(x) = moving(x + u(x)) for a known smooth u: training on that pair must bring
+    the predicted field close to u (the error is stated in the assertion message)."""
+    shape = (32, 32, 32)
+    geometry = Geometry(spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0))
+    truth = smooth_ddf(shape, amplitude=2.0)
+    moving_image = textured_image(shape)
+    from monai.networks.blocks import Warp
+
+    fixed_image = Warp("bilinear", "border")(torch.from_numpy(moving_image)[None, None],
+                                             torch.from_numpy(truth)[None])[0].numpy()
+    labels = np.zeros(shape, np.int64)
+    moving = RegistrationCase("moving", moving_image[None], labels, geometry)
+    fixed = RegistrationCase("fixed", fixed_image, labels, geometry)
+    dataset = PairDataset([moving, fixed], None, shape, batch_size=1, iterations=50, seed=0,
+                          atlas=fixed)
+    pair = {"moving_id": "moving", "fixed_id": "fixed", "shape": shape,
+            **pair_arrays(moving, fixed, np.eye(4), shape)}
+    settings = RegistrationConfig(similarity="mse", regularisation=0.05)
+    task = RegistrationTask(dataset, [pair], RegistrationLoss(settings, n_classes=2))
+    torch.manual_seed(0)
+    net = build_model("voxelmorph", NetworkShape(1, 3, {}),
+                      {"channels": [16, 32, 32, 32], "final_conv_channels": [16]})
+    optimizer_settings = {"name": "adamw", "lr": 3e-3, "schedule": "constant"}
+    from medpipe.config import OptimizerConfig
+
+    optimizer = build_optimizer(net, OptimizerConfig(**optimizer_settings))
+    scheduler = build_scheduler(optimizer, OptimizerConfig(**optimizer_settings), 300)
+    Trainer(net, task, optimizer, scheduler,
+            EngineSettings(epochs=6, iterations_per_epoch=50, val_every=6),
+            tmp_path / "checkpoints").fit()
+
+    net.eval()
+    with torch.no_grad():
+        _, ddf = net(torch.from_numpy(pair["moving"])[None], torch.from_numpy(pair["fixed"])[None])
+    ddf = ddf[0].numpy()
+    inside = np.sum(np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape],
+                                         indexing="ij")) ** 2, axis=0) < 0.5
+    error = np.linalg.norm(ddf - truth, axis=0)[inside].mean()
+    magnitude = np.linalg.norm(truth, axis=0)[inside].mean()
+    assert error < 0.4 * magnitude, f"end-point error {error:.3f} vs |u| {magnitude:.3f} voxels"
+
+    # our Jacobian (and so folding and SDlogJ) against ITK's own, of the exported field
+    det = jacobian_determinant(ddf)
+    itk = sitk.GetArrayFromImage(
+        sitk.DisplacementFieldJacobianDeterminant(ddf_to_field(ddf, geometry))
+    ).transpose(2, 1, 0)
+    inner = (slice(1, -1),) * 3  # ITK and numpy treat the border differently
+    np.testing.assert_allclose(det[inner], itk[inner], atol=1e-4)
+    metrics = deformation_metrics(ddf)
+    assert metrics["sdlogj"] == pytest.approx(float(np.std(np.log(np.clip(det, 1e-9, 1e9)))))
+    assert metrics["folding_percent"] == pytest.approx(100 * np.mean(det <= 0))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_pipeline, tmp_path_factory):
+    """voxelmorph_diff trained for 2 x 3 pairs on the tiny brains, to the atlas."""
+    run_dir = tmp_path_factory.mktemp("reg") / "voxelmorph_diff"
+    config = load_config(tiny_pipeline / "config.yaml",
+                         [*TINY_VXM, "training.epochs=2", "training.iterations_per_epoch=3"])
+    train_registration(config, "voxelmorph_diff", 0, run_dir, progress=False)
+    return config, run_dir
+
+
+def test_training_writes_a_complete_run_folder(trained):
+    _, run_dir = trained
+    description = json.loads((run_dir / "model.json").read_text())
+    assert description["task"] == "registration"
+    assert description["reference_case"] == ATLAS
+    assert all(n % 4 == 0 for n in description["grid_shape"])  # 4 levels: divisor 2^2
+    prealign = json.loads((run_dir / "prealign.json").read_text())
+    assert np.allclose(prealign["matrices"][ATLAS], np.eye(4))
+    assert set(prealign["matrices"]) == set(description["train_cases"] + description["val_cases"])
+    summary = json.loads((run_dir / "training.json").read_text())
+    assert summary["epochs"] == 2 and summary["parameters"] > 0
+    history = json.loads((run_dir / "checkpoints" / "latest.json").read_text())["history"]
+    assert "val_dice_1" in history[-1] and "val_folding_percent" in history[-1]
+    assert (run_dir / "figures" / "validation_registration.png").stat().st_size > 0
+    assert (run_dir / "figures" / "learning_curve.png").is_file()
+
+
+def test_resumed_training_is_identical(tiny_pipeline, tmp_path, monkeypatch):
+    config = load_config(tiny_pipeline / "config.yaml",
+                         [*TINY_VXM, "tracking.enabled=false", "training.epochs=2",
+                          "training.iterations_per_epoch=2"])
+    straight = train_registration(config, "voxelmorph", 0, tmp_path / "straight",
+                                  progress=False)
+
+    class Crash(Exception):
+        pass
+
+    save = Trainer._save
+
+    def save_then_crash(self, improved):  # dies right after epoch 1 is checkpointed
+        save(self, improved)
+        if self.epoch == 1:
+            raise Crash
+
+    monkeypatch.setattr(Trainer, "_save", save_then_crash)
+    with pytest.raises(Crash):
+        train_registration(config, "voxelmorph", 0, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(Trainer, "_save", save)
+    train_registration(config, "voxelmorph", 0, tmp_path / "resumed", progress=False)
+    a = torch.load(straight / "checkpoints" / "latest.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "latest.pt", weights_only=True)
+    for key in a:
+        assert torch.equal(a[key], b["model"][key]), key
+
+
+@pytest.mark.parametrize("method", ["identity", "classical", "voxelmorph_diff"])
+def test_every_method_is_scored_on_the_fixed_raw_grid(trained, tiny_pipeline, method,
+                                                      tmp_path):
+    _, network_dir = trained
+    config = load_config(tiny_pipeline / "config.yaml",
+                         [*TINY_VXM, "registration.classical.demons_iterations=10"])
+    run_dir = network_dir if method == "voxelmorph_diff" else tmp_path / method
+    summary = evaluate_registration(config, method, 0, run_dir, device="cpu")
+    assert summary["pairs"] == 1 and summary["method"] == method
+    rows = list(csv.DictReader((run_dir / "evaluation" / "pairs.csv").open()))
+    assert [r["class"] for r in rows] == ["CSF", "grey_matter", "white_matter"]
+    assert all(r["fixed"] == ATLAS for r in rows)
+    dice = [float(r["dice"]) for r in rows]
+    assert all(0 <= d <= 1 for d in dice)
+    assert summary["mean_dice"]["mean"] == pytest.approx(np.mean(dice))
+    if method == "identity":
+        assert summary["folding_percent"]["mean"] == 0 and summary["sdlogj"]["mean"] == 0
+    else:
+        assert summary["folding_percent"]["mean"] < 1.0
+    figures = list((run_dir / "evaluation").glob(f"{method}_*.png"))
+    assert len(figures) == 1
+
+
+def test_classical_beats_identity_on_the_same_pairs(trained, tmp_path):
+    config, _ = trained
+    identity = evaluate_registration(config, "identity", 0, tmp_path / "identity")
+    classical = evaluate_registration(config, "classical", 0, tmp_path / "classical")
+    assert classical["mean_dice"]["mean"] > identity["mean_dice"]["mean"] + 0.05
+
+
+def test_subject_to_subject_needs_two_validation_cases(tiny_pipeline, tmp_path):
+    # fold 0 of the tiny pipeline holds one validation case: no held-out pair exists
+    config = load_config(tiny_pipeline / "config.yaml",
+                         [*TINY_VXM, "registration.atlas=null", "tracking.enabled=false"])
+    with pytest.raises(MedpipeError, match="atlas"):
+        train_registration(config, "voxelmorph", 0, tmp_path / "run", progress=False)
+
+
+def test_cli_train_and_evaluate(trained, tiny_pipeline, tmp_path):
+    _, network_dir = trained
+    base = [sys.executable, "-m", "medpipe.cli"]
+    config = str(tiny_pipeline / "config.yaml")
+    sets = [f"--set={s}" for s in [*TINY_VXM, "tracking.enabled=false"]]
+    result = subprocess.run(
+        [*base, "evaluate-reg", "--config", config, "--model", "voxelmorph_diff",
+         "--run-dir", str(network_dir), *sets], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "mean Dice" in result.stdout and "s/pair" in result.stdout
+    wrong = subprocess.run(
+        [*base, "train-reg", "--config", config, "--model", "unet", "--run-dir",
+         str(tmp_path / "x"), *sets], capture_output=True, text=True, timeout=300)
+    assert wrong.returncode != 0
+    assert "unet" in wrong.stderr and "registration" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
