@@ -209,6 +209,30 @@ def to_sitk(volume: Volume) -> sitk.Image:
     return image
 
 
+# --------------------------------------------------------------------------- orientation
+
+
+def orientation(geometry: Geometry) -> str:
+    """Axis codes of the index axes in RAS+ terms, as nibabel names them ("RAS", "LPS",
+    "PIR", ...): which anatomical direction each array axis increases towards."""
+    return "".join(nib.orientations.aff2axcodes(geometry.affine))
+
+
+def reorient(volume: Volume, codes: str) -> Volume:
+    """The same voxels with array axes permuted and flipped so that they run along CODES.
+
+    Exact (no interpolation): every voxel keeps its physical position, so reorienting back
+    with the original codes returns the original array and grid. A network trained on one
+    orientation sees that orientation whatever the file's.
+    """
+    start = nib.orientations.io_orientation(volume.geometry.affine)
+    end = nib.orientations.axcodes2ornt(tuple(codes))
+    transform = nib.orientations.ornt_transform(start, end)
+    array = nib.orientations.apply_orientation(volume.array, transform)
+    affine = volume.geometry.affine @ nib.orientations.inv_ornt_aff(transform, volume.shape[:3])
+    return Volume(np.ascontiguousarray(array), Geometry.from_affine(affine))
+
+
 # --------------------------------------------------------------------------- reading
 
 

@@ -244,11 +244,23 @@ def restore_probabilities(probabilities: np.ndarray, properties: dict) -> Volume
     axis by nearest neighbour) and the argmax taken on the raw grid, which keeps thin
     structures that resampling a hard label map would lose.
     """
+    maps = restore_probability_maps(probabilities, properties)
+    label = np.argmax(maps.array, axis=-1)
+    return maps.with_array(label.astype(np.uint8 if len(probabilities) < 256 else np.int16))
+
+
+def restore_probability_maps(probabilities: np.ndarray, properties: dict) -> Volume:
+    """Class probabilities on the raw grid, as a vector volume (X, Y, Z, K); outside the
+    crop box the scan was empty, so background has probability 1 there."""
     shape_cropped = properties["shape_after_cropping_and_before_resampling"]
     axis = properties["separate_axis"]
-    resampled = [_resize(p.astype(np.float32), shape_cropped, 1, axis) for p in probabilities]
-    label = np.argmax(np.stack(resampled), axis=0)
-    return _uncrop(label.astype(np.uint8 if len(probabilities) < 256 else np.int16), properties)
+    resampled = np.stack([_resize(p.astype(np.float32), shape_cropped, 1, axis)
+                          for p in probabilities], axis=-1)
+    full = np.zeros((*properties["shape_before_cropping"], len(probabilities)), np.float32)
+    full[..., 0] = 1.0
+    slicer = tuple(slice(lo, hi) for lo, hi in properties["bbox_used_for_cropping"])
+    full[slicer] = resampled
+    return Volume(full, Geometry.from_json(properties["geometry"]))
 
 
 def preprocessed_geometry(properties: dict) -> Geometry:

@@ -86,6 +86,7 @@ def test_network_recovers_a_known_warp_and_its_jacobian_matches_itk(tmp_path):
                                          indexing="ij")) ** 2, axis=0) < 0.5
     error = np.linalg.norm(ddf - truth, axis=0)[inside].mean()
     magnitude = np.linalg.norm(truth, axis=0)[inside].mean()
+    print(f"recovered warp: end-point error {error:.3f} voxels, |u| {magnitude:.3f} voxels")
     assert error < 0.4 * magnitude, f"end-point error {error:.3f} vs |u| {magnitude:.3f} voxels"
 
     # our Jacobian (and so folding and SDlogJ) against ITK's own, of the exported field
@@ -128,9 +129,12 @@ def test_training_writes_a_complete_run_folder(trained):
 
 
 def test_resumed_training_is_identical(tiny_pipeline, tmp_path, monkeypatch):
+    # no pre-alignment: two separate runs' SimpleITK affines agree only to ~1e-7 mm (ITK's
+    # threaded sums), while a resumed run reuses its stored prealign.json, so only the
+    # engine's resume is compared here
     config = load_config(tiny_pipeline / "config.yaml",
                          [*TINY_VXM, "tracking.enabled=false", "training.epochs=2",
-                          "training.iterations_per_epoch=2"])
+                          "training.iterations_per_epoch=2", "registration.prealign=none"])
     straight = train_registration(config, "voxelmorph", 0, tmp_path / "straight",
                                   progress=False)
 

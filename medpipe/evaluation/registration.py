@@ -19,13 +19,13 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 from medpipe.config import PipelineConfig
 from medpipe.data.layout import load_dataset
 from medpipe.errors import MedpipeError
 from medpipe.figures import plot_registration
 from medpipe.inference.model_io import load_trained
+from medpipe.inference.registration import NetworkRegistration
 from medpipe.io import Volume, atomic_output, read_image, write_json
 from medpipe.metrics import deformation_metrics, segmentation_metrics, summarise
 from medpipe.registration.classical import (
@@ -33,21 +33,13 @@ from medpipe.registration.classical import (
     displacement_field,
     register_classical,
 )
-from medpipe.registration.fields import (
-    affine_matrix,
-    compose_field,
-    field_to_ddf,
-    identity_field,
-    warp_with_field,
-)
+from medpipe.registration.fields import field_to_ddf, identity_field, warp_with_field
 from medpipe.registration.pairs import (
     RegistrationCase,
     evaluation_pairs,
     load_registration_cases,
-    pair_arrays,
-    resample_case,
 )
-from medpipe.training.engine import autocast_dtype, pick_device
+from medpipe.training.engine import pick_device
 from medpipe.training.runs import fold_case_ids, load_plans
 
 BASELINES = ("identity", "classical")
@@ -82,7 +74,10 @@ def evaluate_registration(
             raise MedpipeError(f"run folder does not hold a registration network for fold "
                                f"{fold}", run_dir)
         atlas = description["registration"]["atlas"]
-        register = _network(network, description, torch_device)
+        network_method = NetworkRegistration(network, description, torch_device)
+
+        def register(moving, fixed, target):
+            return network_method(moving, fixed, target.geometry, target.shape)
     pairs = evaluation_pairs(val_ids, atlas, settings.eval_pairs)
     if not pairs:
         raise MedpipeError(f"fold {fold} has no held-out pairs to evaluate", config.splits_file)
@@ -137,30 +132,6 @@ def _baseline(method: str, settings: ClassicalSettings) -> Method:
         return displacement_field(transform, target)
 
     return classical
-
-
-def _network(network: torch.nn.Module, description: dict, device: torch.device) -> Method:
-    """Pre-align the pair directly (one SimpleITK affine, as a user would for a new pair;
-    training composed per-case affines instead, which is cheaper for many pairs and a
-    little rougher), then predict the field on the network's grid and compose both."""
-    dtype = autocast_dtype(device, True)
-    settings = description["registration"]
-    classical = ClassicalSettings(**description["classical"])
-
-    def register(moving: RegistrationCase, fixed: RegistrationCase, target: Volume):
-        matrix = np.eye(4)
-        if settings["prealign"] == "affine":
-            matrix = affine_matrix(register_classical(fixed.volume(), moving.volume(),
-                                                      classical))
-        moving, fixed = (resample_case(c, settings["spacing"]) for c in (moving, fixed))
-        arrays = pair_arrays(moving, fixed, matrix, description["grid_shape"])
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            _, ddf = network(torch.from_numpy(arrays["moving"])[None].to(device),
-                             torch.from_numpy(arrays["fixed"])[None].to(device))
-        ddf = ddf[0].float().cpu().numpy()
-        return compose_field(target.geometry, target.shape, ddf, fixed.geometry, matrix)
-
-    return register
 
 
 def _on_grid(moving: Volume, fixed: Volume) -> np.ndarray:

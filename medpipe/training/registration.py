@@ -44,7 +44,13 @@ from medpipe.registration.pairs import (
     resample_case,
 )
 from medpipe.training.engine import pick_device
-from medpipe.training.runs import fit_run, fold_case_ids, load_plans, prepare_run_dir
+from medpipe.training.runs import (
+    fit_run,
+    fold_case_ids,
+    load_plans,
+    prepare_run_dir,
+    training_orientation,
+)
 
 PREALIGNMENT_FILE = "prealign.json"
 
@@ -169,6 +175,7 @@ def describe_registration_run(config: PipelineConfig, model: str, fold: int,
         "dataset_name": plans.get("dataset_name", "dataset"),
         "data_hash": plans.get("data_hash"),
         "fold": fold,
+        "orientation": training_orientation(config, train_ids),
         "train_cases": train_ids,
         "val_cases": val_ids,
         "registration": settings.model_dump(

@@ -19,7 +19,7 @@ from torch import nn
 from medpipe.config import PipelineConfig, TrainingConfig, optimizer_config
 from medpipe.data.splits import fold_cases, read_splits
 from medpipe.errors import MedpipeError
-from medpipe.io import write_json
+from medpipe.io import Geometry, orientation, write_json
 from medpipe.tracking import RUN_FILE, git_commit, open_tracker
 from medpipe.training.callbacks import ProgressPrinter, TrackingCallback
 from medpipe.training.engine import EngineSettings, Trainer, TrainingTask
@@ -51,6 +51,18 @@ def fold_case_ids(config: PipelineConfig, fold: int) -> tuple[list[str], list[st
                            config.splits_file)
     split = fold_cases(splits, fold)
     return list(split["train"]), list(split["val"])
+
+
+def training_orientation(config: PipelineConfig, case_ids: list[str]) -> str | None:
+    """The orientation (axis codes, e.g. "LPS") shared by the training scans, which
+    inference turns every new scan into; None when they differ (nothing is reoriented)."""
+    codes = set()
+    for case_id in case_ids:
+        properties = config.preprocessed_dir / f"{case_id}.json"
+        if properties.is_file():
+            geometry = json.loads(properties.read_text(encoding="utf-8"))["geometry"]
+            codes.add(orientation(Geometry.from_json(geometry)))
+    return codes.pop() if len(codes) == 1 else None
 
 
 def run_hash(description: dict[str, Any]) -> str:

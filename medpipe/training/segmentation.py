@@ -23,7 +23,13 @@ from medpipe.models import NetworkShape, build_model, fit_patch_size, model_spec
 from medpipe.training.augment import Augmenter
 from medpipe.training.engine import pick_device
 from medpipe.training.patches import CachedCase, PatchDataset, load_cases
-from medpipe.training.runs import fit_run, fold_case_ids, load_plans, prepare_run_dir
+from medpipe.training.runs import (
+    fit_run,
+    fold_case_ids,
+    load_plans,
+    prepare_run_dir,
+    training_orientation,
+)
 
 
 class SegmentationTask:
@@ -150,6 +156,7 @@ def describe_run(
         "dataset_name": plans.get("dataset_name", "dataset"),
         "data_hash": plans.get("data_hash"),
         "fold": fold,
+        "orientation": training_orientation(config, train_ids),
         "train_cases": train_ids,
         "val_cases": val_ids,
         "training": training.model_dump(mode="json"),

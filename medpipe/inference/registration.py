@@ -1,0 +1,57 @@
+"""A trained registration network applied to one pair: the field on the fixed scan's grid.
+
+Shared by `evaluate-reg` and the public API, so what is scored is what users run: pre-align
+the pair directly (one SimpleITK affine, as for any new pair; training composed per-case
+affines instead, cheaper for many pairs and a little rougher), resample to the network's
+grid, predict, and compose both into an ITK displacement field (`registration.fields`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from medpipe.io import Geometry
+from medpipe.registration.classical import ClassicalSettings, register_classical
+from medpipe.registration.fields import affine_matrix, compose_field
+from medpipe.registration.pairs import RegistrationCase, pair_arrays, resample_case
+from medpipe.training.engine import autocast_dtype
+
+
+class NetworkRegistration:
+    """`(moving, fixed, target grid) -> ITK field` for one trained network."""
+
+    def __init__(self, network: torch.nn.Module, description: dict,
+                 device: torch.device) -> None:
+        self.network = network.to(device).eval()
+        self.description = description
+        self.device = device
+        self.settings = description["registration"]
+        self.classical = ClassicalSettings(**description["classical"])
+        self.dtype = autocast_dtype(device, True)
+
+    def prealign(self, moving: RegistrationCase, fixed: RegistrationCase) -> np.ndarray:
+        """4x4 LPS matrix taking fixed points into the moving scan (identity without)."""
+        if self.settings["prealign"] != "affine":
+            return np.eye(4)
+        return affine_matrix(register_classical(fixed.volume(), moving.volume(),
+                                                self.classical))
+
+    def ddf(self, moving: RegistrationCase, fixed: RegistrationCase,
+            matrix: np.ndarray) -> tuple[np.ndarray, Geometry]:
+        """The network's voxel field on its (padded) fixed grid, and that grid."""
+        moving, fixed = (resample_case(c, self.settings["spacing"]) for c in (moving, fixed))
+        arrays = pair_arrays(moving, fixed, matrix, self.description["grid_shape"])
+        autocast = torch.autocast(self.device.type, dtype=self.dtype,
+                                  enabled=self.dtype is not None)
+        with torch.no_grad(), autocast:
+            _, ddf = self.network(torch.from_numpy(arrays["moving"])[None].to(self.device),
+                                  torch.from_numpy(arrays["fixed"])[None].to(self.device))
+        return ddf[0].float().cpu().numpy(), fixed.geometry
+
+    def __call__(self, moving: RegistrationCase, fixed: RegistrationCase,
+                 target: Geometry, target_shape: tuple[int, int, int]) -> sitk.Image:
+        matrix = self.prealign(moving, fixed)
+        ddf, grid = self.ddf(moving, fixed, matrix)
+        return compose_field(target, target_shape, ddf, grid, matrix)
