@@ -1,7 +1,31 @@
 """medpipe: reproducible 3D medical image segmentation and registration."""
 
+from typing import Any
+
 from medpipe.errors import MedpipeError
 from medpipe.io import Geometry, Volume, read_image, write_image
 
-__all__ = ["Geometry", "MedpipeError", "Volume", "read_image", "write_image"]
+__all__ = [
+    "Geometry",
+    "MedpipeError",
+    "Volume",
+    "load_registrator",
+    "load_segmenter",
+    "read_image",
+    "write_image",
+]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """The model loaders import torch and MONAI: only when first used, so that `import
+    medpipe` (and the CLI's data commands) stay quick."""
+    if name == "load_segmenter":
+        from medpipe.inference.segmenter import load_segmenter
+
+        return load_segmenter
+    if name == "load_registrator":
+        from medpipe.inference.registrator import load_registrator
+
+        return load_registrator
+    raise AttributeError(f"module 'medpipe' has no attribute {name!r}")

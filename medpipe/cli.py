@@ -309,6 +309,56 @@ def evaluate_reg(
     )
 
 
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+
+
+@app.command()
+def predict(
+    model: Annotated[str, typer.Option(
+        "--model", help="Run folder, fold_* folder, checkpoint, or models:/ URI.")],
+    input: Annotated[Path, typer.Option("-i", "--input", help="A scan, or a folder of them.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="A file, or a folder.")],
+    checkpoint: Annotated[str, typer.Option(help="best or latest.")] = "best",
+    mirror: Annotated[bool, typer.Option(help="Mirroring test-time augmentation.")] = False,
+    device: DeviceOption = "auto",
+) -> None:
+    """Segment new scans; results lie on each input's exact grid. A folder uses nnU-Net's
+    naming: CASE_0000.nii.gz (channel 0), ... in; CASE.nii.gz out."""
+    from medpipe.inference.files import plan_predictions
+    from medpipe.inference.segmenter import load_segmenter
+
+    segmenter = load_segmenter(model, checkpoint, device)
+    jobs = plan_predictions(input, output, segmenter.channels)
+    with _progress() as progress:
+        task = progress.add_task("predicting", total=len(jobs))
+        for channels, target in jobs:
+            segmenter.predict_files([channels], [target], mirror=mirror)
+            progress.advance(task)
+    console.print(f"[green]wrote[/green] {len(jobs)} prediction(s) to {output}")
+
+
+@app.command()
+def register(
+    model: Annotated[str, typer.Option(
+        "--model", help="Registration run folder, checkpoint, or models:/ URI.")],
+    moving: Annotated[Path, typer.Option(help="The scan to warp.")],
+    fixed: Annotated[Path, typer.Option(help="The scan whose grid the results lie on.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the results.")],
+    moving_labels: Annotated[
+        Path | None, typer.Option(help="Label map of the moving scan to warp as well.")
+    ] = None,
+    checkpoint: Annotated[str, typer.Option(help="best or latest.")] = "best",
+    device: DeviceOption = "auto",
+) -> None:
+    """Register MOVING to FIXED: warped.nii.gz, field.nii.gz (ITK displacement field, LPS
+    mm) and warped_labels.nii.gz in OUTPUT, all on the fixed scan's grid."""
+    from medpipe.inference.registrator import load_registrator
+
+    result = load_registrator(model, checkpoint, device).register(moving, fixed, moving_labels)
+    for name, path in result.write(output).items():
+        console.print(f"[green]wrote[/green] {name}: {path}")
+
+
 def _fmt(values: list[float]) -> str:
     return " x ".join(f"{v:g}" for v in values)
 

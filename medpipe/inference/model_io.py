@@ -4,6 +4,7 @@ holds its weights (loaded with weights_only=True). No architecture file, no pick
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +42,27 @@ def load_trained(
         raise MedpipeError(f"checkpoint does not fit the model: {str(error)[:200]}",
                            run_dir / "checkpoints" / f"{checkpoint}.pt") from None
     return network.to(device).eval(), description
+
+
+def run_folders(source: str | Path | Sequence[str | Path],
+                checkpoint: str = "best") -> list[tuple[Path, str]]:
+    """(run folder, checkpoint name) for each model the SOURCE names: a run folder, a
+    checkpoint file, a folder of `fold_K` run folders, a list of these, or an MLflow model
+    URI (downloaded, then read like a folder)."""
+    if isinstance(source, list | tuple):
+        return [member for item in source for member in run_folders(item, checkpoint)]
+    if isinstance(source, str) and source.startswith("models:/"):
+        from medpipe.tracking import download_model
+
+        return run_folders(download_model(source), checkpoint)
+    path = Path(source)
+    if path.is_file() and path.suffix == ".pt":  # RUN/checkpoints/NAME.pt
+        return [(path.parent.parent, path.stem)]
+    if (path / "model.json").is_file():
+        return [(path, checkpoint)]
+    folds = sorted(p for p in path.glob("fold_*") if (p / "model.json").is_file())
+    if folds:
+        return [(fold, checkpoint) for fold in folds]
+    if not path.exists():
+        raise MedpipeError("model not found", path)
+    raise MedpipeError("not a model folder: no model.json here or in fold_* folders", path)

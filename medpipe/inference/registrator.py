@@ -1,0 +1,116 @@
+"""`load_registrator`: a trained registration network for any pair of scans.
+
+Both scans are turned to the training orientation and preprocessed with the stored plans;
+the network's field is pre-aligned and composed into an ITK displacement field on the fixed
+scan's own grid (see `registration.fields`), through which the moving scan and its labels
+are warped. Everything returned lies on the fixed scan's grid.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from medpipe.errors import MedpipeError
+from medpipe.inference.images import ScanLike, as_kind, load_channels, load_scan, stack_channels
+from medpipe.inference.model_io import load_trained, run_folders
+from medpipe.inference.registration import NetworkRegistration
+from medpipe.io import Volume, from_sitk, reorient, write_image
+from medpipe.preprocessing import PreprocessingPlan, preprocess_images, preprocessed_geometry
+from medpipe.registration.fields import warp_with_field
+from medpipe.registration.pairs import RegistrationCase
+from medpipe.training.engine import pick_device
+
+
+@dataclass(frozen=True)
+class RegistrationResult:
+    """All on the fixed scan's grid, as the kind the fixed scan was passed as. `field` is
+    ITK's displacement field (LPS mm): `SimpleITK.Resample(moving, fixed,
+    SimpleITK.DisplacementFieldTransform(field))` reproduces `warped`."""
+
+    warped: Any
+    field: Any
+    warped_labels: Any | None = None
+
+    def write(self, folder: str | Path, suffix: str = ".nii.gz") -> dict[str, Path]:
+        """warped, field (and warped_labels) files in FOLDER, each written atomically."""
+        folder = Path(folder)
+        written = {}
+        for name in ("warped", "field", "warped_labels"):
+            value = getattr(self, name)
+            if value is not None:
+                written[name] = write_image(_as_volume(value), folder / f"{name}{suffix}")
+        return written
+
+
+class Registrator:
+    def __init__(self, network: torch.nn.Module, description: dict, plans: dict,
+                 device: torch.device) -> None:
+        self.description = description
+        self.plan = PreprocessingPlan.from_plans(plans, description["configuration"])
+        self.method = NetworkRegistration(network, description, device)
+
+    @property
+    def channels(self) -> int:
+        return len(self.description["channel_names"])
+
+    def register(self, moving: ScanLike | list, fixed: ScanLike | list,
+                 moving_labels: ScanLike | None = None) -> RegistrationResult:
+        moving_volumes, _ = load_channels(moving, self.channels)
+        fixed_volumes, kind = load_channels(fixed, self.channels)
+        target = fixed_volumes[0]
+        cases = [self._prepare(name, volumes) for name, volumes in
+                 (("moving", moving_volumes), ("fixed", fixed_volumes))]
+        field = self.method(cases[0], cases[1], target.geometry, target.shape)
+        warped = warp_with_field(moving_volumes[0], field)
+        labels = None
+        if moving_labels is not None:
+            labels = warp_with_field(load_scan(moving_labels), field, labels=True)
+        return RegistrationResult(
+            warped=as_kind(warped, kind),
+            field=field if kind == "sitk" else as_kind(from_sitk(field), kind),
+            warped_labels=as_kind(labels, kind) if labels is not None else None,
+        )
+
+    def _prepare(self, name: str, volumes: list[Volume]) -> RegistrationCase:
+        orientation = self.description.get("orientation")
+        if orientation:
+            volumes = [reorient(v, orientation) for v in volumes]
+        data, _, properties = preprocess_images(stack_channels(volumes), volumes[0].geometry,
+                                                self.plan)
+        return RegistrationCase(name, data, np.zeros(data.shape[1:], np.int16),
+                                preprocessed_geometry(properties))
+
+
+def load_registrator(source: str | Path, checkpoint: str = "best",
+                     device: str = "auto") -> Registrator:
+    """A registrator from a run folder, a checkpoint file or an MLflow model URI."""
+    members = run_folders(source, checkpoint)
+    if len(members) != 1:
+        raise MedpipeError("a registrator is one trained network; name one fold", Path(source))
+    run_dir, name = members[0]
+    torch_device = pick_device(device)
+    network, description = load_trained(run_dir, name, torch_device)
+    if description.get("task") != "registration":
+        raise MedpipeError("this is a segmentation model; use load_segmenter", run_dir)
+    plans_file = run_dir / "plans.json"
+    if not plans_file.is_file():
+        raise MedpipeError("plans.json is missing from the model folder", run_dir)
+    plans = json.loads(plans_file.read_text(encoding="utf-8"))
+    return Registrator(network, description, plans, torch_device)
+
+
+def _as_volume(value: Any) -> Volume:
+    if isinstance(value, Volume):
+        return value
+    if isinstance(value, sitk.Image):
+        return from_sitk(value)
+    from medpipe.io import from_nibabel
+
+    return from_nibabel(value)

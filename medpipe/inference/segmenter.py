@@ -1,0 +1,116 @@
+"""`load_segmenter`: a trained segmentation model (one fold or an ensemble of folds) that
+takes any scan and answers on that scan's exact grid.
+
+The caller never resamples: the scan is turned to the training scans' orientation (an exact
+axis permutation/flip), preprocessed with the plans stored beside the weights (crop,
+normalise, resample), predicted by sliding windows (optionally mirrored; fold ensembles
+average their probabilities), the probabilities resampled back to the raw grid and argmaxed,
+and the axes turned back. The answer's grid is the input's own geometry.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medpipe.errors import MedpipeError
+from medpipe.inference.images import ScanLike, as_kind, load_channels, stack_channels
+from medpipe.inference.model_io import load_trained, run_folders
+from medpipe.inference.sliding_window import predict_probabilities
+from medpipe.io import Volume, orientation, reorient, write_image
+from medpipe.preprocessing import PreprocessingPlan, preprocess_images, restore_probability_maps
+from medpipe.training.engine import autocast_dtype, pick_device
+
+
+class Segmenter:
+    """One or more trained folds of one model, with the plans that prepare their input."""
+
+    def __init__(self, members: Sequence[tuple[nn.Module, dict]], plans: dict,
+                 device: torch.device) -> None:
+        if not members:
+            raise MedpipeError("no trained model to load")
+        self.networks = [network for network, _ in members]
+        self.description = members[0][1]
+        for _, other in members[1:]:
+            for key in ("labels", "channel_names", "configuration", "model"):
+                if other[key] != self.description[key]:
+                    raise MedpipeError(f"the folds of an ensemble differ in {key!r}")
+        self.plans = plans
+        self.plan = PreprocessingPlan.from_plans(plans, self.description["configuration"])
+        self.device = device
+        self.dtype = autocast_dtype(device, True)
+
+    @property
+    def labels(self) -> dict[str, int]:
+        return dict(self.description["labels"])
+
+    @property
+    def channels(self) -> int:
+        return len(self.description["channel_names"])
+
+    def predict(self, scan: ScanLike | Sequence[ScanLike], probabilities: bool = False,
+                mirror: bool = False) -> Any:
+        """Labels on SCAN's grid, as the kind passed in (a path gives a `Volume`); with
+        PROBABILITIES, `(labels, probabilities)`, the latter a vector image (X, Y, Z, K)."""
+        volumes, kind = load_channels(scan, self.channels)
+        labels, maps = self.predict_volumes(volumes, mirror)
+        if probabilities:
+            return as_kind(labels, kind), as_kind(maps, kind)
+        return as_kind(labels, kind)
+
+    def predict_volumes(self, volumes: Sequence[Volume], mirror: bool = False,
+                        ) -> tuple[Volume, Volume]:
+        original = volumes[0]
+        target = self.description.get("orientation")
+        if target:
+            volumes = [reorient(v, target) for v in volumes]
+        data, _, properties = preprocess_images(stack_channels(volumes), volumes[0].geometry,
+                                                self.plan)
+        total = None
+        for network in self.networks:
+            probs = predict_probabilities(
+                network, data, self.description["patch_size"], self.device,
+                mirror_axes=(0, 1, 2) if mirror else (), dtype=self.dtype,
+            )
+            total = probs if total is None else total + probs
+        maps = restore_probability_maps((total / len(self.networks)).numpy(), properties)
+        if target:
+            maps = reorient(maps, orientation(original.geometry))
+        dtype = np.uint8 if maps.array.shape[-1] < 256 else np.int16
+        labels = original.with_array(np.argmax(maps.array, axis=-1).astype(dtype))
+        return labels, original.with_array(maps.array)
+
+    def predict_files(self, inputs: Sequence[ScanLike | Sequence[ScanLike]],
+                      outputs: Sequence[str | Path], mirror: bool = False) -> list[Path]:
+        """Predict many scans with the model loaded once; each output written atomically."""
+        written = []
+        for scan, output in zip(inputs, outputs, strict=True):
+            volumes, _ = load_channels(scan, self.channels)
+            labels, _ = self.predict_volumes(volumes, mirror)
+            written.append(write_image(labels, output))
+        return written
+
+
+def load_segmenter(source: str | Path | Sequence[str | Path], checkpoint: str = "best",
+                   device: str = "auto") -> Segmenter:
+    """A segmenter from a run folder, a checkpoint file, a model folder holding `fold_K`
+    run folders (an ensemble of them), a list of any of these, or an MLflow model URI
+    (`models:/<model_id>`, `models:/<name>@<alias>`, `models:/<name>/<version>`)."""
+    torch_device = pick_device(device)
+    members, plans = [], None
+    for run_dir, name in run_folders(source, checkpoint):
+        network, description = load_trained(run_dir, name, torch_device)
+        if description.get("task", "segmentation") != "segmentation":
+            raise MedpipeError("this is a registration model; use load_registrator", run_dir)
+        plans_file = run_dir / "plans.json"
+        if not plans_file.is_file():
+            raise MedpipeError("plans.json is missing from the model folder", run_dir)
+        plans = plans or json.loads(plans_file.read_text(encoding="utf-8"))
+        members.append((network, description))
+    return Segmenter(members, plans, torch_device)

@@ -1,0 +1,175 @@
+"""Trained models on scans they never saw, in any orientation: results on the input's grid,
+the registration field's ITK convention, and bad inputs refused without stray files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from medpipe import load_registrator, load_segmenter
+from medpipe.config import load_config
+from medpipe.errors import MedpipeError
+from medpipe.io import Geometry, Volume, orientation, read_image, reorient, write_image
+from medpipe.training.registration import train_registration
+from medpipe.training.segmentation import train_segmentation
+
+SCAN = "brain_000_0000.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def segmentation_run(tiny_pipeline, tmp_path_factory):
+    config = load_config(tiny_pipeline / "config.yaml",
+                         ["tracking.enabled=false", "training.epochs=2",
+                          "training.iterations_per_epoch=4", "training.augment=false"])
+    return train_segmentation(config, "unet", 0, tmp_path_factory.mktemp("seg") / "unet",
+                              progress=False)
+
+
+@pytest.fixture(scope="module")
+def registration_run(tiny_pipeline, tmp_path_factory):
+    config = load_config(tiny_pipeline / "config.yaml", [
+        "tracking.enabled=false", "training.epochs=1", "training.iterations_per_epoch=2",
+        "training.batch_size=1", "registration.atlas=brain_001",
+        "models.voxelmorph.options.channels=[8,16,16,16]",
+        "models.voxelmorph.options.final_conv_channels=[8]"])
+    return train_registration(config, "voxelmorph", 0,
+                              tmp_path_factory.mktemp("reg") / "voxelmorph", progress=False)
+
+
+def shifted(volume: Volume, codes: str, shift=(13.5, -7.0, 22.0)) -> Volume:
+    """The same scan written another way: axes permuted/flipped to CODES, origin moved."""
+    turned = reorient(volume, codes)
+    geometry = Geometry(turned.geometry.spacing,
+                        tuple(o + s for o, s in zip(turned.geometry.origin, shift, strict=True)),
+                        turned.geometry.direction)
+    return Volume(turned.array, geometry)
+
+
+def test_prediction_lies_on_the_input_grid_in_any_orientation(segmentation_run, tiny_pipeline,
+                                                              tmp_path):
+    segmenter = load_segmenter(segmentation_run, device="cpu")
+    scan = read_image(tiny_pipeline / "raw" / "imagesTr" / SCAN)
+    reference = segmenter.predict(scan)
+    assert reference.shape == scan.shape and reference.geometry == scan.geometry
+    assert len(np.unique(reference.array)) > 2  # something to compare
+    for codes in ("RAS", "PIR"):
+        other = shifted(scan, codes)
+        assert orientation(other.geometry) == codes
+        path = write_image(other, tmp_path / f"{codes}.nii.gz")
+        labels = segmenter.predict(path)
+        assert labels.shape == other.shape
+        assert labels.geometry.is_close(read_image(path).geometry, atol=1e-5)
+        back = reorient(labels, orientation(scan.geometry)).array
+        for value in segmenter.labels.values():
+            if value == 0:
+                continue
+            a, b = reference.array == value, back == value
+            if a.sum() + b.sum():  # the axes are only permuted/flipped: exactly the same
+                assert 2 * (a & b).sum() / (a.sum() + b.sum()) == 1.0
+
+
+def test_same_kind_in_and_out(segmentation_run, tiny_pipeline):
+    segmenter = load_segmenter(segmentation_run / "checkpoints" / "latest.pt", device="cpu")
+    path = tiny_pipeline / "raw" / "imagesTr" / SCAN
+    as_nib = segmenter.predict(nib.load(path))
+    assert isinstance(as_nib, nib.Nifti1Image)
+    np.testing.assert_allclose(as_nib.affine, nib.load(path).affine, atol=1e-5)
+    image = sitk.ReadImage(str(path))
+    as_sitk, probabilities = segmenter.predict(image, probabilities=True)
+    assert isinstance(as_sitk, sitk.Image) and as_sitk.GetSize() == image.GetSize()
+    assert as_sitk.GetOrigin() == pytest.approx(image.GetOrigin())
+    assert probabilities.GetNumberOfComponentsPerPixel() == len(segmenter.labels)
+    total = sitk.GetArrayFromImage(probabilities).sum(-1)
+    np.testing.assert_allclose(total, 1.0, atol=1e-4)
+    # the labels are the argmax of the probabilities returned with them
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(as_sitk),
+                                  sitk.GetArrayFromImage(probabilities).argmax(-1))
+
+
+def test_registration_outputs_follow_the_itk_convention(registration_run, tiny_pipeline):
+    registrator = load_registrator(registration_run, device="cpu")
+    raw = tiny_pipeline / "raw"
+    moving = sitk.ReadImage(str(raw / "imagesTr" / "brain_002_0000.nii.gz"), sitk.sitkFloat32)
+    fixed = sitk.ReadImage(str(raw / "imagesTr" / "brain_001_0000.nii.gz"), sitk.sitkFloat32)
+    labels = raw / "labelsTr" / "brain_002.nii.gz"
+    result = registrator.register(moving, fixed, moving_labels=labels)
+    for image in (result.warped, result.field, result.warped_labels):
+        assert image.GetSize() == fixed.GetSize()
+        assert image.GetOrigin() == pytest.approx(fixed.GetOrigin())
+        assert image.GetDirection() == pytest.approx(fixed.GetDirection())
+    expected = sitk.Resample(moving, fixed,
+                             sitk.DisplacementFieldTransform(sitk.Image(result.field)),
+                             sitk.sitkLinear, 0.0)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(result.warped),
+                               sitk.GetArrayFromImage(expected), atol=1e-4)
+    assert set(np.unique(sitk.GetArrayFromImage(result.warped_labels))) <= {0, 1, 2, 3}
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "medpipe.cli", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_predicts_a_folder_and_registers_a_pair(segmentation_run, registration_run,
+                                                    tiny_pipeline, tmp_path):
+    images = tiny_pipeline / "raw" / "imagesTr"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("brain_003_0000.nii.gz", "brain_004_0000.nii.gz"):
+        (folder / name).write_bytes((images / name).read_bytes())
+    result = run_cli("predict", "--model", str(segmentation_run), "-i", str(folder),
+                     "-o", str(tmp_path / "out"), "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["brain_003.nii.gz", "brain_004.nii.gz"]
+    assert read_image(tmp_path / "out" / "brain_003.nii.gz").shape == \
+        read_image(folder / "brain_003_0000.nii.gz").shape
+    result = run_cli("register", "--model", str(registration_run), "--moving",
+                     str(images / "brain_002_0000.nii.gz"), "--fixed",
+                     str(images / "brain_001_0000.nii.gz"), "-o", str(tmp_path / "reg"),
+                     "--moving-labels",
+                     str(tiny_pipeline / "raw" / "labelsTr" / "brain_002.nii.gz"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "reg").iterdir()) == \
+        ["field.nii.gz", "warped.nii.gz", "warped_labels.nii.gz"]
+    field = sitk.ReadImage(str(tmp_path / "reg" / "field.nii.gz"))
+    assert field.GetNumberOfComponentsPerPixel() == 3
+
+
+def test_bad_inputs_are_refused_clearly(segmentation_run, registration_run, tiny_pipeline,
+                                        tmp_path):
+    scan = read_image(tiny_pipeline / "raw" / "imagesTr" / SCAN)
+    four_d = tmp_path / "four_d.nii.gz"
+    nib.save(nib.Nifti1Image(np.stack([scan.array] * 2, -1), scan.affine), four_d)
+    two_d = tmp_path / "two_d.nii.gz"
+    nib.save(nib.Nifti1Image(scan.array[:, :, 5], scan.affine), two_d)
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes((tiny_pipeline / "raw" / "imagesTr" / SCAN).read_bytes()[:200])
+    no_model = tmp_path / "not_a_model"
+    no_model.mkdir()
+    cases = [
+        (["--model", str(segmentation_run), "-i", str(four_d)], "4D"),
+        (["--model", str(segmentation_run), "-i", str(two_d)], "2D"),
+        (["--model", str(segmentation_run), "-i", str(broken)], "broken.nii.gz"),
+        (["--model", str(no_model), "-i", str(tiny_pipeline / "raw" / "imagesTr" / SCAN)],
+         "model.json"),
+    ]
+    for args, expected in cases:
+        out = tmp_path / "out.nii.gz"
+        result = run_cli("predict", *args, "-o", str(out), "--device", "cpu")
+        assert result.returncode == 2, (args, result.stderr)
+        assert expected in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert not out.exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+    segmenter = load_segmenter(segmentation_run, device="cpu")
+    with pytest.raises(MedpipeError, match="1 channel"):
+        segmenter.predict([scan, scan])
+    with pytest.raises(MedpipeError, match="registration model"):
+        load_segmenter(registration_run)
+    with pytest.raises(MedpipeError, match="model not found"):
+        load_segmenter(tmp_path / "nowhere")
