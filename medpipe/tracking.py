@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,6 +42,8 @@ class Tracker(Protocol):
 
     def finish(self, status: str = "FINISHED") -> None: ...
 
+    def log_model(self, run_dir: Path, task: str) -> str | None: ...
+
 
 class NullTracker:
     """Tracking off: every call is accepted and does nothing."""
@@ -58,6 +62,9 @@ class NullTracker:
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         pass
+
+    def log_model(self, run_dir: Path, task: str) -> str | None:
+        return None
 
     def finish(self, status: str = "FINISHED") -> None:
         pass
@@ -99,6 +106,34 @@ class MlflowTracker:
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 
+    def log_model(self, run_dir: Path, task: str) -> str:
+        """Log RUN_DIR's trained model as an MLflow pyfunc model "from code" (no pickle):
+        its weights, plans and config as artifacts. Returns the logged model's id."""
+        import mlflow
+        from mlflow.models import ModelSignature
+        from mlflow.types import ColSpec, Schema
+
+        columns = (["moving", "fixed", "output"] if task == "registration"
+                   else ["image", "output"])
+        signature = ModelSignature(inputs=Schema([ColSpec("string", c) for c in columns]),
+                                   outputs=Schema([ColSpec("string", "output")]))
+        code = Path(__file__).parent / "inference" / "mlflow_model.py"
+        with tempfile.TemporaryDirectory() as staging:
+            files = Path(staging) / "run"
+            (files / "checkpoints").mkdir(parents=True)
+            for name in ("model.json", "plans.json", "config.json"):
+                shutil.copy2(run_dir / name, files / name)
+            for name in ("best.pt", "best.json"):
+                shutil.copy2(run_dir / "checkpoints" / name, files / "checkpoints" / name)
+            mlflow.set_tracking_uri(self.client.tracking_uri)
+            with mlflow.start_run(run_id=self.run_id):
+                info = mlflow.pyfunc.log_model(
+                    name="model", python_model=str(code), artifacts={"run": str(files)},
+                    signature=signature, pip_requirements=["medpipe", "torch", "monai",
+                                                           "SimpleITK", "nibabel"],
+                )
+        return info.model_id
+
 
 def open_tracker(
     config: TrackingConfig,
@@ -133,6 +168,24 @@ def open_tracker(
         run_folder / RUN_FILE,
     )
     return MlflowTracker(client, run.info.run_id)
+
+
+def download_model(uri: str, tracking_uri: str | None = None) -> Path:
+    """The run folder inside an MLflow model (`models:/<model_id>`, `models:/name@alias`,
+    `models:/name/version`), downloaded to a local cache folder."""
+    import mlflow
+
+    tracking_uri = tracking_uri or TrackingConfig().resolved_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except Exception as error:  # MLflow raises its own exception types per store
+        raise MedpipeError(f"cannot load MLflow model {uri}: {str(error)[:300]}") from None
+    found = sorted(local.rglob("model.json"))
+    if not found:
+        raise MedpipeError(f"MLflow model {uri} holds no medpipe run (model.json)", local)
+    return found[0].parent
 
 
 def read_run_file(run_folder: Path) -> dict | None:

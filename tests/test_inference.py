@@ -173,3 +173,33 @@ def test_bad_inputs_are_refused_clearly(segmentation_run, registration_run, tiny
         load_segmenter(registration_run)
     with pytest.raises(MedpipeError, match="model not found"):
         load_segmenter(tmp_path / "nowhere")
+
+
+def test_logged_model_loads_from_the_registry_by_alias(tiny_pipeline, tmp_path, monkeypatch):
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    config = load_config(tiny_pipeline / "config.yaml",
+                         [f"tracking.uri={uri}", "training.epochs=1",
+                          "training.iterations_per_epoch=1"])
+    run_dir = train_segmentation(config, "unet", 0, tmp_path / "unet", progress=False)
+    client = MlflowClient(tracking_uri=uri)
+    run_id = __import__("json").loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    model_id = client.get_run(run_id).data.tags["model_id"]
+    mlflow.set_tracking_uri(uri)
+    version = mlflow.register_model(f"models:/{model_id}", "brain_tissue_unet")
+    client.set_registered_model_alias("brain_tissue_unet", "champion", version.version)
+
+    scan = tiny_pipeline / "raw" / "imagesTr" / SCAN
+    direct = load_segmenter(run_dir, device="cpu").predict(scan)
+    from_registry = load_segmenter("models:/brain_tissue_unet@champion", device="cpu")
+    np.testing.assert_array_equal(from_registry.predict(scan).array, direct.array)
+
+    pyfunc = mlflow.pyfunc.load_model("models:/brain_tissue_unet@champion")
+    out = tmp_path / "pyfunc" / "brain_000.nii.gz"
+    answer = pyfunc.predict(pd.DataFrame({"image": [str(scan)], "output": [str(out)]}))
+    assert list(answer["output"]) == [str(out)]
+    np.testing.assert_array_equal(read_image(out).array, direct.array)

@@ -124,6 +124,9 @@ class TrackingCallback(Callback):
         for png in sorted(figures.glob("*.png")):
             self.tracker.log_artifact(png, "figures")
         self.tracker.log_artifact(self.run_dir / "checkpoints" / "best.json", "checkpoints")
+        model_id = self.tracker.log_model(self.run_dir, self.description["task"])
+        if model_id:  # register it with `mlflow.register_model(f"models:/{model_id}", name)`
+            self.tracker.set_tags({"model_id": model_id})
         summary = trainer.summary()
         self.tracker.log_metrics(
             {"best_val_dice": summary["best_score"], "parameters": summary["parameters"],
