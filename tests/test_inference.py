@@ -91,6 +91,19 @@ def test_same_kind_in_and_out(segmentation_run, tiny_pipeline):
                                   sitk.GetArrayFromImage(probabilities).argmax(-1))
 
 
+def test_an_ensemble_of_folds_averages_their_probabilities(segmentation_run, tiny_pipeline):
+    scan = tiny_pipeline / "raw" / "imagesTr" / SCAN
+    single = load_segmenter(segmentation_run, device="cpu")
+    pair = load_segmenter([segmentation_run, segmentation_run / "checkpoints" / "latest.pt"],
+                          device="cpu")
+    assert len(pair.networks) == 2
+    _, p_best = single.predict(scan, probabilities=True)
+    _, p_latest = load_segmenter(segmentation_run, "latest", "cpu").predict(scan,
+                                                                             probabilities=True)
+    _, p_pair = pair.predict(scan, probabilities=True)
+    np.testing.assert_allclose(p_pair.array, (p_best.array + p_latest.array) / 2, atol=1e-5)
+
+
 def test_registration_outputs_follow_the_itk_convention(registration_run, tiny_pipeline):
     registrator = load_registrator(registration_run, device="cpu")
     raw = tiny_pipeline / "raw"
@@ -166,6 +179,14 @@ def test_bad_inputs_are_refused_clearly(segmentation_run, registration_run, tiny
         assert expected in result.stderr and "Traceback" not in result.stderr, result.stderr
         assert not out.exists()
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+    import shutil
+
+    for missing in ("plans.json", "checkpoints/best.pt"):
+        broken_model = tmp_path / f"without_{missing.replace('/', '_')}"
+        shutil.copytree(segmentation_run, broken_model)
+        (broken_model / missing).unlink()
+        with pytest.raises(MedpipeError, match=r"plans\.json|checkpoint 'best'"):
+            load_segmenter(broken_model, device="cpu")
     segmenter = load_segmenter(segmentation_run, device="cpu")
     with pytest.raises(MedpipeError, match="1 channel"):
         segmenter.predict([scan, scan])
