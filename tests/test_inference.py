@@ -224,3 +224,33 @@ def test_logged_model_loads_from_the_registry_by_alias(tiny_pipeline, tmp_path, 
     answer = pyfunc.predict(pd.DataFrame({"image": [str(scan)], "output": [str(out)]}))
     assert list(answer["output"]) == [str(out)]
     np.testing.assert_array_equal(read_image(out).array, direct.array)
+
+
+def test_logged_registration_model_runs_through_pyfunc(tiny_pipeline, tmp_path, monkeypatch):
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    config = load_config(tiny_pipeline / "config.yaml", [
+        f"tracking.uri={uri}", "training.epochs=1", "training.iterations_per_epoch=1",
+        "training.batch_size=1", "registration.atlas=brain_001",
+        "models.voxelmorph.options.channels=[8,16,16,16]",
+        "models.voxelmorph.options.final_conv_channels=[8]"])
+    run_dir = train_registration(config, "voxelmorph", 0, tmp_path / "vxm", progress=False)
+    run_id = __import__("json").loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    model_id = MlflowClient(tracking_uri=uri).get_run(run_id).data.tags["model_id"]
+
+    images = tiny_pipeline / "raw" / "imagesTr"
+    moving, fixed = images / "brain_002_0000.nii.gz", images / "brain_001_0000.nii.gz"
+    direct = load_registrator(run_dir, device="cpu").register(moving, fixed)
+    mlflow.set_tracking_uri(uri)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{model_id}")
+    answer = pyfunc.predict(pd.DataFrame({"moving": [str(moving)], "fixed": [str(fixed)],
+                                          "output": [str(tmp_path / "out")]}))
+    assert list(answer["output"]) == [str(tmp_path / "out")]
+    # (two runs of SimpleITK's threaded affine agree to ~1e-6, not bit for bit)
+    np.testing.assert_allclose(read_image(tmp_path / "out" / "warped.nii.gz").array,
+                               direct.warped.array, rtol=1e-4, atol=1e-4)
+    assert read_image(tmp_path / "out" / "field.nii.gz").array.shape[-1] == 3
