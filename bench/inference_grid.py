@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--scans", required=True, type=Path)
     parser.add_argument("--spacing", default="2.0,3.5,4.5", help="anisotropic spacing, mm")
+    parser.add_argument("--mirror", action="store_true", help="mirroring test-time augmentation")
     parser.add_argument("--out", type=Path, default=Path("bench/results/inference_grid.json"))
     args = parser.parse_args()
     spacing = tuple(float(v) for v in args.spacing.split(","))
@@ -82,12 +83,13 @@ def main() -> None:
     rows = []
     for path in sorted(args.scans.glob("*_0000.nii.gz")):
         scan = read_image(path)
-        original = segmenter.predict(scan)
+        original = segmenter.predict(scan, mirror=args.mirror)
         reference = original.array
         for name, (codes, new_spacing) in variants.items():
             version = rewrite(scan, codes, new_spacing)
             start = time.perf_counter()
-            labels, probabilities = segmenter.predict(version, probabilities=True)
+            labels, probabilities = segmenter.predict(version, probabilities=True,
+                                                      mirror=args.mirror)
             seconds = time.perf_counter() - start
             assert labels.shape == version.shape and labels.geometry == version.geometry
             ways = {"labels": back_on(labels, scan),
@@ -98,7 +100,7 @@ def main() -> None:
                          **{f"dice_{c}_{way}": dice(reference, back, v)
                             for way, back in ways.items() for c, v in classes.items()}})
             print(json.dumps(rows[-1]))
-    result = {"model": str(args.model), "machine": platform.platform(),
+    result = {"model": str(args.model), "mirror": args.mirror, "machine": platform.platform(),
               "processor": platform.processor(), "rows": rows,
               "min_dice": {f"{c}_{way}": min(r[f"dice_{c}_{way}"] for r in rows)
                            for way in ("labels", "probabilities", "ceiling") for c in classes}}
