@@ -58,6 +58,26 @@ def test_dry_run_shows_the_dag(workdir):
     assert re.search(r"preprocess_case\s+5\n", result.stdout)
 
 
+def test_slurm_profile_sends_training_to_the_gpu_partition(workdir):
+    command = snakemake(workdir, "all")
+    command[command.index("--profile") + 1] = str(REPO / "configs" / "profiles" / "slurm")
+    result = run([*command, "-n"])
+    assert result.returncode == 0, result.stderr
+    jobs = re.split(r"\n(?=rule )", result.stdout)
+    training = [j for j in jobs if j.startswith(("rule train_segmentation",
+                                                 "rule train_registration"))]
+    assert training, result.stdout[-2000:]
+    for job in training:
+        assert "gpu=1" in job and "slurm_partition=gpu" in job
+    preprocessing = [j for j in jobs if j.startswith("rule preprocess_case")]
+    assert preprocessing and all("gpu=" not in j and "slurm_partition=cpu" in j
+                                 for j in preprocessing)
+    # the job count line of the DAG: 5 cases, all 3 segmentation models and 4 registration
+    # methods on the 5 default folds
+    assert re.search(r"train_segmentation\s+15\n", result.stdout)
+    assert re.search(r"train_registration\s+10\n", result.stdout)
+
+
 def test_killed_run_resumes_without_redoing_finished_cases(workdir):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     out = workdir / "results" / "preprocessed" / "3d_fullres"
