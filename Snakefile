@@ -1,18 +1,30 @@
 # medpipe workflow: every rule calls the `medpipe` command; this file only wires stages.
 #   snakemake --cores 2 --configfile configs/demo.yaml preprocess_all
+import os
+from pathlib import Path
+
 from snakemake.utils import min_version, validate
 
 min_version("8.0")
 
-
-configfile: "configs/demo.yaml"
+# The pipeline config comes from the command line (--configfile), never merged with a
+# default file: the `medpipe` commands read that one file, so Snakemake must see the same.
+if not workflow.overwrite_configfiles:
+    raise WorkflowError("give the pipeline config: snakemake --configfile configs/demo.yaml ...")
 
 
 validate(config, "configs/schema.yaml")
 
+# every rule can run inside the medpipe image (the Apptainer recipe in containers/ builds
+# medpipe.sif):
+# used only with --software-deployment-method apptainer (--apptainer-args "--nv" for GPUs);
+# `container:` in the config names another image
+container: config.get("container") or "medpipe.sif"
+
+
 # the config file the `medpipe` commands read (dataset/results are passed explicitly, as
 # `--config dataset=... results=...` on the command line may override them)
-CONFIG_FILE = workflow.configfiles[-1]
+CONFIG_FILE = workflow.overwrite_configfiles[-1]
 DATASET = config["dataset"]
 RESULTS = config["results"]
 CONFIGURATION = config["configuration"]

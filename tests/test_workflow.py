@@ -58,6 +58,17 @@ def test_dry_run_shows_the_dag(workdir):
     assert re.search(r"preprocess_case\s+5\n", result.stdout)
 
 
+def test_lint_is_clean_and_the_config_must_be_given(workdir):
+    lint = run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory",
+                str(workdir), "--configfile", str(workdir / "config.yaml"), "--lint"])
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    assert "Lints for" not in lint.stdout + lint.stderr
+    bare = run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory",
+                str(workdir), "-n"])
+    assert bare.returncode != 0
+    assert "--configfile" in bare.stdout + bare.stderr
+
+
 def test_slurm_profile_sends_training_to_the_gpu_partition(workdir):
     command = snakemake(workdir, "all")
     command[command.index("--profile") + 1] = str(REPO / "configs" / "profiles" / "slurm")

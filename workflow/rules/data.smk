@@ -7,12 +7,14 @@ rule verify_dataset:
         f"{RESULTS}/logs/verify_dataset.log",
     benchmark:
         f"{RESULTS}/benchmarks/verify_dataset.tsv"
+    params:
+        dataset=lambda wildcards, input: os.path.dirname(input[0]),
     threads: 2
     resources:
         mem_mb=4000,
         runtime=30,
     shell:
-        "medpipe verify {DATASET} --json {output} --workers {threads} > {log} 2>&1"
+        "medpipe verify {params.dataset} --json {output} --workers {threads} > {log} 2>&1"
 
 
 rule split_dataset:
@@ -23,9 +25,10 @@ rule split_dataset:
     log:
         f"{RESULTS}/logs/split_dataset.log",
     params:
+        dataset=DATASET,
         folds=config["folds"],
     resources:
         mem_mb=1000,
         runtime=5,
     shell:
-        "medpipe split {DATASET} -o {output} --folds {params.folds} > {log} 2>&1"
+        "medpipe split {params.dataset} -o {output} --folds {params.folds} > {log} 2>&1"

@@ -7,12 +7,14 @@ rule extract_fingerprint:
         f"{RESULTS}/logs/extract_fingerprint.log",
     benchmark:
         f"{RESULTS}/benchmarks/extract_fingerprint.tsv"
+    params:
+        dataset=DATASET,
     threads: 2
     resources:
         mem_mb=8000,
         runtime=60,
     shell:
-        "medpipe fingerprint {DATASET} -o {output} --workers {threads} > {log} 2>&1"
+        "medpipe fingerprint {params.dataset} -o {output} --workers {threads} > {log} 2>&1"
 
 
 rule plan_experiment:
@@ -41,12 +43,15 @@ rule preprocess_case:
         f"{RESULTS}/logs/preprocess_case/{{configuration}}/{{case}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/preprocess_case/{{configuration}}/{{case}}.tsv"
+    params:
+        dataset=DATASET,
+        folder=lambda wildcards, output: os.path.dirname(output.data),
     resources:
         mem_mb=4000,
         runtime=30,
     shell:
-        "medpipe preprocess {DATASET} {input.plans} --config {wildcards.configuration}"
-        " -o {RESULTS}/preprocessed/{wildcards.configuration} --case {wildcards.case}"
+        "medpipe preprocess {params.dataset} {input.plans} --config {wildcards.configuration}"
+        " -o {params.folder} --case {wildcards.case}"
         " > {log} 2>&1"
 
 

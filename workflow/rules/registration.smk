@@ -23,7 +23,7 @@ rule train_registration:
     params:
         config_file=CONFIG_FILE,
         dataset=DATASET,
-        results=RESULTS,
+        results=lambda wildcards, output: Path(output[0]).parents[3],
     threads: 2
     resources:
         mem_mb=16000,
@@ -49,7 +49,7 @@ rule evaluate_registration_network:
     params:
         config_file=CONFIG_FILE,
         dataset=DATASET,
-        results=RESULTS,
+        results=lambda wildcards, output: Path(output[0]).parents[4],
     threads: 2
     resources:
         mem_mb=8000,
@@ -77,7 +77,7 @@ rule evaluate_registration_baseline:
     params:
         config_file=CONFIG_FILE,
         dataset=DATASET,
-        results=RESULTS,
+        results=lambda wildcards, output: Path(output[0]).parents[4],
     threads: 2
     resources:
         mem_mb=8000,

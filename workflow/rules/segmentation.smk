@@ -19,7 +19,7 @@ rule train_segmentation:
     params:
         config_file=CONFIG_FILE,
         dataset=DATASET,
-        results=RESULTS,
+        results=lambda wildcards, output: Path(output[0]).parents[3],
     threads: 2
     resources:
         mem_mb=16000,
@@ -45,7 +45,7 @@ rule evaluate_segmentation:
     params:
         config_file=CONFIG_FILE,
         dataset=DATASET,
-        results=RESULTS,
+        results=lambda wildcards, output: Path(output[0]).parents[4],
     threads: 2
     resources:
         mem_mb=8000,
