@@ -359,6 +359,32 @@ def register(
         console.print(f"[green]wrote[/green] {name}: {path}")
 
 
+@app.command()
+def compare(
+    experiment: Annotated[str, typer.Option(help="MLflow experiment (the dataset's name).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Report folder.")] = Path(
+        "compare"),
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow store [default: $MLFLOW_TRACKING_URI or "
+                                      "sqlite:///mlflow.db].")
+    ] = None,
+) -> None:
+    """Compare every finished model of an experiment: tables, paired statistics, figures;
+    report.md + report.html, logged to a parent MLflow run."""
+    from medpipe.config import TrackingConfig
+    from medpipe.report.compare import build_report
+    from medpipe.tracking import finished_runs, log_parent_run
+
+    uri = tracking_uri or TrackingConfig().resolved_uri()
+    runs = finished_runs(uri, experiment)
+    summary = build_report(runs, output)
+    files = [output / "report.html", output / "report.md", output / "summary.json",
+             *(output / name for name in summary["figures"])]
+    headline = {f"mean_dice_{r['model']}": r["mean_dice"][0] for r in summary["segmentation"]}
+    log_parent_run(uri, experiment, [r["run_id"] for r in runs], files, headline)
+    console.print(f"[green]wrote[/green] {output / 'report.html'} ({len(runs)} runs)")
+
+
 def _fmt(values: list[float]) -> str:
     return " x ".join(f"{v:g}" for v in values)
 

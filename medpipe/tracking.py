@@ -188,6 +188,55 @@ def download_model(uri: str, tracking_uri: str | None = None) -> Path:
     return found[0].parent
 
 
+def finished_runs(uri: str, experiment: str) -> list[dict[str, Any]]:
+    """Every finished run of EXPERIMENT as plain data: id, tags, params, latest metrics,
+    the history of `val_dice`, and the local paths of its evaluation CSV files."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise MedpipeError(f"no MLflow experiment {experiment!r} in {uri}")
+    runs = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'",
+                              max_results=10000)
+    out = []
+    for run in runs:
+        tags = dict(run.data.tags)
+        if tags.get("task") not in ("segmentation", "registration"):
+            continue
+        files = {}
+        for name in ("cases.csv", "pairs.csv"):
+            try:
+                files[name] = client.download_artifacts(run.info.run_id, f"evaluation/{name}")
+            except Exception:  # not every run has both files
+                continue
+        history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id,
+                                                                        "val_dice")]
+        out.append({"run_id": run.info.run_id, "tags": tags, "params": dict(run.data.params),
+                    "metrics": dict(run.data.metrics), "files": files,
+                    "val_dice_history": sorted(history)})
+    return out
+
+
+def log_parent_run(uri: str, experiment: str, children: list[str], files: list[Path],
+                   metrics: Mapping[str, float]) -> str:
+    """A run holding the comparison report, with the compared runs nested under it."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    parent = client.create_run(experiment_id, run_name="comparison",
+                               tags={"task": "comparison", "git_commit": git_commit()})
+    tracker = MlflowTracker(client, parent.info.run_id)
+    tracker.log_metrics(metrics)
+    for path in files:
+        tracker.log_artifact(path, "report")
+    for child in children:
+        client.set_tag(child, "mlflow.parentRunId", parent.info.run_id)
+    tracker.finish("FINISHED")
+    return parent.info.run_id
+
+
 def read_run_file(run_folder: Path) -> dict | None:
     path = Path(run_folder) / RUN_FILE
     if not path.is_file():

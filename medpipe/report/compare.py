@@ -1,0 +1,243 @@
+"""`medpipe compare`: one report across every model, built from the MLflow runs alone.
+
+Segmentation: per model, Dice per class (mean +- std over folds), HD95, and the costs
+(training time, inference seconds per case, parameters, peak memory). Is the transformer
+worth it? For each pair of models, the paired difference in per-case mean Dice on the same
+validation cases: mean, a bootstrap 95% interval (10,000 resamples, seeded) and the
+Wilcoxon signed-rank p-value (scipy), next to what each costs. Registration: identity, the
+classical baseline and each network on the same held-out pairs. Written as `report.md` and
+a self-contained `report.html` (figures inlined), and logged to a parent MLflow run under
+which the compared runs are nested.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import itertools
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.stats import wilcoxon
+
+from medpipe.errors import MedpipeError
+from medpipe.figures import save_figure
+from medpipe.io import atomic_output, write_json
+
+BOOTSTRAP_SAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+
+
+def build_report(runs: Sequence[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
+    """Tables, statistics and figures from RUNS (`tracking.finished_runs`); files in OUT_DIR."""
+    segmentation = [r for r in runs if r["tags"].get("task") == "segmentation"]
+    registration = [r for r in runs if r["tags"].get("task") == "registration"]
+    if not segmentation and not registration:
+        raise MedpipeError("no finished segmentation or registration runs to compare")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cases = _per_case_dice(segmentation)
+    summary = {
+        "segmentation": _segmentation_table(segmentation),
+        "paired": _paired_statistics(cases),
+        "registration": _registration_table(registration),
+        "figures": [],
+    }
+    if cases:
+        summary["figures"].append(_dice_boxplot(cases, out_dir / "dice_per_case.png"))
+    curves = [r for r in segmentation + registration if r["val_dice_history"]]
+    if curves:
+        summary["figures"].append(_learning_curves(curves, out_dir / "learning_curves.png"))
+    write_json(summary, out_dir / "summary.json")
+    _write(out_dir / "report.md", _markdown(summary))
+    _write(out_dir / "report.html", _html(summary, out_dir))
+    return summary
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _metric_mean(runs: Sequence[dict], name: str) -> tuple[float, float]:
+    values = [r["metrics"][name] for r in runs if name in r["metrics"]]
+    if not values:
+        return math.nan, math.nan
+    return float(np.mean(values)), float(np.std(values))
+
+
+def _segmentation_table(runs: Sequence[dict]) -> list[dict[str, Any]]:
+    by_model: dict[str, list[dict]] = defaultdict(list)
+    for run in runs:
+        by_model[run["tags"]["model"]].append(run)
+    rows = []
+    for model, folds in sorted(by_model.items()):
+        classes = sorted({k.removeprefix("eval_dice_") for r in folds for k in r["metrics"]
+                          if k.startswith("eval_dice_")})
+        row = {"model": model, "folds": len(folds)}
+        for name in classes:
+            row[f"dice_{name}"] = _metric_mean(folds, f"eval_dice_{name}")
+        for key, metric in (("mean_dice", "eval_mean_dice"), ("hd95_mm", "eval_mean_hd95"),
+                            ("training_s", "training_seconds"),
+                            ("inference_s_per_case", "eval_seconds_per_case"),
+                            ("parameters", "parameters"), ("peak_memory_mb", "peak_memory_mb")):
+            row[key] = _metric_mean(folds, metric)
+        rows.append(row)
+    return rows
+
+
+def _registration_table(runs: Sequence[dict]) -> list[dict[str, Any]]:
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for run in runs:
+        if "eval_mean_dice" in run["metrics"]:
+            by_method[run["tags"]["model"]].append(run)
+    order = {"identity": 0, "classical": 1}
+    rows = []
+    for method, folds in sorted(by_method.items(), key=lambda kv: (order.get(kv[0], 2), kv[0])):
+        row = {"method": method, "folds": len(folds)}
+        for key, metric in (("mean_dice", "eval_mean_dice"), ("hd95_mm", "eval_mean_hd95"),
+                            ("folding_percent", "eval_folding_percent"),
+                            ("sdlogj", "eval_sdlogj"),
+                            ("seconds_per_pair", "eval_seconds_per_pair")):
+            row[key] = _metric_mean(folds, metric)
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _per_case_dice(runs: Sequence[dict]) -> dict[str, dict[tuple, float]]:
+    """model -> {(fold, case): mean Dice over classes} from each run's cases.csv."""
+    out: dict[str, dict[tuple, float]] = defaultdict(dict)
+    for run in runs:
+        path = run["files"].get("cases.csv")
+        if path is None:
+            continue
+        per_case: dict[str, list[float]] = defaultdict(list)
+        with open(path, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                value = float(row["dice"])
+                if not math.isnan(value):
+                    per_case[row["case_id"]].append(value)
+        fold = run["tags"].get("fold", "0")
+        for case_id, values in per_case.items():
+            out[run["tags"]["model"]][(fold, case_id)] = float(np.mean(values))
+    return dict(out)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """Mean of a - b over paired cases, its bootstrap 95% interval (percentile, resampling
+    cases) and the two-sided Wilcoxon signed-rank p-value (NaN when all differences are 0)."""
+    diff = np.asarray(a, float) - np.asarray(b, float)
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    means = diff[rng.integers(0, len(diff), (BOOTSTRAP_SAMPLES, len(diff)))].mean(axis=1)
+    p = float(wilcoxon(diff).pvalue) if np.any(diff != 0) else math.nan
+    return {"n": len(diff), "mean_difference": float(diff.mean()),
+            "ci_low": float(np.percentile(means, 2.5)),
+            "ci_high": float(np.percentile(means, 97.5)), "wilcoxon_p": p}
+
+
+def _paired_statistics(cases: dict[str, dict[tuple, float]]) -> list[dict[str, Any]]:
+    rows = []
+    for first, second in itertools.combinations(sorted(cases), 2):
+        shared = sorted(set(cases[first]) & set(cases[second]))
+        if not shared:
+            continue
+        stats = paired_difference([cases[first][k] for k in shared],
+                                  [cases[second][k] for k in shared])
+        rows.append({"a": first, "b": second, **stats})
+    return rows
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _dice_boxplot(cases: dict[str, dict[tuple, float]], path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    models = sorted(cases)
+    ax.boxplot([list(cases[m].values()) for m in models], tick_labels=models)
+    ax.set_ylabel("per-case mean Dice")
+    ax.set_ylim(0, 1)
+    fig.tight_layout()
+    return save_figure(fig, path).name
+
+
+def _learning_curves(runs: Sequence[dict], path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for run in runs:
+        steps, values = zip(*run["val_dice_history"], strict=True)
+        ax.plot(steps, values, "o-", label=f"{run['tags']['model']} fold {run['tags'].get('fold')}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation Dice")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path).name
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, tuple):
+        mean, std = value
+        return "-" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}" if abs(mean) < 10 \
+            else f"{mean:,.0f} ± {std:,.0f}"
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.3g}" if abs(value) < 1e-2 \
+            else f"{value:.3f}"
+    return str(value)
+
+
+def _tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    tables = []
+    for title, rows in (("Segmentation", summary["segmentation"]),
+                        ("Paired comparison: mean Dice difference a - b (same cases)",
+                         summary["paired"]),
+                        ("Registration", summary["registration"])):
+        if rows:
+            header = list(rows[0])
+            tables.append((title, header, [[_fmt(r.get(h)) for h in header] for r in rows]))
+    return tables
+
+
+def _markdown(summary: dict) -> str:
+    lines = ["# medpipe comparison", ""]
+    for title, header, rows in _tables(summary):
+        lines += [f"## {title}", "", "| " + " | ".join(header) + " |",
+                  "|" + " --- |" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        lines.append("")
+    lines += [f"![{name}]({name})" for name in summary["figures"]]
+    return "\n".join(lines) + "\n"
+
+
+def _html(summary: dict, folder: Path) -> str:
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>medpipe comparison"
+             "</title><style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
+             "</style></head><body><h1>medpipe comparison</h1>"]
+    for title, header, rows in _tables(summary):
+        parts.append(f"<h2>{html.escape(title)}</h2><table><tr>")
+        parts += [f"<th>{html.escape(h)}</th>" for h in header]
+        parts.append("</tr>")
+        for row in rows:
+            parts.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
+        parts.append("</table>")
+    for name in summary["figures"]:
+        data = base64.b64encode((folder / name).read_bytes()).decode()
+        parts.append(f"<h2>{html.escape(name)}</h2><img src='data:image/png;base64,{data}'>")
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def _write(path: Path, text: str) -> None:
+    with atomic_output(path) as staging:
+        staging.write_text(text, encoding="utf-8")

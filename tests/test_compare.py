@@ -1,0 +1,67 @@
+"""`medpipe compare` from a real MLflow store: two segmentation models and two registration
+methods trained/evaluated on the tiny brains; the paired statistics against scipy/numpy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from scipy.stats import wilcoxon
+
+from medpipe.config import load_config
+from medpipe.evaluation.registration import evaluate_registration
+from medpipe.evaluation.segmentation import evaluate_segmentation
+from medpipe.report.compare import paired_difference
+from medpipe.training.segmentation import train_segmentation
+
+
+def test_paired_difference_against_an_independent_computation():
+    rng = np.random.default_rng(5)
+    a = rng.uniform(0.7, 0.9, 12)
+    b = a - rng.normal(0.03, 0.02, 12)
+    stats = paired_difference(a, b)
+    assert stats["n"] == 12
+    assert stats["mean_difference"] == pytest.approx(np.mean(a - b))
+    assert stats["wilcoxon_p"] == pytest.approx(wilcoxon(a - b).pvalue)
+    assert stats["ci_low"] < stats["mean_difference"] < stats["ci_high"]
+    assert stats["ci_low"] > 0  # a is clearly better here
+    # the interval narrows around the mean with the standard error, roughly 2 x 1.96 x sem
+    sem = np.std(a - b) / np.sqrt(12)
+    assert stats["ci_high"] - stats["ci_low"] == pytest.approx(2 * 1.96 * sem, rel=0.3)
+
+
+def test_compare_builds_the_report_from_mlflow_runs(tiny_pipeline, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = [f"tracking.uri={uri}", "tracking.experiment=compare_test", "training.epochs=1",
+                "training.iterations_per_epoch=2", "registration.atlas=brain_001",
+                "registration.classical.demons_iterations=5"]
+    config = load_config(tiny_pipeline / "config.yaml", settings)
+    for model in ("unet", "nnunet"):
+        run_dir = train_segmentation(config, model, 0, tmp_path / model, progress=False)
+        evaluate_segmentation(config, model, 0, run_dir, device="cpu")
+    for method in ("identity", "classical"):
+        evaluate_registration(config, method, 0, tmp_path / method, device="cpu")
+
+    out = tmp_path / "compare"
+    result = subprocess.run(
+        [sys.executable, "-m", "medpipe.cli", "compare", "--experiment", "compare_test",
+         "-o", str(out), "--tracking-uri", uri], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    markdown = (out / "report.md").read_text()
+    for name in ("unet", "nnunet", "identity", "classical", "Paired comparison"):
+        assert name in markdown
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page and "<table>" in page  # self-contained
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("compare_test")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("task") == "comparison"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")
+                == parents[0].info.run_id]
+    assert len(children) == 4
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
+    assert {"report/report.html", "report/report.md"} <= artifacts
