@@ -48,7 +48,8 @@ demo: setup
 		--configfile configs/demo.yaml --config dataset=$(DEMO_DIR)/raw results=$(DEMO_DIR)/results
 	@echo "Demo dataset: $(DEMO_DIR)/raw (preview: $(DEMO_DIR)/raw/preview.png)"
 	@echo "Workflow outputs: $(DEMO_DIR)/results (plans.json, preprocessed/, runs/MODEL/fold_0/evaluation/)"
-	@echo "MLflow runs: mlflow ui --backend-store-uri sqlite:///mlflow.db"
+	@echo "Report: $(DEMO_DIR)/results/compare/report.html"
+	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

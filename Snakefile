@@ -35,6 +35,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/planning.smk"
 include: "workflow/rules/segmentation.smk"
 include: "workflow/rules/registration.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
@@ -45,3 +46,4 @@ rule all:
         expand(f"{RESULTS}/preprocessed/{CONFIGURATION}/{{case}}.npz", case=CASES),
         rules.segmentation_all.input,
         rules.registration_all.input,
+        rules.compare.output,

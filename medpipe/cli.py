@@ -361,21 +361,39 @@ def register(
 
 @app.command()
 def compare(
-    experiment: Annotated[str, typer.Option(help="MLflow experiment (the dataset's name).")],
+    experiment: Annotated[str | None, typer.Option(
+        help="MLflow experiment [default: the config's, else the dataset's name].")] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Report folder.")] = Path(
         "compare"),
     tracking_uri: Annotated[
-        str | None, typer.Option(help="MLflow store [default: $MLFLOW_TRACKING_URI or "
-                                      "sqlite:///mlflow.db].")
+        str | None, typer.Option(help="MLflow store [default: the config's, else "
+                                      "$MLFLOW_TRACKING_URI or sqlite:///mlflow.db].")
     ] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="Pipeline config: where its runs were tracked.")] = None,
+    overrides: SetOption = None,
 ) -> None:
     """Compare every finished model of an experiment: tables, paired statistics, figures;
     report.md + report.html, logged to a parent MLflow run."""
-    from medpipe.config import TrackingConfig
+    from medpipe.config import TrackingConfig, load_config
     from medpipe.report.compare import build_report
     from medpipe.tracking import finished_runs, log_parent_run
 
-    uri = tracking_uri or TrackingConfig().resolved_uri()
+    tracking = TrackingConfig()
+    if config is not None:
+        pipeline = load_config(config, overrides)
+        tracking = pipeline.tracking
+        if not tracking.enabled:
+            raise MedpipeError("tracking is off in this config: the report is built from "
+                               "MLflow runs", config)
+        if experiment is None and tracking.experiment is None:
+            from medpipe.training.runs import load_plans
+
+            experiment = load_plans(pipeline)[0].get("dataset_name")
+    experiment = experiment or tracking.experiment
+    if experiment is None:
+        raise MedpipeError("name the experiment (--experiment) or give the --config")
+    uri = tracking_uri or tracking.resolved_uri()
     runs = finished_runs(uri, experiment)
     summary = build_report(runs, output)
     files = [output / "report.html", output / "report.md", output / "summary.json",

@@ -1,0 +1,23 @@
+# One report across every model, built from the MLflow runs the other rules logged.
+
+
+rule compare:
+    input:
+        rules.segmentation_all.input,
+        rules.registration_all.input,
+    output:
+        html=f"{RESULTS}/compare/report.html",
+        markdown=f"{RESULTS}/compare/report.md",
+    log:
+        f"{RESULTS}/logs/compare.log",
+    params:
+        config_file=CONFIG_FILE,
+        dataset=DATASET,
+        results=lambda wildcards, output: Path(output.html).parents[1],
+        folder=lambda wildcards, output: Path(output.html).parent,
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "medpipe compare --config {params.config_file} --set dataset={params.dataset}"
+        " --set results={params.results} -o {params.folder} > {log} 2>&1"
