@@ -246,11 +246,7 @@ def evaluate_seg(
     summary = evaluate_segmentation(
         load_config(config, overrides), model, fold, run_dir, checkpoint, mirror, device
     )
-    for name, values in summary["classes"].items():
-        console.print(
-            f"{name:<16} Dice {values['dice']['mean']:.3f} +- {values['dice']['std']:.3f}  "
-            f"HD95 {values['hd95']['mean']:.2f} mm", highlight=False,
-        )
+    _print_classes(summary)
     console.print(f"[green]mean Dice[/green] {summary['mean_dice']['mean']:.3f} over "
                   f"{summary['cases']} case(s)")
 
@@ -296,11 +292,7 @@ def evaluate_reg(
 
     summary = evaluate_registration(load_config(config, overrides), model, fold, run_dir,
                                     checkpoint, device)
-    for name, values in summary["classes"].items():
-        console.print(
-            f"{name:<16} Dice {values['dice']['mean']:.3f} +- {values['dice']['std']:.3f}  "
-            f"HD95 {values['hd95']['mean']:.2f} mm", highlight=False,
-        )
+    _print_classes(summary)
     console.print(
         f"[green]mean Dice[/green] {summary['mean_dice']['mean']:.3f} over {summary['pairs']} "
         f"pair(s); folding {summary['folding_percent']['mean']:.3f}%, SDlogJ "
@@ -401,6 +393,15 @@ def compare(
     headline = {f"mean_dice_{r['model']}": r["mean_dice"][0] for r in summary["segmentation"]}
     log_parent_run(uri, experiment, [r["run_id"] for r in runs], files, headline)
     console.print(f"[green]wrote[/green] {output / 'report.html'} ({len(runs)} runs)")
+
+
+def _print_classes(summary: dict) -> None:
+    """Dice and HD95 per class of an evaluation summary, one line each."""
+    for name, values in summary["classes"].items():
+        console.print(
+            f"{name:<16} Dice {values['dice']['mean']:.3f} +- {values['dice']['std']:.3f}  "
+            f"HD95 {values['hd95']['mean']:.2f} mm", highlight=False,
+        )
 
 
 def _fmt(values: list[float]) -> str:

@@ -26,14 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.ndimage import affine_transform, zoom
-from torch.utils.data import Dataset
 
 from medpipe.errors import DatasetError
 from medpipe.io import Geometry, Volume
 from medpipe.preprocessing import preprocessed_geometry, resized_geometry
 from medpipe.registration.classical import ClassicalSettings, register_classical
 from medpipe.registration.fields import affine_matrix
-from medpipe.training.patches import load_cases
+from medpipe.training.patches import EpochDataset, load_cases
 
 
 @dataclass(frozen=True)
@@ -154,9 +153,9 @@ def evaluation_pairs(val_ids: Sequence[str], atlas: str | None, limit: int) -> l
     return pairs[:limit]
 
 
-class PairDataset(Dataset):
-    """`iterations x batch_size` random training pairs per epoch; each item is a pure
-    function of (seed, epoch, index), as the segmentation patches are (exact resume)."""
+class PairDataset(EpochDataset):
+    """Random training pairs; like the segmentation patches, each is a pure function of
+    (seed, epoch, index), so a resumed run replays them exactly."""
 
     def __init__(self, cases: Sequence[RegistrationCase], matrices: dict[str, list] | None,
                  shape: Sequence[int], batch_size: int, iterations: int, seed: int,
@@ -172,13 +171,6 @@ class PairDataset(Dataset):
         self.iterations = iterations
         self.seed = seed
         self.atlas = atlas
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.iterations * self.batch_size
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, index])

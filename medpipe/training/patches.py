@@ -87,8 +87,24 @@ def crop_patch(array: np.ndarray, origin: Sequence[int], patch_size: Sequence[in
     return out
 
 
-class PatchDataset(Dataset):
-    """`iterations x batch_size` patches per epoch; call `set_epoch` before each epoch."""
+class EpochDataset(Dataset):
+    """`iterations x batch_size` samples per epoch, each a function of (seed, epoch, index);
+    call `set_epoch` before each epoch. Subclasses draw the sample in `__getitem__`."""
+
+    batch_size: int
+    iterations: int
+    seed: int
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.iterations * self.batch_size
+
+
+class PatchDataset(EpochDataset):
+    """Patches sampled as nnU-Net samples them."""
 
     def __init__(
         self,
@@ -109,13 +125,6 @@ class PatchDataset(Dataset):
         self.seed = seed
         self.oversample_foreground = oversample_foreground
         self.augment = augment
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.iterations * self.batch_size
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, index])

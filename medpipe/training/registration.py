@@ -44,13 +44,7 @@ from medpipe.registration.pairs import (
     resample_case,
 )
 from medpipe.training.engine import pick_device
-from medpipe.training.runs import (
-    fit_run,
-    fold_case_ids,
-    load_plans,
-    prepare_run_dir,
-    training_orientation,
-)
+from medpipe.training.runs import base_description, fit_run, prepare_run_dir
 
 PREALIGNMENT_FILE = "prealign.json"
 
@@ -155,34 +149,22 @@ class RegistrationTask:
 def describe_registration_run(config: PipelineConfig, model: str, fold: int,
                               training: TrainingConfig) -> dict[str, Any]:
     """Everything that defines the run; its hash guards resume against a changed config."""
-    plans, _ = load_plans(config)
     options = parse_options(model, config.model_entry(model).options)
-    train_ids, val_ids = fold_case_ids(config, fold)
+    base = base_description(config, model, fold, "registration",
+                            options.model_dump(mode="json"), training)
     settings = config.registration
-    if settings.atlas is not None and settings.atlas not in train_ids + val_ids:
+    if settings.atlas is not None and settings.atlas not in base["train_cases"] + \
+            base["val_cases"]:
         raise MedpipeError(f"atlas {settings.atlas!r} is not a training case of the dataset")
     return {
-        "task": "registration",
-        "model": model,
-        "options": options.model_dump(mode="json"),
-        "in_channels": len(plans["channel_names"]),
+        **base,
         "out_channels": 3,  # a displacement per spatial axis
         "architecture": {},
-        "configuration": config.configuration,
         "batch_size": training.batch_size or 1,  # VoxelMorph trains on one pair at a time
-        "labels": plans["labels"],
-        "channel_names": plans["channel_names"],
-        "dataset_name": plans.get("dataset_name", "dataset"),
-        "data_hash": plans.get("data_hash"),
-        "fold": fold,
-        "orientation": training_orientation(config, train_ids),
-        "train_cases": train_ids,
-        "val_cases": val_ids,
         "registration": settings.model_dump(
             mode="json", include={"atlas", "prealign", "spacing", "similarity", "lncc_window",
                                   "regularisation", "dice_weight", "val_pairs"}),
         "classical": ClassicalSettings(**settings.classical).__dict__ | {"deformable": "none"},
-        "training": training.model_dump(mode="json"),
     }
 
 

@@ -65,6 +65,29 @@ def training_orientation(config: PipelineConfig, case_ids: list[str]) -> str | N
     return codes.pop() if len(codes) == 1 else None
 
 
+def base_description(config: PipelineConfig, model: str, fold: int, task: str,
+                     options: dict, training: TrainingConfig) -> dict[str, Any]:
+    """What every run description holds; each task adds its own network and data fields."""
+    plans, _ = load_plans(config)
+    train_ids, val_ids = fold_case_ids(config, fold)
+    return {
+        "task": task,
+        "model": model,
+        "options": options,
+        "configuration": config.configuration,
+        "labels": plans["labels"],
+        "channel_names": plans["channel_names"],
+        "in_channels": len(plans["channel_names"]),
+        "dataset_name": plans.get("dataset_name", "dataset"),
+        "data_hash": plans.get("data_hash"),
+        "fold": fold,
+        "orientation": training_orientation(config, train_ids),
+        "train_cases": train_ids,
+        "val_cases": val_ids,
+        "training": training.model_dump(mode="json"),
+    }
+
+
 def run_hash(description: dict[str, Any]) -> str:
     """Hash of what defines the run; settings that do not change the result are left out."""
     stable = {k: v for k, v in description.items() if k not in ("training", "run_hash")}

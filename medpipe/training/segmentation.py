@@ -23,13 +23,7 @@ from medpipe.models import NetworkShape, build_model, fit_patch_size, model_spec
 from medpipe.training.augment import Augmenter
 from medpipe.training.engine import pick_device
 from medpipe.training.patches import CachedCase, PatchDataset, load_cases
-from medpipe.training.runs import (
-    fit_run,
-    fold_case_ids,
-    load_plans,
-    prepare_run_dir,
-    training_orientation,
-)
+from medpipe.training.runs import base_description, fit_run, load_plans, prepare_run_dir
 
 
 class SegmentationTask:
@@ -139,27 +133,14 @@ def describe_run(
     options = parse_options(model, config.model_entry(model).options)
     patch = fit_patch_size(model, training.patch_size or configuration["patch_size"], shape,
                            options)
-    train_ids, val_ids = fold_case_ids(config, fold)
     return {
-        "task": "segmentation",
-        "model": model,
-        "options": options.model_dump(mode="json"),
-        "in_channels": shape.in_channels,
+        **base_description(config, model, fold, "segmentation",
+                           options.model_dump(mode="json"), training),
         "out_channels": shape.out_channels,
         "architecture": shape.architecture,
-        "configuration": config.configuration,
         "patch_size": list(patch),
         "batch_size": training.batch_size or configuration["batch_size"],
         "batch_dice": bool(configuration.get("batch_dice", False)),
-        "labels": plans["labels"],
-        "channel_names": plans["channel_names"],
-        "dataset_name": plans.get("dataset_name", "dataset"),
-        "data_hash": plans.get("data_hash"),
-        "fold": fold,
-        "orientation": training_orientation(config, train_ids),
-        "train_cases": train_ids,
-        "val_cases": val_ids,
-        "training": training.model_dump(mode="json"),
     }
 
 
