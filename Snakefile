@@ -22,6 +22,10 @@ validate(config, "configs/schema.yaml")
 container: config.get("container") or "medpipe.sif"
 
 
+# `snakemake --report report.html`: the workflow, its runtimes and the comparison report
+report: "workflow/report/workflow.rst"
+
+
 # the config file the `medpipe` commands read (dataset/results are passed explicitly, as
 # `--config dataset=... results=...` on the command line may override them)
 CONFIG_FILE = workflow.overwrite_configfiles[-1]

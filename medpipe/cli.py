@@ -312,6 +312,8 @@ def predict(
     output: Annotated[Path, typer.Option("-o", "--output", help="A file, or a folder.")],
     checkpoint: Annotated[str, typer.Option(help="best or latest.")] = "best",
     mirror: Annotated[bool, typer.Option(help="Mirroring test-time augmentation.")] = False,
+    probabilities: Annotated[bool, typer.Option(
+        help="Also write CASE_probabilities (float32, one component per label).")] = False,
     device: DeviceOption = "auto",
 ) -> None:
     """Segment new scans; results lie on each input's exact grid. A folder uses nnU-Net's
@@ -324,7 +326,8 @@ def predict(
     with _progress() as progress:
         task = progress.add_task("predicting", total=len(jobs))
         for channels, target in jobs:
-            segmenter.predict_files([channels], [target], mirror=mirror)
+            segmenter.predict_files([channels], [target], mirror=mirror,
+                                    probabilities=probabilities)
             progress.advance(task)
     console.print(f"[green]wrote[/green] {len(jobs)} prediction(s) to {output}")
 

@@ -190,7 +190,8 @@ def download_model(uri: str, tracking_uri: str | None = None) -> Path:
 
 def finished_runs(uri: str, experiment: str) -> list[dict[str, Any]]:
     """Every finished run of EXPERIMENT as plain data: id, tags, params, latest metrics,
-    the history of `val_dice`, and the local paths of its evaluation CSV files."""
+    the history of `val_dice`, and the local paths of its evaluation CSV files and of an
+    example figure."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -210,12 +211,29 @@ def finished_runs(uri: str, experiment: str) -> list[dict[str, Any]]:
                 files[name] = client.download_artifacts(run.info.run_id, f"evaluation/{name}")
             except Exception:  # not every run has both files
                 continue
+        example = _example_figure(client, run.info.run_id)
+        if example:
+            files["example.png"] = example
         history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id,
                                                                         "val_dice")]
         out.append({"run_id": run.info.run_id, "tags": tags, "params": dict(run.data.params),
                     "metrics": dict(run.data.metrics), "files": files,
                     "val_dice_history": sorted(history)})
     return out
+
+
+def _example_figure(client: Any, run_id: str) -> str | None:
+    """A run's example figure: the evaluation's first pair (fixed, moving, warped,
+    deformation grid, Jacobian) for registration, else the validation overlay."""
+    try:
+        evaluation = [a.path for a in client.list_artifacts(run_id, "evaluation")
+                      if a.path.endswith(".png")]
+        figures = [a.path for a in client.list_artifacts(run_id, "figures")
+                   if a.path.endswith("overlay.png")]
+        chosen = sorted(evaluation)[:1] or sorted(figures)[:1]
+        return client.download_artifacts(run_id, chosen[0]) if chosen else None
+    except Exception:  # a store without the artifacts (deleted, moved): no example
+        return None
 
 
 def log_parent_run(uri: str, experiment: str, children: list[str], files: list[Path],

@@ -3,6 +3,7 @@ methods trained/evaluated on the tiny brains; the paired statistics against scip
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -55,9 +56,25 @@ def test_compare_builds_the_report_from_mlflow_runs(tiny_pipeline, tmp_path):
         assert name in markdown
     page = (out / "report.html").read_text()
     assert "data:image/png;base64," in page and "<table>" in page  # self-contained
+    # one example figure per model, taken from its run's artifacts
+    examples = sorted(p.name for p in out.glob("example_*.png"))
+    assert examples == ["example_registration_classical.png",
+                        "example_registration_identity.png",
+                        "example_segmentation_nnunet.png", "example_segmentation_unet.png"]
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("compare_test")
     runs = client.search_runs([experiment.experiment_id])
+    # the paired comparison carries each model's cost relative to the other's, from MLflow
+    summary = json.loads((out / "summary.json").read_text())
+    (pair,) = summary["paired"]
+    params = {r.data.tags["model"]: r.data.metrics["parameters"] for r in runs
+              if r.data.tags.get("task") == "segmentation"}
+    assert (pair["a"], pair["b"]) == ("nnunet", "unet")
+    assert pair["parameters_ratio"] == pytest.approx(params["nnunet"] / params["unet"])
+    (verdict,) = summary["verdicts"]
+    assert verdict.startswith(("nnunet segments", "no difference between nnunet and unet"))
+    assert f"{params['nnunet'] / params['unet']:.2g}x the parameters" in verdict
+    assert verdict in markdown
     parents = [r for r in runs if r.data.tags.get("task") == "comparison"]
     assert len(parents) == 1
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")

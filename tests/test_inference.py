@@ -136,12 +136,19 @@ def test_cli_predicts_a_folder_and_registers_a_pair(segmentation_run, registrati
     for name in ("brain_003_0000.nii.gz", "brain_004_0000.nii.gz"):
         (folder / name).write_bytes((images / name).read_bytes())
     result = run_cli("predict", "--model", str(segmentation_run), "-i", str(folder),
-                     "-o", str(tmp_path / "out"), "--device", "cpu")
+                     "-o", str(tmp_path / "out"), "--device", "cpu", "--probabilities")
     assert result.returncode == 0, result.stderr[-2000:]
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert written == ["brain_003.nii.gz", "brain_004.nii.gz"]
-    assert read_image(tmp_path / "out" / "brain_003.nii.gz").shape == \
-        read_image(folder / "brain_003_0000.nii.gz").shape
+    assert written == ["brain_003.nii.gz", "brain_003_probabilities.nii.gz",
+                       "brain_004.nii.gz", "brain_004_probabilities.nii.gz"]
+    labels = read_image(tmp_path / "out" / "brain_003.nii.gz")
+    scan = read_image(folder / "brain_003_0000.nii.gz")
+    assert labels.shape == scan.shape and labels.geometry.is_close(scan.geometry, 1e-6)
+    maps = read_image(tmp_path / "out" / "brain_003_probabilities.nii.gz")
+    assert maps.array.shape == (*scan.shape, 4) and maps.array.dtype == np.float32
+    assert maps.geometry.is_close(scan.geometry, 1e-6)
+    np.testing.assert_allclose(maps.array.sum(-1), 1.0, atol=1e-4)
+    np.testing.assert_array_equal(maps.array.argmax(-1), labels.array)
     result = run_cli("register", "--model", str(registration_run), "--moving",
                      str(images / "brain_002_0000.nii.gz"), "--fixed",
                      str(images / "brain_001_0000.nii.gz"), "-o", str(tmp_path / "reg"),

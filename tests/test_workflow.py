@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from medpipe.data.demo import DemoSettings, build_demo_dataset
 
@@ -119,3 +120,58 @@ def test_killed_run_resumes_without_redoing_finished_cases(workdir):
     assert "preprocess_case" in result.stderr
     logs = list((workdir / "results" / "logs" / "preprocess_case" / "3d_fullres").glob("*.log"))
     assert len(logs) == 5
+
+
+TINY_WORKFLOW = {
+    "folds": 2,
+    "segmentation_models": ["unet", "nnunet"],
+    "train_folds": [0],
+    "training": {"epochs": 2, "iterations_per_epoch": 2, "batch_size": 2, "val_every": 1,
+                 "num_workers": 0, "patch_size": [32, 32, 32], "augment": False},
+    "models": {"unet": {"options": {"channels": [8, 16, 32], "strides": [2, 2],
+                                    "num_res_units": 1}}},
+    "registration": {"models": ["voxelmorph"], "eval_pairs": 2,
+                     "classical": {"demons_iterations": 5}},
+    "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "workflow_test"},
+}
+
+
+def test_whole_workflow_end_to_end_killed_during_training_and_resumed(workdir):
+    """`all` on 5 tiny brains: killed (SIGKILL) while the second model trains, unlocked, run
+    again: it completes, the finished training is not redone, and the comparison report
+    and `snakemake --report` exist with every model in them."""
+    config = {"dataset": "raw", "results": "results", **TINY_WORKFLOW}
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    runs = workdir / "results" / "runs"
+    logs = workdir / "results" / "logs"
+    first_log = workdir / "first_run.log"
+    process = subprocess.Popen(snakemake(workdir, "all", cores=1), stdout=subprocess.DEVNULL,
+                               stderr=first_log.open("w"), env=env, start_new_session=True,
+                               cwd=workdir)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and process.poll() is None:
+        trained = list(runs.glob("*/fold_0/training.json"))
+        training_logs = list(logs.glob("train_*/*.log"))
+        if trained and len(training_logs) > len(trained):  # a finished one, another going
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, \
+        f"the workflow ended before it could be interrupted:\n{first_log.read_text()[-3000:]}"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = {p: p.stat().st_mtime_ns for p in runs.glob("*/fold_0/training.json")}
+    assert finished
+
+    assert run([*snakemake(workdir, "all"), "--unlock"]).returncode == 0
+    result = run(snakemake(workdir, "all"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for path, mtime in finished.items():
+        assert path.stat().st_mtime_ns == mtime, f"{path} was trained again"
+    report = (workdir / "results" / "compare" / "report.md").read_text()
+    for method in ("unet", "nnunet", "voxelmorph", "identity", "classical"):
+        assert f"| {method} |" in report
+    html = run([*snakemake(workdir, "all"), "--report", str(workdir / "workflow.html")])
+    assert html.returncode == 0, html.stderr[-3000:]
+    page = (workdir / "workflow.html").read_text(encoding="utf-8", errors="replace")
+    assert "report.html" in page and "Comparison" in page

@@ -23,7 +23,7 @@ from medpipe.errors import MedpipeError
 from medpipe.inference.images import ScanLike, as_kind, load_channels, stack_channels
 from medpipe.inference.model_io import load_trained, run_folders
 from medpipe.inference.sliding_window import predict_probabilities
-from medpipe.io import Volume, orientation, reorient, write_image
+from medpipe.io import Volume, image_suffix, orientation, reorient, write_image
 from medpipe.preprocessing import PreprocessingPlan, preprocess_images, restore_probability_maps
 from medpipe.training.engine import autocast_dtype, pick_device
 
@@ -87,14 +87,28 @@ class Segmenter:
         return labels, original.with_array(maps.array)
 
     def predict_files(self, inputs: Sequence[ScanLike | Sequence[ScanLike]],
-                      outputs: Sequence[str | Path], mirror: bool = False) -> list[Path]:
-        """Predict many scans with the model loaded once; each output written atomically."""
+                      outputs: Sequence[str | Path], mirror: bool = False,
+                      probabilities: bool = False) -> list[Path]:
+        """Predict many scans with the model loaded once; each output written atomically.
+        With PROBABILITIES, the class probabilities are written beside each label map
+        (`probabilities_path`) as a float32 vector image on the same grid."""
         written = []
         for scan, output in zip(inputs, outputs, strict=True):
             volumes, _ = load_channels(scan, self.channels)
-            labels, _ = self.predict_volumes(volumes, mirror)
+            labels, maps = self.predict_volumes(volumes, mirror)
+            if probabilities:
+                write_image(maps.with_array(maps.array.astype(np.float32)),
+                            probabilities_path(output))
             written.append(write_image(labels, output))
         return written
+
+
+def probabilities_path(labels_path: str | Path) -> Path:
+    """Where the probabilities of a label map go: `CASE.nii.gz` -> `CASE_probabilities.nii.gz`
+    (components in the order of the model's labels, background first)."""
+    path = Path(labels_path)
+    suffix = image_suffix(path) or path.suffix
+    return path.with_name(f"{path.name[: len(path.name) - len(suffix)]}_probabilities{suffix}")
 
 
 def load_segmenter(source: str | Path | Sequence[str | Path], checkpoint: str = "best",

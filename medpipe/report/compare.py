@@ -17,6 +17,7 @@ import csv
 import html
 import itertools
 import math
+import shutil
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,11 +42,15 @@ def build_report(runs: Sequence[dict[str, Any]], out_dir: Path) -> dict[str, Any
         raise MedpipeError("no finished segmentation or registration runs to compare")
     out_dir.mkdir(parents=True, exist_ok=True)
     cases = _per_case_dice(segmentation)
+    table = _segmentation_table(segmentation)
+    paired = _with_costs(_paired_statistics(cases), table)
     summary = {
-        "segmentation": _segmentation_table(segmentation),
-        "paired": _paired_statistics(cases),
+        "segmentation": table,
+        "paired": paired,
+        "verdicts": [_verdict(row) for row in paired],
         "registration": _registration_table(registration),
         "figures": [],
+        "examples": _examples(segmentation + registration, out_dir),
     }
     if cases:
         summary["figures"].append(_dice_boxplot(cases, out_dir / "dice_per_case.png"))
@@ -152,6 +157,60 @@ def _paired_statistics(cases: dict[str, dict[tuple, float]]) -> list[dict[str, A
     return rows
 
 
+COSTS = {"parameters": "parameters", "training_s": "training time",
+         "inference_s_per_case": "inference time", "peak_memory_mb": "peak memory"}
+
+
+def _with_costs(paired: list[dict[str, Any]], table: list[dict[str, Any]],
+                ) -> list[dict[str, Any]]:
+    """Each paired comparison with what model a costs relative to model b (ratios a / b)."""
+    by_model = {row["model"]: row for row in table}
+    out = []
+    for row in paired:
+        a, b = by_model.get(row["a"], {}), by_model.get(row["b"], {})
+        ratios = {}
+        for key in COSTS:
+            top, bottom = a.get(key, (math.nan,))[0], b.get(key, (math.nan,))[0]
+            ratios[f"{key}_ratio"] = top / bottom if bottom and not math.isnan(bottom) \
+                else math.nan
+        out.append({**row, **ratios})
+    return out
+
+
+def _verdict(row: dict[str, Any]) -> str:
+    """The paired comparison in one sentence: is a better than b, and at what cost?"""
+    a, b = row["a"], row["b"]
+    evidence = (f"mean Dice difference {row['mean_difference']:+.3f}, 95% CI "
+                f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}], Wilcoxon p = "
+                f"{_fmt(row['wilcoxon_p'])}, n = {row['n']} cases")
+    if row["ci_low"] > 0:
+        claim = f"{a} segments better than {b}"
+    elif row["ci_high"] < 0:
+        claim = f"{a} segments worse than {b}"
+    else:
+        claim = f"no difference between {a} and {b} is shown"
+    costs = [f"{row[f'{key}_ratio']:.2g}x the {name}" for key, name in COSTS.items()
+             if not math.isnan(row.get(f"{key}_ratio", math.nan))]
+    cost = f"; {a} takes {', '.join(costs)} of {b}" if costs else ""
+    return f"{claim} ({evidence}){cost}."
+
+
+def _examples(runs: Sequence[dict], out_dir: Path) -> list[dict[str, str]]:
+    """One example figure per model (its lowest fold): validation overlays for segmentation,
+    the first evaluated pair with its deformation grid and Jacobian for registration."""
+    chosen: dict[tuple[str, str], str] = {}
+    for run in sorted(runs, key=lambda r: int(r["tags"].get("fold", 0))):
+        key = (run["tags"]["task"], run["tags"]["model"])
+        source = run["files"].get("example.png")
+        if key in chosen or source is None:
+            continue
+        name = f"example_{key[0]}_{key[1]}.png"
+        shutil.copyfile(source, out_dir / name)
+        chosen[key] = name
+    return [{"task": task, "model": model, "file": name}
+            for (task, model), name in sorted(chosen.items())]
+
+
 # --------------------------------------------------------------------------- figures
 
 
@@ -215,7 +274,14 @@ def _markdown(summary: dict) -> str:
                   "|" + " --- |" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
         lines.append("")
+    if summary["verdicts"]:
+        lines += ["## Is the bigger model worth it?", ""]
+        lines += [f"- {verdict}" for verdict in summary["verdicts"]] + [""]
     lines += [f"![{name}]({name})" for name in summary["figures"]]
+    if summary["examples"]:
+        lines += ["", "## Examples", ""]
+        lines += [f"### {e['task']}: {e['model']}\n\n![{e['model']}]({e['file']})\n"
+                  for e in summary["examples"]]
     return "\n".join(lines) + "\n"
 
 
@@ -231,9 +297,16 @@ def _html(summary: dict, folder: Path) -> str:
         for row in rows:
             parts.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
         parts.append("</table>")
-    for name in summary["figures"]:
+    if summary["verdicts"]:
+        parts.append("<h2>Is the bigger model worth it?</h2><ul>")
+        parts += [f"<li>{html.escape(v)}</li>" for v in summary["verdicts"]]
+        parts.append("</ul>")
+    figures = [(name, name) for name in summary["figures"]] + [
+        (f"Example, {e['task']}: {e['model']}", e["file"]) for e in summary["examples"]]
+    for title, name in figures:
         data = base64.b64encode((folder / name).read_bytes()).decode()
-        parts.append(f"<h2>{html.escape(name)}</h2><img src='data:image/png;base64,{data}'>")
+        parts.append(f"<h2>{html.escape(title)}</h2><img style='max-width:100%' "
+                     f"src='data:image/png;base64,{data}'>")
     parts.append("</body></html>")
     return "".join(parts)
 

@@ -1,4 +1,5 @@
-# One report across every model, built from the MLflow runs the other rules logged.
+# One report across every model, built from the MLflow runs the other rules logged; it is
+# also the result `snakemake --report report.html` shows.
 
 
 rule compare:
@@ -6,8 +7,10 @@ rule compare:
         rules.segmentation_all.input,
         rules.registration_all.input,
     output:
-        html=f"{RESULTS}/compare/report.html",
+        html=report(f"{RESULTS}/compare/report.html", caption="../report/compare.rst",
+                    category="Comparison"),
         markdown=f"{RESULTS}/compare/report.md",
+        summary=f"{RESULTS}/compare/summary.json",
     log:
         f"{RESULTS}/logs/compare.log",
     params:

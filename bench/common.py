@@ -1,0 +1,150 @@
+"""What every benchmark shares: the machine it ran on, a prepared demo dataset, peak memory
+of one measurement (in a process of its own), and writing JSON + a Markdown table.
+
+Peak memory on a CPU is the process's maximum resident set size (`ru_maxrss`) minus what it
+held before the measurement began (Python, torch and the data already loaded), so each
+measurement runs in a fresh spawned process; on a GPU it is torch's peak allocation.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WORK = Path(__file__).resolve().parent / "work"
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def machine() -> dict[str, Any]:
+    """The machine a figure was measured on (recorded beside every figure)."""
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_cores": len(os.sched_getaffinity(0)),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info
+
+
+def rss_mb() -> float:
+    """Current resident memory of this process."""
+    with open("/proc/self/statm", encoding="ascii") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _child(queue: Any, function: Callable, args: tuple) -> None:
+    try:
+        before = rss_mb()
+        result = function(*args)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        queue.put(("ok", result, peak, before))
+    except BaseException as error:  # reported to the parent, which raises
+        queue.put(("error", f"{type(error).__name__}: {error}", 0.0, 0.0))
+
+
+def isolated(function: Callable, *args: Any) -> dict[str, Any]:
+    """FUNCTION(*ARGS) in a fresh process: its result, plus `peak_rss_mb` (the process's
+    peak) and `work_memory_mb` (the peak above what the process held when FUNCTION began;
+    FUNCTION loads its own data, so include that in what it measures or not, as it chooses).
+    FUNCTION must be importable (module level)."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(queue, function, args))
+    process.start()
+    status, result, peak, before = queue.get()
+    process.join()
+    if status != "ok":
+        raise RuntimeError(result)
+    out = dict(result) if isinstance(result, dict) else {"result": result}
+    out.setdefault("peak_rss_mb", round(peak, 1))
+    out.setdefault("work_memory_mb", round(peak - before, 1))
+    return out
+
+
+def timed(function: Callable[[], Any], repeats: int = 1, warmup: int = 0) -> tuple[float, Any]:
+    """Median seconds of REPEATS calls after WARMUP calls; the last result."""
+    result = None
+    for _ in range(warmup):
+        result = function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = function()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2], result
+
+
+def demo_pipeline(cases: int = 6, spacing: float = 3.0, name: str | None = None) -> Path:
+    """A demo dataset, planned and preprocessed (built once, reused), and a config for it
+    (the demo's models and budgets) at WORK/NAME/config.yaml. Returns that folder."""
+    import yaml
+
+    from medpipe.config import load_config
+    from medpipe.data import load_dataset, make_splits, write_splits
+    from medpipe.data.demo import DemoSettings, build_demo_dataset
+    from medpipe.planning import fingerprint_dataset, plan_experiment, write_plans
+    from medpipe.preprocessing import PreprocessingPlan, preprocess_dataset
+
+    root = WORK / (name or f"demo_{cases}_{spacing:g}mm")
+    config_file = root / "config.yaml"
+    if config_file.is_file():
+        return root
+    raw, results = root / "raw", root / "results"
+    build_demo_dataset(raw, DemoSettings(cases=cases, test_cases=0, spacing=spacing, seed=0))
+    plans = plan_experiment(fingerprint_dataset(raw), 8)
+    write_plans(plans, results / "plans.json")
+    dataset = load_dataset(raw)
+    write_splits(make_splits(dataset.case_ids, min(5, cases), 12345), results / "splits.json")
+    classes = sorted(v for v in dataset.spec.label_values if v > 0)
+    preprocess_dataset(dataset.training, PreprocessingPlan.from_plans(plans),
+                       results / "preprocessed" / "3d_fullres", classes)
+    config = yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8"))
+    config.update(dataset=str(raw), results=str(results))
+    config["tracking"] = {"enabled": False}
+    config_file.write_text(yaml.safe_dump(config), encoding="utf-8")
+    load_config(config_file)  # valid
+    return root
+
+
+def write_results(name: str, data: dict[str, Any], header: Sequence[str],
+                  rows: Sequence[Sequence[Any]], notes: str = "") -> Path:
+    """bench/results/NAME.json (DATA + the machine) and NAME.md (the table)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "machine": machine(), **data}
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    lines = [f"### {name}", "", f"Machine: {describe(payload['machine'])}", "",
+             "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    if notes:
+        lines += ["", notes]
+    path = RESULTS / f"{name}.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+    return path
+
+
+def describe(info: dict[str, Any]) -> str:
+    gpu = info.get("gpu") or "no GPU"
+    return (f"{info['cpu_cores']} CPU cores ({info['processor']}), {info['memory_gb']} GB, "
+            f"{gpu}, torch {info['torch']}")
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    return "-" if value is None else str(value)
