@@ -89,9 +89,11 @@ def timed(function: Callable[[], Any], repeats: int = 1, warmup: int = 0) -> tup
     return times[len(times) // 2], result
 
 
-def demo_pipeline(cases: int = 6, spacing: float = 3.0, name: str | None = None) -> Path:
-    """A demo dataset, planned and preprocessed (built once, reused), and a config for it
-    (the demo's models and budgets) at WORK/NAME/config.yaml. Returns that folder."""
+def demo_pipeline(cases: int = 6, spacing: float = 3.0, name: str | None = None,
+                  preprocess: bool = True) -> Path:
+    """A demo dataset, planned and preprocessed (built once, reused; PREPROCESS=False: the
+    raw dataset only), and a config for it (the demo's models and budgets) at
+    WORK/NAME/config.yaml. Returns that folder."""
     import yaml
 
     from medpipe.config import load_config
@@ -106,6 +108,10 @@ def demo_pipeline(cases: int = 6, spacing: float = 3.0, name: str | None = None)
         return root
     raw, results = root / "raw", root / "results"
     build_demo_dataset(raw, DemoSettings(cases=cases, test_cases=0, spacing=spacing, seed=0))
+    if not preprocess:
+        config_file.write_text(yaml.safe_dump({"dataset": str(raw), "results": str(results)}),
+                               encoding="utf-8")
+        return root
     plans = plan_experiment(fingerprint_dataset(raw), 8)
     write_plans(plans, results / "plans.json")
     dataset = load_dataset(raw)

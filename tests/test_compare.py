@@ -4,6 +4,7 @@ methods trained/evaluated on the tiny brains; the paired statistics against scip
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from scipy.stats import wilcoxon
 from medpipe.config import load_config
 from medpipe.evaluation.registration import evaluate_registration
 from medpipe.evaluation.segmentation import evaluate_segmentation
-from medpipe.report.compare import paired_difference
+from medpipe.report.compare import _verdict, paired_difference
 from medpipe.training.segmentation import train_segmentation
 
 
@@ -32,6 +33,25 @@ def test_paired_difference_against_an_independent_computation():
     # the interval narrows around the mean with the standard error, roughly 2 x 1.96 x sem
     sem = np.std(a - b) / np.sqrt(12)
     assert stats["ci_high"] - stats["ci_low"] == pytest.approx(2 * 1.96 * sem, rel=0.3)
+
+
+def test_verdict_needs_the_interval_and_the_rank_test():
+    rng = np.random.default_rng(1)
+    a = rng.uniform(0.7, 0.9, 12)
+    costs = {"parameters_ratio": 4.0, "training_s_ratio": 2.5,
+             "inference_s_per_case_ratio": math.nan, "peak_memory_mb_ratio": 1.5}
+    clear = {"a": "swin", "b": "unet", **paired_difference(a, a - 0.05), **costs}
+    assert _verdict(clear).startswith("swin segments better than unet")
+    assert "4x the parameters, 2.5x the training time, 1.5x the peak memory" in _verdict(clear)
+    assert "inference" not in _verdict(clear)  # unknown costs are left out
+    few = {"a": "swin", "b": "unet", **paired_difference(a[:3], a[:3] + 0.05), **costs}
+    assert few["ci_high"] < 0 and few["wilcoxon_p"] == pytest.approx(0.25)
+    assert _verdict(few).startswith("swin scored worse than unet on these cases, but 3 "
+                                    "paired cases are too few")
+    noise = {"a": "swin", "b": "unet",
+             **paired_difference(a, a + rng.normal(0, 0.02, 12)), **costs}
+    assert noise["ci_low"] < 0 < noise["ci_high"]
+    assert _verdict(noise).startswith("no difference between swin and unet is shown")
 
 
 def test_compare_builds_the_report_from_mlflow_runs(tiny_pipeline, tmp_path):
@@ -72,7 +92,8 @@ def test_compare_builds_the_report_from_mlflow_runs(tiny_pipeline, tmp_path):
     assert (pair["a"], pair["b"]) == ("nnunet", "unet")
     assert pair["parameters_ratio"] == pytest.approx(params["nnunet"] / params["unet"])
     (verdict,) = summary["verdicts"]
-    assert verdict.startswith(("nnunet segments", "no difference between nnunet and unet"))
+    # one fold of the tiny dataset: a single validation case, which can show nothing
+    assert verdict.startswith(("nnunet scored", "no difference between nnunet and unet"))
     assert f"{params['nnunet'] / params['unet']:.2g}x the parameters" in verdict
     assert verdict in markdown
     parents = [r for r in runs if r.data.tags.get("task") == "comparison"]

@@ -70,6 +70,18 @@ def test_lint_is_clean_and_the_config_must_be_given(workdir):
     assert "--configfile" in bare.stdout + bare.stderr
 
 
+def test_schema_rejects_a_bad_config_naming_the_setting(workdir):
+    (workdir / "config.yaml").write_text("dataset: raw\nresults: results\nfolds: 1\n"
+                                         "configuration: 2d\n")
+    result = run([*snakemake(workdir, "all"), "-n"])
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "configs/schema.yaml" in output or "schema" in output.lower()
+    assert "'2d' is not one of ['3d_fullres', '3d_lowres']" in output or \
+        "1 is less than the minimum of 2" in output, output[-2000:]
+    assert not (workdir / "results").exists()  # nothing ran
+
+
 def test_slurm_profile_sends_training_to_the_gpu_partition(workdir):
     command = snakemake(workdir, "all")
     command[command.index("--profile") + 1] = str(REPO / "configs" / "profiles" / "slurm")

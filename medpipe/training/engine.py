@@ -174,7 +174,7 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_train_start(self)
         while self.epoch < self.settings.epochs:
-            metrics = self._train_one_epoch()
+            metrics = self.train_epoch()
             self.epoch += 1
             improved = False
             last = self.epoch == self.settings.epochs
@@ -211,7 +211,9 @@ class Trainer:
             "device": str(self.settings.device),
         }
 
-    def _train_one_epoch(self) -> dict[str, float]:
+    def train_epoch(self) -> dict[str, float]:
+        """One epoch of optimisation steps (no validation, no checkpoint): its mean loss,
+        learning rate, throughput and seconds. `fit` calls it; benchmarks time it alone."""
         torch.manual_seed(epoch_seed(self.settings.seed, self.epoch))
         self.model.train()
         device = self.settings.device

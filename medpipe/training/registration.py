@@ -44,7 +44,7 @@ from medpipe.registration.pairs import (
     resample_case,
 )
 from medpipe.training.engine import pick_device
-from medpipe.training.runs import base_description, fit_run, prepare_run_dir
+from medpipe.training.runs import RunSetup, base_description, fit_run, prepare_run_dir
 
 PREALIGNMENT_FILE = "prealign.json"
 
@@ -177,6 +177,13 @@ def train_registration(
     progress: bool = True,
 ) -> Path:
     """Train a registration network on FOLD's training cases; resumes in the same folder."""
+    return fit_run(config, registration_setup(config, model, fold, run_dir, restart), progress)
+
+
+def registration_setup(config: PipelineConfig, model: str, fold: int,
+                       run_dir: Path | None = None, restart: bool = False) -> RunSetup:
+    """The described run folder with its pre-alignment, the network, the pair task and the
+    device: what `train_registration` fits, and what benchmarks time."""
     spec = model_spec(model, task="registration")
     training = config.training_for(model, spec.optimizer_defaults)
     description = describe_registration_run(config, model, fold, training)
@@ -222,7 +229,7 @@ def train_registration(
         update=description["registration"]), n_classes=len(description["labels"]))
     task = RegistrationTask(dataset, validation, loss, num_workers=training.num_workers,
                             pin_memory=device.type == "cuda")
-    return fit_run(config, run_dir, description, network, task, training, device, progress)
+    return RunSetup(run_dir, description, network, task, training, device)
 
 
 def prealignment(run_dir: Path, description: dict,

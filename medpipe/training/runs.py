@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from medpipe.config import PipelineConfig, TrainingConfig, optimizer_config
@@ -126,27 +128,40 @@ def prepare_run_dir(config: PipelineConfig, run_dir: Path, description: dict,
     write_json(config.model_dump(mode="json"), run_dir / "config.json")
 
 
-def fit_run(
-    config: PipelineConfig,
-    run_dir: Path,
-    description: dict[str, Any],
-    network: nn.Module,
-    task: TrainingTask,
-    training: TrainingConfig,
-    device,
-    progress: bool = True,
-) -> Path:
-    """Train NETWORK on TASK in RUN_DIR (resuming from `latest`), tracked; write the summary."""
-    model, fold = description["model"], description["fold"]
-    optimizer = build_optimizer(network, optimizer_config(training))
+@dataclass
+class RunSetup:
+    """A described run, ready to fit: what each task's `*_setup` returns."""
+
+    run_dir: Path
+    description: dict[str, Any]
+    network: nn.Module
+    task: TrainingTask
+    training: TrainingConfig
+    device: torch.device
+
+
+def trainer_for(setup: RunSetup, callbacks: list | None = None) -> Trainer:
+    """The engine for SETUP: its optimiser, schedule and settings from the training config."""
+    training = setup.training
+    optimizer = build_optimizer(setup.network, optimizer_config(training))
     scheduler = build_scheduler(
         optimizer, optimizer_config(training), training.epochs * training.iterations_per_epoch
     )
     settings = EngineSettings(
         epochs=training.epochs, iterations_per_epoch=training.iterations_per_epoch,
         val_every=training.val_every, seed=training.seed, amp=training.amp,
-        grad_clip=training.grad_clip, device=device,
+        grad_clip=training.grad_clip, device=setup.device,
     )
+    return Trainer(setup.network, setup.task, optimizer, scheduler, settings,
+                   setup.run_dir / "checkpoints", metadata={"model": setup.description},
+                   callbacks=callbacks or [])
+
+
+def fit_run(config: PipelineConfig, setup: RunSetup, progress: bool = True) -> Path:
+    """Train SETUP's network on its task in its run folder (resuming from `latest`), tracked;
+    write the summary."""
+    run_dir, description = setup.run_dir, setup.description
+    model, fold = description["model"], description["fold"]
     tracker = open_tracker(
         config.tracking, description["dataset_name"], f"{model}_fold_{fold}", run_dir,
         tags={"model": model, "fold": str(fold), "task": description["task"]},
@@ -155,8 +170,7 @@ def fit_run(
                                   class_names=class_names(description["labels"]))]
     if progress:
         callbacks.append(ProgressPrinter(f"{model} fold {fold}"))
-    trainer = Trainer(network, task, optimizer, scheduler, settings, run_dir / "checkpoints",
-                      metadata={"model": description}, callbacks=callbacks)
+    trainer = trainer_for(setup, callbacks)
     trainer.resume()
     try:
         trainer.fit()

@@ -23,7 +23,13 @@ from medpipe.models import NetworkShape, build_model, fit_patch_size, model_spec
 from medpipe.training.augment import Augmenter
 from medpipe.training.engine import pick_device
 from medpipe.training.patches import CachedCase, PatchDataset, load_cases
-from medpipe.training.runs import base_description, fit_run, load_plans, prepare_run_dir
+from medpipe.training.runs import (
+    RunSetup,
+    base_description,
+    fit_run,
+    load_plans,
+    prepare_run_dir,
+)
 
 
 class SegmentationTask:
@@ -153,12 +159,19 @@ def train_segmentation(
     progress: bool = True,
 ) -> Path:
     """Train MODEL on FOLD; resumes an interrupted run in the same folder. Returns the folder."""
-    spec = model_spec(model, task="segmentation")
-    training = config.training_for(model, spec.optimizer_defaults)
+    return fit_run(config, segmentation_setup(config, model, fold, run_dir, restart), progress)
+
+
+def segmentation_setup(config: PipelineConfig, model: str, fold: int,
+                       run_dir: Path | None = None, restart: bool = False) -> RunSetup:
+    """The described run folder (resume guard checked), the network with its seeded initial
+    weights, the task with its patch sampler, and the device: what `train_segmentation`
+    fits, and what benchmarks time."""
+    training = config.training_for(model, model_spec(model, task="segmentation")
+                                   .optimizer_defaults)
     description = describe_run(config, model, fold, training)
     run_dir = Path(run_dir or config.run_dir(model, fold))
     prepare_run_dir(config, run_dir, description, restart)
-
     device = pick_device(training.device)
     torch.manual_seed(training.seed)  # the initial weights
     shape = NetworkShape(description["in_channels"], description["out_channels"],
@@ -176,4 +189,4 @@ def train_segmentation(
         overlap=training.val_overlap, num_workers=training.num_workers,
         pin_memory=device.type == "cuda",
     )
-    return fit_run(config, run_dir, description, network, task, training, device, progress)
+    return RunSetup(run_dir, description, network, task, training, device)

@@ -1,0 +1,129 @@
+"""Registration: seconds per pair, peak memory and Dice of the warped labels for identity,
+the classical SimpleITK registration (affine + demons, medpipe's defaults) and each network
+(`load_registrator(...).register`: pre-alignment, the network on its grid, the field
+composed onto the fixed scan's grid), at the demo's 3 mm and at MNI's 1 mm (197x233x189).
+
+The same pairs for every method, raw scans in, the field on the fixed grid out, the moving
+labels warped through it (nearest neighbour) and compared with the fixed labels (mean Dice
+over CSF, grey and white matter). Each method and pair runs in its own process.
+Writes bench/results/registration_speed.json.
+
+    python bench/registration_speed.py [--quick] [--runs demo/results/runs]
+
+Networks come from --runs (trained, e.g. by `make demo`); without it they are trained for
+one step on the bench's data, and only their time is meaningful (their Dice is left out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from common import demo_pipeline, isolated, write_results
+
+NETWORKS = ("voxelmorph", "voxelmorph_diff")
+
+
+def untrained_runs(root: Path) -> Path:
+    from medpipe.config import load_config
+    from medpipe.training.registration import train_registration
+
+    runs = root / "runs"
+    for model in NETWORKS:
+        if (runs / model / "fold_0" / "training.json").is_file():
+            continue
+        config = load_config(root / "config.yaml", [
+            f"models.{model}.training.epochs=1",
+            f"models.{model}.training.iterations_per_epoch=1"])
+        train_registration(config, model, 0, runs / model / "fold_0", progress=False)
+    return runs
+
+
+def measure(method: str, moving: str, fixed: str, moving_labels: str, fixed_labels: str,
+            run: str | None) -> dict:
+    """One pair: the field (timed from the two scans on disk), then Dice of warped labels."""
+    import numpy as np
+
+    from medpipe.io import read_image
+    from medpipe.registration.classical import displacement_field, register_classical
+    from medpipe.registration.fields import identity_field, warp_with_field
+
+    registrator = None
+    if run is not None:
+        from medpipe import load_registrator
+
+        registrator = load_registrator(run, device="auto")
+    start = time.perf_counter()
+    if registrator is not None:
+        field = registrator.register(moving, fixed).field
+        field = field if not hasattr(field, "array") else _to_sitk(field)
+    else:
+        fixed_volume, moving_volume = read_image(fixed), read_image(moving)
+        if method == "classical":
+            field = displacement_field(register_classical(fixed_volume, moving_volume),
+                                       fixed_volume)
+        else:
+            field = identity_field(fixed_volume.geometry, fixed_volume.shape)
+    seconds = time.perf_counter() - start
+    warped = warp_with_field(read_image(moving_labels), field, labels=True).array
+    reference = read_image(fixed_labels).array
+    dice = [2 * ((warped == v) & (reference == v)).sum()
+            / max((warped == v).sum() + (reference == v).sum(), 1)
+            for v in np.unique(reference) if v != 0]
+    return {"seconds": seconds, "mean_dice": float(np.mean(dice)),
+            "dice_per_class": [float(d) for d in dice]}
+
+
+def _to_sitk(volume):
+    from medpipe.io import to_sitk
+
+    return to_sitk(volume)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--runs", type=Path, help="folder of NETWORK/fold_0 run folders")
+    args = parser.parse_args()
+    grids = {"3 mm (66x78x63)": demo_pipeline(),
+             "1 mm MNI (197x233x189)": demo_pipeline(cases=2, spacing=1.0, name="mni_1mm",
+                                                     preprocess=False)}
+    trained = args.runs is not None
+    runs = args.runs or untrained_runs(grids["3 mm (66x78x63)"])
+    rows, table = [], []
+    for grid, root in grids.items():
+        images = sorted((root / "raw" / "imagesTr").glob("*_0000.nii.gz"))
+        labels = sorted((root / "raw" / "labelsTr").glob("*.nii.gz"))
+        n_pairs = 1 if args.quick or grid.startswith("1 mm") else 3
+        pairs = [(i + 1, i) for i in range(n_pairs)]
+        for method in ("identity", "classical", *NETWORKS):
+            run = str(runs / method / "fold_0") if method in NETWORKS else None
+            results = [isolated(measure, method, str(images[m]), str(images[f]),
+                                str(labels[m]), str(labels[f]), run) for m, f in pairs]
+            seconds = sum(r["seconds"] for r in results) / len(results)
+            dice = sum(r["mean_dice"] for r in results) / len(results)
+            if run is not None and not trained:
+                dice = None  # an untrained network: its time only
+            peak = max(r["peak_rss_mb"] for r in results)
+            rows.append({"grid": grid, "method": method, "pairs": len(pairs),
+                         "seconds_per_pair": seconds, "mean_dice": dice, "peak_rss_mb": peak,
+                         "per_pair": results})
+            table.append([grid, method, seconds, dice, peak])
+            print(rows[-1], flush=True)
+    for grid in grids:  # classical time / network time, per grid
+        by_method = {r["method"]: r["seconds_per_pair"] for r in rows if r["grid"] == grid}
+        for network in NETWORKS:
+            ratio = by_method["classical"] / by_method[network]
+            rows.append({"grid": grid, "ratio": f"classical / {network}", "value": ratio})
+            table.append([grid, f"time ratio classical / {network}", ratio, None, None])
+    write_results("registration_speed", {"quick": args.quick, "trained_networks": trained,
+                                         "runs": str(runs), "rows": rows},
+                  ["grid", "method", "s / pair", "mean Dice", "peak MB"], table,
+                  notes="Seconds from the two scans on disk to the field on the fixed grid "
+                        "(pre-alignment included for the networks); Dice of the moving labels "
+                        "warped by that field against the fixed labels.")
+
+
+if __name__ == "__main__":
+    main()
