@@ -1,19 +1,17 @@
 """What every benchmark shares: the machine it ran on, a prepared demo dataset, peak memory
-of one measurement (in a process of its own), and writing JSON + a Markdown table.
+of one measurement, and writing JSON + a Markdown table.
 
-Peak memory on a CPU is the process's maximum resident set size (`ru_maxrss`) minus what it
-held before the measurement began (Python, torch and the data already loaded), so each
-measurement runs in a fresh spawned process; on a GPU it is torch's peak allocation.
+Peak memory on a CPU is the resident set size sampled during the measurement (`measured`,
+in this process: its peak and how much it added; one interpreter for all measurements, as
+spawning a process per figure costs more than many of the figures); on a GPU it is torch's
+peak allocation.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import platform
-import resource
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,47 +44,43 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _child(queue: Any, function: Callable, args: tuple) -> None:
-    try:
-        before = rss_mb()
+class PeakMemory:
+    """Peak resident memory while a block runs, sampled every 5 ms by a thread (no new
+    process needed, so measurements share one interpreter; spikes shorter than the interval
+    can be missed). `peak_mb`: the process's peak during the block; `added_mb`: above what it
+    held when the block began."""
+
+    def __enter__(self) -> PeakMemory:
+        import threading
+
+        self.start_mb = self.peak_mb = rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak_mb = max(self.peak_mb, rss_mb())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, rss_mb())
+
+    @property
+    def added_mb(self) -> float:
+        return self.peak_mb - self.start_mb
+
+
+def measured(function: Callable, *args: Any) -> dict[str, Any]:
+    """FUNCTION(*ARGS) in this process with `peak_rss_mb` and `added_memory_mb` (see
+    `PeakMemory`) added to its result (a dict)."""
+    with PeakMemory() as memory:
         result = function(*args)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        queue.put(("ok", result, peak, before))
-    except BaseException as error:  # reported to the parent, which raises
-        queue.put(("error", f"{type(error).__name__}: {error}", 0.0, 0.0))
-
-
-def isolated(function: Callable, *args: Any) -> dict[str, Any]:
-    """FUNCTION(*ARGS) in a fresh process: its result, plus `peak_rss_mb` (the process's
-    peak) and `work_memory_mb` (the peak above what the process held when FUNCTION began;
-    FUNCTION loads its own data, so include that in what it measures or not, as it chooses).
-    FUNCTION must be importable (module level)."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_child, args=(queue, function, args))
-    process.start()
-    status, result, peak, before = queue.get()
-    process.join()
-    if status != "ok":
-        raise RuntimeError(result)
     out = dict(result) if isinstance(result, dict) else {"result": result}
-    out.setdefault("peak_rss_mb", round(peak, 1))
-    out.setdefault("work_memory_mb", round(peak - before, 1))
+    out.update(peak_rss_mb=round(memory.peak_mb, 1), added_memory_mb=round(memory.added_mb, 1))
     return out
-
-
-def timed(function: Callable[[], Any], repeats: int = 1, warmup: int = 0) -> tuple[float, Any]:
-    """Median seconds of REPEATS calls after WARMUP calls; the last result."""
-    result = None
-    for _ in range(warmup):
-        result = function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2], result
 
 
 def demo_pipeline(cases: int = 6, spacing: float = 3.0, name: str | None = None,

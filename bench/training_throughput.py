@@ -10,8 +10,9 @@ gradient clipping, AMP on a GPU). Reference: a `monai.data.Dataset` + `RandCropB
 + `DataLoader(shuffle=True)` +
 `list_data_collate`, then zero_grad / forward / `DiceCELoss` / backward / step, as in MONAI's
 3D segmentation tutorials; for registration, the same pairs fed to a bare loop with the same
-loss. Augmentation is off in both (its cost is measured by `data_loading.py`). Each
-measurement runs in its own process (peak memory). Writes bench/results/training_throughput.json.
+loss. Augmentation is off in both (its cost is measured by `data_loading.py`). Memory:
+what each measurement added to the process's resident memory at its peak (network,
+optimiser state, activations, data). Writes bench/results/training_throughput.json.
 
     python bench/training_throughput.py [--quick] [--models unet nnunet swin_unetr voxelmorph]
 """
@@ -24,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import demo_pipeline, isolated, write_results
+from common import demo_pipeline, measured, write_results
 
 SEGMENTATION = ("unet", "nnunet", "swin_unetr")
 REGISTRATION = ("voxelmorph", "voxelmorph_diff")
@@ -163,22 +164,23 @@ def main() -> None:
     root = demo_pipeline()
     rows, table = [], []
     for model in args.models:
-        iterations = (2 if model == "swin_unetr" else 4) if args.quick else 20
-        engine = isolated(measure_engine, str(root), model, iterations, args.device)
-        reference = isolated(measure_reference, str(root), model, iterations, args.device)
+        iterations = (2 if model == "swin_unetr" else 3) if args.quick else 20
+        engine = measured(measure_engine, str(root), model, iterations, args.device)
+        reference = measured(measure_reference, str(root), model, iterations, args.device)
         ratio = engine["per_s"] / reference["per_s"]
         rows.append({"model": model, "iterations": iterations, "engine": engine,
                      "reference": reference, "engine_over_reference": ratio})
         table.append([model, "x".join(map(str, engine["patch_size"])), engine["batch_size"],
-                      engine["per_s"], reference["per_s"], ratio, engine["peak_rss_mb"],
-                      reference["peak_rss_mb"]])
+                      engine["per_s"], reference["per_s"], ratio, engine["added_memory_mb"],
+                      reference["added_memory_mb"]])
         print(rows[-1], flush=True)
     write_results(
         "training_throughput", {"quick": args.quick, "rows": rows},
-        ["model", "patch", "batch", "medpipe /s", "reference /s", "ratio", "medpipe peak MB",
-         "reference peak MB"], table,
-        notes="Units: patches (pairs for voxelmorph) per second, timed after a warm-up; peak "
-              "MB is the measuring process's peak resident memory (data included).")
+        ["model", "patch", "batch", "medpipe /s", "reference /s", "ratio", "medpipe MB",
+         "reference MB"], table,
+        notes="Units: patches (pairs for voxelmorph) per second, timed after a warm-up; MB: "
+              "resident memory the measurement added at its peak (data, network, optimiser, "
+              "activations).")
 
 
 if __name__ == "__main__":
