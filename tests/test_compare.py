@@ -71,10 +71,10 @@ def test_compare_builds_the_report_from_mlflow_runs(tiny_pipeline, tmp_path):
         [sys.executable, "-m", "medpipe.cli", "compare", "--experiment", "compare_test",
          "-o", str(out), "--tracking-uri", uri], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    markdown = (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text(encoding="utf-8")
     for name in ("unet", "nnunet", "identity", "classical", "Paired comparison"):
         assert name in markdown
-    page = (out / "report.html").read_text()
+    page = (out / "report.html").read_text(encoding="utf-8")
     assert "data:image/png;base64," in page and "<table>" in page  # self-contained
     # one example figure per model, taken from its run's artifacts
     examples = sorted(p.name for p in out.glob("example_*.png"))
@@ -85,7 +85,7 @@ def test_compare_builds_the_report_from_mlflow_runs(tiny_pipeline, tmp_path):
     experiment = client.get_experiment_by_name("compare_test")
     runs = client.search_runs([experiment.experiment_id])
     # the paired comparison carries each model's cost relative to the other's, from MLflow
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     (pair,) = summary["paired"]
     params = {r.data.tags["model"]: r.data.metrics["parameters"] for r in runs
               if r.data.tags.get("task") == "segmentation"}

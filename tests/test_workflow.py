@@ -168,8 +168,8 @@ def test_whole_workflow_end_to_end_killed_during_training_and_resumed(workdir):
         if trained and len(training_logs) > len(trained):  # a finished one, another going
             break
         time.sleep(0.2)
-    assert process.poll() is None, \
-        f"the workflow ended before it could be interrupted:\n{first_log.read_text()[-3000:]}"
+    log = first_log.read_text(encoding="utf-8", errors="replace")[-3000:]
+    assert process.poll() is None, f"the workflow ended before it could be interrupted:\n{log}"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     finished = {p: p.stat().st_mtime_ns for p in runs.glob("*/fold_0/training.json")}
@@ -180,7 +180,7 @@ def test_whole_workflow_end_to_end_killed_during_training_and_resumed(workdir):
     assert result.returncode == 0, result.stderr[-3000:]
     for path, mtime in finished.items():
         assert path.stat().st_mtime_ns == mtime, f"{path} was trained again"
-    report = (workdir / "results" / "compare" / "report.md").read_text()
+    report = (workdir / "results" / "compare" / "report.md").read_text(encoding="utf-8")
     for method in ("unet", "nnunet", "voxelmorph", "identity", "classical"):
         assert f"| {method} |" in report
     html = run([*snakemake(workdir, "all"), "--report", str(workdir / "workflow.html")])
