@@ -121,6 +121,30 @@ def demo_pipeline(cases: int = 6, spacing: float = 3.0, name: str | None = None,
     return root
 
 
+def one_step_runs(root: Path, models: Sequence[str], train: Callable) -> Path:
+    """ROOT/runs/MODEL/fold_0 for each of MODELS, trained by TRAIN (`train_segmentation` or
+    `train_registration`) for a single step, once: what timing a prediction needs (the
+    weights do not change its cost)."""
+    from medpipe.config import load_config
+
+    runs = root / "runs"
+    for model in models:
+        if (runs / model / "fold_0" / "training.json").is_file():
+            continue
+        config = load_config(root / "config.yaml", [
+            f"{scope}.{key}=1" for scope in ("training", f"models.{model}.training")
+            for key in ("epochs", "iterations_per_epoch", "val_every")])
+        train(config, model, 0, runs / model / "fold_0", progress=False)
+    return runs
+
+
+def gpu_peak_mb(device: Any) -> float | None:
+    """Torch's peak GPU allocation (the engine's measure), None on a CPU."""
+    from medpipe.training.engine import peak_memory_mb
+
+    return peak_memory_mb(device) if device.type == "cuda" else None
+
+
 def write_results(name: str, data: dict[str, Any], header: Sequence[str],
                   rows: Sequence[Sequence[Any]], notes: str = "") -> Path:
     """bench/results/NAME.json (DATA + the machine) and NAME.md (the table)."""

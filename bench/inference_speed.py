@@ -22,27 +22,9 @@ import argparse
 import time
 from pathlib import Path
 
-from common import WORK, demo_pipeline, measured, write_results
+from common import WORK, demo_pipeline, gpu_peak_mb, measured, one_step_runs, write_results
 
 MODELS = ("unet", "nnunet", "swin_unetr")
-
-
-def untrained_runs(root: Path, models: list[str]) -> Path:
-    """Run folders of MODELS trained for one step (once)."""
-    from medpipe.config import load_config
-    from medpipe.training.segmentation import train_segmentation
-
-    runs = root / "runs"
-    for model in models:
-        if (runs / model / "fold_0" / "training.json").is_file():
-            continue
-        config = load_config(root / "config.yaml", [
-            "training.epochs=1", "training.iterations_per_epoch=1", "training.val_every=1",
-            f"models.{model}.training.epochs=1",
-            f"models.{model}.training.iterations_per_epoch=1",
-            f"models.{model}.training.val_every=1"])
-        train_segmentation(config, model, 0, runs / model / "fold_0", progress=False)
-    return runs
 
 
 def scans(root: Path, sizes: list[int]) -> dict[str, Path]:
@@ -90,9 +72,8 @@ def measure(run: str, scan: str, mirror: bool) -> dict:
     start = time.perf_counter()
     segmenter.predict(scan, mirror=mirror)
     seconds = time.perf_counter() - start
-    gpu = (torch.cuda.max_memory_allocated() / 2**20 if segmenter.device.type == "cuda"
-           else None)
-    return {"seconds": seconds, "gpu_peak_mb": gpu, "device": str(segmenter.device)}
+    return {"seconds": seconds, "gpu_peak_mb": gpu_peak_mb(segmenter.device),
+            "device": str(segmenter.device)}
 
 
 def main() -> None:
@@ -102,7 +83,12 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     args = parser.parse_args()
     root = demo_pipeline()
-    runs = args.runs or untrained_runs(root, args.models)
+    if args.runs:
+        runs = args.runs
+    else:
+        from medpipe.training.segmentation import train_segmentation
+
+        runs = one_step_runs(root, args.models, train_segmentation)
     sizes = [64, 128] if args.quick else [64, 96, 128, 160, 192, 256]
     files = scans(root, sizes)
     rows, table = [], []

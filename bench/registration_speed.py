@@ -21,32 +21,19 @@ import argparse
 import time
 from pathlib import Path
 
-from common import demo_pipeline, measured, write_results
+from common import demo_pipeline, measured, one_step_runs, write_results
 
 NETWORKS = ("voxelmorph", "voxelmorph_diff")
-
-
-def untrained_runs(root: Path) -> Path:
-    from medpipe.config import load_config
-    from medpipe.training.registration import train_registration
-
-    runs = root / "runs"
-    for model in NETWORKS:
-        if (runs / model / "fold_0" / "training.json").is_file():
-            continue
-        config = load_config(root / "config.yaml", [
-            f"models.{model}.training.epochs=1",
-            f"models.{model}.training.iterations_per_epoch=1"])
-        train_registration(config, model, 0, runs / model / "fold_0", progress=False)
-    return runs
 
 
 def measure(method: str, moving: str, fixed: str, moving_labels: str, fixed_labels: str,
             run: str | None) -> dict:
     """One pair: the field (timed from the two scans on disk), then Dice of warped labels."""
     import numpy as np
+    import torch
 
-    from medpipe.io import read_image
+    from medpipe.io import read_image, to_sitk
+    from medpipe.metrics import dice_per_class
     from medpipe.registration.classical import displacement_field, register_classical
     from medpipe.registration.fields import identity_field, warp_with_field
 
@@ -56,9 +43,8 @@ def measure(method: str, moving: str, fixed: str, moving_labels: str, fixed_labe
 
         registrator = load_registrator(run, device="auto")
     start = time.perf_counter()
-    if registrator is not None:
-        field = registrator.register(moving, fixed).field
-        field = field if not hasattr(field, "array") else _to_sitk(field)
+    if registrator is not None:  # paths in: the field comes back as a Volume
+        field = to_sitk(registrator.register(moving, fixed).field)
     else:
         fixed_volume, moving_volume = read_image(fixed), read_image(moving)
         if method == "classical":
@@ -69,17 +55,10 @@ def measure(method: str, moving: str, fixed: str, moving_labels: str, fixed_labe
     seconds = time.perf_counter() - start
     warped = warp_with_field(read_image(moving_labels), field, labels=True).array
     reference = read_image(fixed_labels).array
-    dice = [2 * ((warped == v) & (reference == v)).sum()
-            / max((warped == v).sum() + (reference == v).sum(), 1)
-            for v in np.unique(reference) if v != 0]
-    return {"seconds": seconds, "mean_dice": float(np.mean(dice)),
+    dice = dice_per_class(torch.from_numpy(warped.astype(np.int64)),
+                          torch.from_numpy(reference.astype(np.int64)), int(reference.max()) + 1)
+    return {"seconds": seconds, "mean_dice": float(torch.nanmean(dice)),
             "dice_per_class": [float(d) for d in dice]}
-
-
-def _to_sitk(volume):
-    from medpipe.io import to_sitk
-
-    return to_sitk(volume)
 
 
 def main() -> None:
@@ -91,7 +70,12 @@ def main() -> None:
              "1 mm MNI (197x233x189)": demo_pipeline(cases=2, spacing=1.0, name="mni_1mm",
                                                      preprocess=False)}
     trained = args.runs is not None
-    runs = args.runs or untrained_runs(grids["3 mm (66x78x63)"])
+    if args.runs:
+        runs = args.runs
+    else:
+        from medpipe.training.registration import train_registration
+
+        runs = one_step_runs(grids["3 mm (66x78x63)"], NETWORKS, train_registration)
     rows, table = [], []
     for grid, root in grids.items():
         images = sorted((root / "raw" / "imagesTr").glob("*_0000.nii.gz"))

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import demo_pipeline, measured, write_results
+from common import demo_pipeline, gpu_peak_mb, measured, write_results
 
 SEGMENTATION = ("unet", "nnunet", "swin_unetr")
 REGISTRATION = ("voxelmorph", "voxelmorph_diff")
@@ -52,12 +52,6 @@ def _setup(root: Path, model: str, iterations: int, device: str, run_dir: Path):
     return setup(config, model, 0, run_dir, restart=True)
 
 
-def _peak_gpu_mb(device) -> float | None:
-    import torch
-
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-
-
 def measure_engine(root: str, model: str, iterations: int, device: str) -> dict:
     """medpipe's engine: one warm-up epoch, then one timed epoch of ITERATIONS steps."""
     from medpipe.training.runs import trainer_for
@@ -72,7 +66,7 @@ def measure_engine(root: str, model: str, iterations: int, device: str) -> dict:
                 "batch_size": setup.description["batch_size"],
                 "patch_size": setup.description.get("patch_size")
                 or setup.description.get("grid_shape"),
-                "gpu_peak_mb": _peak_gpu_mb(setup.device)}
+                "gpu_peak_mb": gpu_peak_mb(setup.device)}
 
 
 def measure_reference(root: str, model: str, iterations: int, device: str) -> dict:
@@ -101,7 +95,7 @@ def measure_reference(root: str, model: str, iterations: int, device: str) -> di
         if setup.device.type == "cuda":
             torch.cuda.synchronize()
         return {"per_s": samples / (time.perf_counter() - start),
-                "gpu_peak_mb": _peak_gpu_mb(setup.device)}
+                "gpu_peak_mb": gpu_peak_mb(setup.device)}
 
 
 def _forever(loader):
