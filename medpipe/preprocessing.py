@@ -254,12 +254,11 @@ def restore_probability_maps(probabilities: np.ndarray, properties: dict) -> Vol
     crop box the scan was empty, so background has probability 1 there."""
     shape_cropped = properties["shape_after_cropping_and_before_resampling"]
     axis = properties["separate_axis"]
-    resampled = np.stack([_resize(p.astype(np.float32), shape_cropped, 1, axis)
-                          for p in probabilities], axis=-1)
     full = np.zeros((*properties["shape_before_cropping"], len(probabilities)), np.float32)
     full[..., 0] = 1.0
     slicer = tuple(slice(lo, hi) for lo, hi in properties["bbox_used_for_cropping"])
-    full[slicer] = resampled
+    for k, channel in enumerate(probabilities):  # into place, one class at a time: no stack
+        full[(*slicer, k)] = _resize(channel.astype(np.float32), shape_cropped, 1, axis)
     return Volume(full, Geometry.from_json(properties["geometry"]))
 
 

@@ -104,7 +104,11 @@ def make_demo_case(
 ) -> tuple[Volume, Volume]:
     """One (image, label) pair of Volumes on `grid` for case number `index`."""
     rng = np.random.default_rng([settings.seed, index])
-    transform = _random_transform(template["t1"], settings, rng)
+    # evaluated once on the grid as a displacement field, then looked up for each of the four
+    # images: bit for bit the files of four B-spline passes (checked), in 1/2.5 of the time
+    transform = sitk.DisplacementFieldTransform(sitk.TransformToDisplacementField(
+        _random_transform(template["t1"], settings, rng), sitk.sitkVectorFloat64,
+        grid.GetSize(), grid.GetOrigin(), grid.GetSpacing(), grid.GetDirection()))
 
     def warp(image: sitk.Image) -> np.ndarray:
         warped = sitk.Resample(image, grid, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
