@@ -242,24 +242,40 @@ def restore_probabilities(probabilities: np.ndarray, properties: dict) -> Volume
 
     As nnU-Net exports predictions: the probabilities are resampled (linearly, the coarse
     axis by nearest neighbour) and the argmax taken on the raw grid, which keeps thin
-    structures that resampling a hard label map would lose.
+    structures that resampling a hard label map would lose. One class at a time inside the
+    crop box (a running maximum; ties go to the lower label, as `argmax`), so the K maps on
+    the full grid are never held at once: with 100 classes a 512x512x300 CT would need 31 GB
+    for them.
     """
-    maps = restore_probability_maps(probabilities, properties)
-    label = np.argmax(maps.array, axis=-1)
-    return maps.with_array(label.astype(np.uint8 if len(probabilities) < 256 else np.int16))
+    label = best = None
+    for k, resized in enumerate(_cropped_probability_maps(probabilities, properties)):
+        if label is None:
+            label = np.zeros(resized.shape, np.uint8 if len(probabilities) < 256 else np.int16)
+            best = resized
+            continue
+        better = resized > best
+        label[better] = k
+        np.maximum(best, resized, out=best)
+    return _uncrop(label, properties)  # outside the crop box the scan was empty: background
 
 
 def restore_probability_maps(probabilities: np.ndarray, properties: dict) -> Volume:
     """Class probabilities on the raw grid, as a vector volume (X, Y, Z, K); outside the
     crop box the scan was empty, so background has probability 1 there."""
-    shape_cropped = properties["shape_after_cropping_and_before_resampling"]
-    axis = properties["separate_axis"]
     full = np.zeros((*properties["shape_before_cropping"], len(probabilities)), np.float32)
     full[..., 0] = 1.0
     slicer = tuple(slice(lo, hi) for lo, hi in properties["bbox_used_for_cropping"])
-    for k, channel in enumerate(probabilities):  # into place, one class at a time: no stack
-        full[(*slicer, k)] = _resize(channel.astype(np.float32), shape_cropped, 1, axis)
+    for k, resized in enumerate(_cropped_probability_maps(probabilities, properties)):
+        full[(*slicer, k)] = resized  # into place, one class at a time: no stacked copy
     return Volume(full, Geometry.from_json(properties["geometry"]))
+
+
+def _cropped_probability_maps(probabilities: np.ndarray, properties: dict):
+    """Each class's probabilities resampled onto the raw grid's crop box, one at a time."""
+    shape_cropped = properties["shape_after_cropping_and_before_resampling"]
+    axis = properties["separate_axis"]
+    for channel in probabilities:
+        yield _resize(channel.astype(np.float32), shape_cropped, 1, axis)
 
 
 def preprocessed_geometry(properties: dict) -> Geometry:

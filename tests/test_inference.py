@@ -63,6 +63,10 @@ def test_prediction_lies_on_the_input_grid_in_any_orientation(segmentation_run, 
         path = write_image(other, tmp_path / f"{codes}.nii.gz")
         labels = segmenter.predict(path)
         assert labels.shape == other.shape
+        # labels alone (restored class by class) = the argmax of the probability maps
+        with_maps, maps = segmenter.predict(path, probabilities=True)
+        np.testing.assert_array_equal(labels.array, with_maps.array)
+        np.testing.assert_array_equal(labels.array, maps.array.argmax(-1))
         assert labels.geometry.is_close(read_image(path).geometry, atol=1e-5)
         back = reorient(labels, orientation(scan.geometry)).array
         for value in segmenter.labels.values():

@@ -24,7 +24,12 @@ from medpipe.inference.images import ScanLike, as_kind, load_channels, stack_cha
 from medpipe.inference.model_io import load_trained, run_folders
 from medpipe.inference.sliding_window import predict_probabilities
 from medpipe.io import Volume, image_suffix, orientation, reorient, write_image
-from medpipe.preprocessing import PreprocessingPlan, preprocess_images, restore_probability_maps
+from medpipe.preprocessing import (
+    PreprocessingPlan,
+    preprocess_images,
+    restore_probabilities,
+    restore_probability_maps,
+)
 from medpipe.training.engine import autocast_dtype, pick_device
 
 
@@ -59,13 +64,15 @@ class Segmenter:
         """Labels on SCAN's grid, as the kind passed in (a path gives a `Volume`); with
         PROBABILITIES, `(labels, probabilities)`, the latter a vector image (X, Y, Z, K)."""
         volumes, kind = load_channels(scan, self.channels)
-        labels, maps = self.predict_volumes(volumes, mirror)
+        labels, maps = self.predict_volumes(volumes, mirror, probabilities)
         if probabilities:
             return as_kind(labels, kind), as_kind(maps, kind)
         return as_kind(labels, kind)
 
     def predict_volumes(self, volumes: Sequence[Volume], mirror: bool = False,
-                        ) -> tuple[Volume, Volume]:
+                        probabilities: bool = False) -> tuple[Volume, Volume | None]:
+        """Labels on the grid of VOLUMES (one per channel) and, with PROBABILITIES, the
+        class probabilities there (else None: labels alone need far less memory)."""
         original = volumes[0]
         target = self.description.get("orientation")
         if target:
@@ -79,7 +86,13 @@ class Segmenter:
                 mirror_axes=(0, 1, 2) if mirror else (), dtype=self.dtype,
             )
             total = probs if total is None else total + probs
-        maps = restore_probability_maps((total / len(self.networks)).numpy(), properties)
+        mean = (total / len(self.networks)).numpy()
+        if not probabilities:
+            labels = restore_probabilities(mean, properties)
+            if target:
+                labels = reorient(labels, orientation(original.geometry))
+            return original.with_array(labels.array), None
+        maps = restore_probability_maps(mean, properties)
         if target:
             maps = reorient(maps, orientation(original.geometry))
         dtype = np.uint8 if maps.array.shape[-1] < 256 else np.int16
@@ -95,7 +108,7 @@ class Segmenter:
         written = []
         for scan, output in zip(inputs, outputs, strict=True):
             volumes, _ = load_channels(scan, self.channels)
-            labels, maps = self.predict_volumes(volumes, mirror)
+            labels, maps = self.predict_volumes(volumes, mirror, probabilities)
             if probabilities:
                 write_image(maps.with_array(maps.array.astype(np.float32)),
                             probabilities_path(output))
