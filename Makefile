@@ -15,7 +15,7 @@ TORCH_GPU_SPEC ?= torch>=2.4
 DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo clean-demo
+.PHONY: setup test lint demo bench clean-demo
 
 setup: $(VENV)/.installed
 
@@ -29,8 +29,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --progress-bar off -e ".[dev]"
 	touch $@
 
-# nnU-Net v2, only as the reference the planner is compared with, in its own environment:
-# its dependencies (timm -> torchvision) pin a newer, CUDA build of torch.
+# nnU-Net v2, only as a reference (its planner in the tests, its predictor in the benchmarks),
+# in its own environment: its dependencies (timm -> torchvision) pin a newer, CUDA build of torch.
 $(NNUNET_VENV)/.installed:
 	test -x $(NNUNET_VENV)/bin/python || $(PYTHON) -m venv $(NNUNET_VENV)
 	$(NNUNET_VENV)/bin/python -m pip install --progress-bar off "nnunetv2>=2.5"
@@ -50,6 +50,10 @@ demo: setup
 	@echo "Workflow outputs: $(DEMO_DIR)/results (plans.json, preprocessed/, runs/MODEL/fold_0/evaluation/)"
 	@echo "Report: $(DEMO_DIR)/results/compare/report.html"
 	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
+
+# The benchmarks' quick mode (bench/README.md); nnU-Net's environment for its own predictor
+bench: setup $(NNUNET_VENV)/.installed
+	MEDPIPE_NNUNET_BIN="$(CURDIR)/$(NNUNET_VENV)/bin" $(PY) bench/run_all.py --quick
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -1,10 +1,10 @@
 """What every benchmark shares: the machine it ran on, a prepared demo dataset, peak memory
 of one measurement, and writing JSON + a Markdown table.
 
-Peak memory on a CPU is the resident set size sampled during the measurement (`measured`,
-in this process: its peak and how much it added; one interpreter for all measurements, as
-spawning a process per figure costs more than many of the figures); on a GPU it is torch's
-peak allocation.
+Peak memory on a CPU is the resident set size sampled during the measurement (`measured`:
+its peak and how much it added to the process). A process keeps memory it freed and a later
+measurement can reuse it and read low, so scripts give each model a fresh process
+(`in_fresh_process`). On a GPU it is torch's peak allocation.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# where JSON and tables go: bench/results (committed) unless MEDPIPE_BENCH_RESULTS says
+RESULTS = Path(os.environ.get("MEDPIPE_BENCH_RESULTS")
+               or Path(__file__).resolve().parent / "results")
 WORK = Path(__file__).resolve().parent / "work"
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -81,6 +83,28 @@ def measured(function: Callable, *args: Any) -> dict[str, Any]:
     out = dict(result) if isinstance(result, dict) else {"result": result}
     out.update(peak_rss_mb=round(memory.peak_mb, 1), added_memory_mb=round(memory.added_mb, 1))
     return out
+
+
+def in_fresh_process(function: Callable, *args: Any) -> Any:
+    """FUNCTION(*ARGS) in a new process, for memory figures no earlier measurement has
+    touched; FUNCTION must be importable (a module-level function).
+
+    Processes fork from a server that imported torch, MONAI and medpipe once and never ran
+    a tensor operation (so no thread pool is inherited): each starts in milliseconds
+    instead of the ~7 s a spawned interpreter spends importing them."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=_forkserver()) as pool:
+        return pool.submit(function, *args).result()
+
+
+def _forkserver():
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "monai.networks.nets", "medpipe.training.runs",
+                                    "medpipe.inference.segmenter"])
+    return context
 
 
 def demo_pipeline(cases: int = 6, spacing: float = 3.0, name: str | None = None,

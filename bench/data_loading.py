@@ -52,7 +52,7 @@ def main() -> None:
                         default=sorted({0, 1, cores, max(cores - 1, 1)}))
     args = parser.parse_args()
     root = demo_pipeline()
-    batches = 15 if args.quick else 60
+    batches = 10 if args.quick else 60
     rows, table = [], []
     for workers in args.workers:
         for augment in (False, True):

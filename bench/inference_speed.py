@@ -19,16 +19,30 @@ do not change the cost of a prediction).
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import time
 from pathlib import Path
 
-from common import WORK, demo_pipeline, gpu_peak_mb, measured, one_step_runs, write_results
+from common import (
+    WORK,
+    demo_pipeline,
+    gpu_peak_mb,
+    in_fresh_process,
+    measured,
+    one_step_runs,
+    write_results,
+)
+
+HERE = Path(__file__).resolve().parent
 
 MODELS = ("unet", "nnunet", "swin_unetr")
+REFERENCE_REPEATS = 2  # timed calls where a ratio to nnU-Net is taken (the fastest kept)
 
 
 def scans(root: Path, sizes: list[int]) -> dict[str, Path]:
-    """The demo brain as stored, at 256^3, and padded to cubes of SIZES voxels (written once)."""
+    """The demo brain as stored, padded to cubes of SIZES voxels, and at 256^3 (written once)."""
     import numpy as np
     import SimpleITK as sitk
 
@@ -47,7 +61,6 @@ def scans(root: Path, sizes: list[int]) -> dict[str, Path]:
                                   image.GetOrigin(), spacing, image.GetDirection(), 0.0,
                                   sitk.sitkFloat32)
         write_image(from_sitk(resampled), big)
-    out["same brain at 256^3 (0.8 mm)"] = big
     for size in sizes:
         path = folder / f"brain_pad_{size}.nii.gz"
         if not path.is_file():  # mirrored copies of the brain: no background to crop
@@ -56,24 +69,89 @@ def scans(root: Path, sizes: list[int]) -> dict[str, Path]:
                            mode="symmetric")
             write_image(Volume(np.ascontiguousarray(array, np.float32), volume.geometry), path)
         out[f"padded to {size}^3 (3 mm)"] = path
+    out["same brain at 256^3 (0.8 mm)"] = big  # the largest last: memory figures grow in order
     return out
 
 
-def measure(run: str, scan: str, mirror: bool) -> dict:
-    """Load, then predict once to warm up and once timed (reading the file included)."""
+def in_quick_mode(model: str, scan: str, mirror: bool) -> bool:
+    """Quick mode: every model on the demo brain and at 256^3; mirroring (demo brain) and
+    scaling (padded cubes) on unet alone."""
+    if scan.startswith("padded") or mirror:
+        return model == "unet" and not scan.startswith("same")
+    return True
+
+
+def measure_model(run: str, rows: list[tuple[str, str, bool]], repeats: int) -> list[dict]:
+    """One model's rows (scan name, path, mirroring), in this process: the model loaded and
+    warmed up once (a prediction of the first scan), then each row's `predict(path)`
+    (reading the file included) timed REPEATS times, the fastest kept (the least disturbed
+    by other load); memory: what the row added above the loaded model."""
     import torch
 
     from medpipe import load_segmenter
 
     segmenter = load_segmenter(run, device="auto")
-    segmenter.predict(scan, mirror=mirror)
-    if segmenter.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    segmenter.predict(scan, mirror=mirror)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "gpu_peak_mb": gpu_peak_mb(segmenter.device),
-            "device": str(segmenter.device)}
+    segmenter.predict(rows[0][1])
+    parameters = sum(p.numel() for n in segmenter.networks for p in n.parameters())
+
+    def timed(path: str, mirror: bool) -> dict:
+        if segmenter.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            segmenter.predict(path, mirror=mirror)
+            times.append(time.perf_counter() - start)
+        return {"seconds": min(times), "repeats": times, "device": str(segmenter.device),
+                "gpu_peak_mb": gpu_peak_mb(segmenter.device), "parameters": parameters}
+
+    return [{"scan": name, "mirror": mirror, **measured(timed, path, mirror)}
+            for name, path, mirror in rows]
+
+
+def nnunet_python(given: Path | None) -> Path | None:
+    """The Python of an environment with nnU-Net v2: GIVEN, else $MEDPIPE_NNUNET_BIN's, else
+    the repository's .venv-nnunet (`make test` builds it); None when there is none."""
+    candidates = [given] if given else []
+    if os.environ.get("MEDPIPE_NNUNET_BIN"):
+        candidates.append(Path(os.environ["MEDPIPE_NNUNET_BIN"]) / "python")
+    candidates.append(HERE.parent / ".venv-nnunet" / "bin" / "python")
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def measure_nnunet(python: Path, root: Path, run: Path, rows: list[tuple[str, str, bool]],
+                   repeats: int) -> list[dict]:
+    """nnU-Net v2's predictor on ROWS (`nnunet_reference.py`, in one process of its own
+    environment, as ours) with the patch size and features per stage of our nnunet RUN: the
+    same network size."""
+    description = json.loads((run / "model.json").read_text(encoding="utf-8"))
+    features = (description["options"].get("features_per_stage")
+                or description["architecture"]["features_per_stage"])
+    command = [str(python), str(HERE / "nnunet_reference.py"),
+               "--dataset", str(root / "raw"), "--work", str(WORK / "nnunet"),
+               "--rows", json.dumps([[path, mirror] for _, path, mirror in rows]),
+               "--patch-size", ",".join(map(str, description["patch_size"])),
+               "--features", ",".join(map(str, features)), "--repeats", str(repeats)]
+    done = subprocess.run(command, capture_output=True, encoding="utf-8", check=False)
+    if done.returncode:
+        raise RuntimeError(f"nnU-Net reference failed:\n{done.stdout[-2000:]}"
+                           f"{done.stderr[-2000:]}")
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    return [{"scan": name, "mirror": mirror, **result}
+            for (name, _, mirror), result in zip(rows, results, strict=True)]
+
+
+def comparison(ours: list[dict], theirs: list[dict]) -> str:
+    """Markdown: our nnunet against nnU-Net v2's predictor, row by row."""
+    lines = ["| scan | mirroring | medpipe nnunet s | nnU-Net v2 s | nnU-Net / medpipe | "
+             "medpipe MB | nnU-Net MB | parameters (medpipe / nnU-Net) |",
+             "|" + " --- |" * 8]
+    for a, b in zip(ours, theirs, strict=True):
+        lines.append(f"| {a['scan']} | {'yes' if a['mirror'] else 'no'} | {a['seconds']:.2f} | "
+                     f"{b['seconds']:.2f} | {b['seconds'] / a['seconds']:.2f} | "
+                     f"{a['added_memory_mb']:.0f} | {b['added_memory_mb']:.0f} | "
+                     f"{a['parameters'] / 1e6:.2f} M / {b['parameters'] / 1e6:.2f} M |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -81,6 +159,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--runs", type=Path, help="folder of MODEL/fold_0 run folders")
     parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--nnunet-python", type=Path,
+                        help="Python of an environment with nnU-Net v2 (default: .venv-nnunet)")
     args = parser.parse_args()
     root = demo_pipeline()
     if args.runs:
@@ -89,26 +169,42 @@ def main() -> None:
         from medpipe.training.segmentation import train_segmentation
 
         runs = one_step_runs(root, args.models, train_segmentation)
-    sizes = [64, 128] if args.quick else [64, 96, 128, 160, 192, 256]
+    sizes = [64, 96] if args.quick else [64, 96, 128, 160, 192, 256]
     files = scans(root, sizes)
-    rows, table = [], []
+    rows, table, reference = [], [], []
     for model in args.models:
         run = runs / model / "fold_0"
-        for name, path in files.items():
-            padded = name.startswith("padded")
-            for mirror in ((False,) if padded else (False, True)):
-                if args.quick and model != "unet" and (mirror or padded):
-                    continue  # quick: mirroring and scaling measured on one model
-                result = measured(measure, str(run), str(path), mirror)
-                rows.append({"model": model, "scan": name, "mirror": mirror, **result})
-                table.append([model, name, "yes" if mirror else "no", result["seconds"],
-                              result["added_memory_mb"]])
-                print(rows[-1], flush=True)
-    write_results("inference_speed", {"quick": args.quick, "runs": str(runs), "rows": rows},
-                  ["model", "scan", "mirroring", "seconds", "MB"], table,
-                  notes="Seconds for one `predict(path)` after a warm-up call; MB: resident "
-                        "memory the measurement added at its peak (model, scan, "
-                        "probabilities).")
+        plan = [(name, str(path), mirror) for name, path in files.items()
+                for mirror in ((False,) if name.startswith("padded") else (False, True))
+                if not args.quick or in_quick_mode(model, name, mirror)]
+        repeats = REFERENCE_REPEATS if model == "nnunet" else 1
+        results = [{"model": model, **r}
+                   for r in in_fresh_process(measure_model, str(run), plan, repeats)]
+        if model == "nnunet":
+            python = nnunet_python(args.nnunet_python)
+            if python is None:
+                print("nnU-Net v2 not found (make .venv-nnunet/.installed): no reference")
+            else:
+                reference = measure_nnunet(python, root, run, plan, repeats)
+        rows += results
+        for result in results:
+            table.append([model, result["scan"], "yes" if result["mirror"] else "no",
+                          result["seconds"], result["added_memory_mb"]])
+            print(result, flush=True)
+    notes = ("Seconds for one `predict(path)`, each model in a fresh process warmed up by "
+             f"one prediction (nnunet: the fastest of {REFERENCE_REPEATS}, as on the other side "
+             "of the comparison below); MB: resident memory the prediction added to the loaded "
+             "model at its peak (scan, preprocessing, probabilities), rows in order of size.")
+    if reference:
+        ours = [r for r in rows if r["model"] == "nnunet"]
+        notes += ("\n\nnnU-Net v2's own predictor (`nnUNetPredictor.predict_single_npy_array`"
+                  " after `SimpleITKIO` reads the file; nnU-Net's plans for the same dataset "
+                  "with our run's patch size and features per stage; its own environment, "
+                  f"torch {reference[0]['torch']}) on the same scans:\n\n"
+                  + comparison(ours, reference))
+    write_results("inference_speed", {"quick": args.quick, "runs": str(runs), "rows": rows,
+                                      "nnunet_reference": reference},
+                  ["model", "scan", "mirroring", "seconds", "MB"], table, notes=notes)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ composed onto the fixed scan's grid), at the demo's 3 mm and at MNI's 1 mm (197x
 
 The same pairs for every method, raw scans in, the field on the fixed grid out, the moving
 labels warped through it (nearest neighbour) and compared with the fixed labels (mean Dice
-over CSF, grey and white matter). Peak memory: resident memory sampled during each pair
-(the network loaded per pair).
+over CSF, grey and white matter). Peak memory: resident memory sampled during each pair,
+each in a fresh process (the network loaded in it).
 Writes bench/results/registration_speed.json.
 
     python bench/registration_speed.py [--quick] [--runs demo/results/runs]
@@ -21,7 +21,7 @@ import argparse
 import time
 from pathlib import Path
 
-from common import demo_pipeline, measured, one_step_runs, write_results
+from common import demo_pipeline, in_fresh_process, measured, one_step_runs, write_results
 
 NETWORKS = ("voxelmorph", "voxelmorph_diff")
 
@@ -84,8 +84,9 @@ def main() -> None:
         pairs = [(i + 1, i) for i in range(n_pairs)]
         for method in ("identity", "classical", *NETWORKS):
             run = str(runs / method / "fold_0") if method in NETWORKS else None
-            results = [measured(measure, method, str(images[m]), str(images[f]),
-                                str(labels[m]), str(labels[f]), run) for m, f in pairs]
+            results = [in_fresh_process(measured, measure, method, str(images[m]),
+                                        str(images[f]), str(labels[m]), str(labels[f]), run)
+                       for m, f in pairs]
             seconds = sum(r["seconds"] for r in results) / len(results)
             dice = sum(r["mean_dice"] for r in results) / len(results)
             if run is not None and not trained:

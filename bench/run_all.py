@@ -1,7 +1,8 @@
 """Every benchmark in one command; `--quick` keeps the whole set to minutes on a 2-core CPU.
 
-Each script runs in its own process and writes bench/results/NAME.json + NAME.md; this
-collects the tables into bench/results/summary.md, with the seconds each script took.
+Each script writes bench/results/NAME.json + NAME.md (measurements whose memory counts run in
+fresh processes of their own); this collects the tables into bench/results/summary.md, with
+the seconds each script took.
 
     python bench/run_all.py --quick [--runs demo/results/runs]
 
@@ -12,7 +13,7 @@ networks and `inference_grid.py` runs too (it needs a trained segmenter).
 from __future__ import annotations
 
 import argparse
-import subprocess
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,17 @@ from common import RESULTS, describe, machine
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ["data_loading", "preprocessing_scaling", "training_throughput", "inference_speed",
            "registration_speed"]
+
+
+def run_script(name: str, arguments: list[str]) -> None:
+    """bench/NAME.py's main() in this interpreter (imported as a module, so the processes it
+    starts can import its functions): one start-up of torch and medpipe for all scripts."""
+    argv = sys.argv
+    sys.argv = [str(HERE / f"{name}.py"), *arguments]
+    try:
+        importlib.import_module(name).main()
+    finally:
+        sys.argv = argv
 
 
 def main() -> None:
@@ -46,7 +58,7 @@ def main() -> None:
     for name, extra in jobs:
         start = time.perf_counter()
         print(f"== {name} {' '.join(extra)}", flush=True)
-        subprocess.run([sys.executable, str(HERE / f"{name}.py"), *extra], check=True)
+        run_script(name, extra)
         timings[name] = time.perf_counter() - start
     total = time.perf_counter() - total
     lines = ["# Benchmark results", "", f"Machine: {describe(machine())}",

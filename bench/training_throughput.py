@@ -7,12 +7,12 @@ it divides by), same device. medpipe: `Trainer.train_epoch` on the task `train-s
 `train-reg` builds (nnU-Net's patch sampler with foreground oversampling, deep supervision,
 gradient clipping, AMP on a GPU). Reference: a `monai.data.Dataset` + `RandCropByPosNegLabeld`
 (pos 1, neg 2: nnU-Net's one third foreground) after `SpatialPadd` to the patch
-+ `DataLoader(shuffle=True)` +
-`list_data_collate`, then zero_grad / forward / `DiceCELoss` / backward / step, as in MONAI's
-3D segmentation tutorials; for registration, the same pairs fed to a bare loop with the same
-loss. Augmentation is off in both (its cost is measured by `data_loading.py`). Memory:
-what each measurement added to the process's resident memory at its peak (network,
-optimiser state, activations, data). Writes bench/results/training_throughput.json.
++ `DataLoader(shuffle=True)` + `list_data_collate`, then zero_grad / forward / `DiceCELoss` /
+backward / step, as in MONAI's 3D segmentation tutorials; for registration, the same pairs
+fed to a bare loop with the same loss. Augmentation is off in both (its cost is measured by
+`data_loading.py`). Steps alternate between the two (see `measure_model`). Memory: what
+medpipe's first step added to the process's resident memory at its peak (network, optimiser
+state, activations, data). Writes bench/results/training_throughput.json.
 
     python bench/training_throughput.py [--quick] [--models unet nnunet swin_unetr voxelmorph]
 """
@@ -20,82 +20,95 @@ optimiser state, activations, data). Writes bench/results/training_throughput.js
 from __future__ import annotations
 
 import argparse
-import itertools
 import tempfile
 import time
 from pathlib import Path
 
-from common import demo_pipeline, gpu_peak_mb, measured, write_results
+from common import PeakMemory, demo_pipeline, gpu_peak_mb, in_fresh_process, write_results
 
 SEGMENTATION = ("unet", "nnunet", "swin_unetr")
 REGISTRATION = ("voxelmorph", "voxelmorph_diff")
 
 
-def _config(root: Path, model: str, iterations: int, device: str):
+def _config(root: Path, model: str, device: str):
+    """The demo's settings at the planned patch and batch, one step per epoch (a long
+    schedule, so the learning rate stays valid however many are run)."""
     from medpipe.config import load_config
 
     return load_config(root / "config.yaml", [
-        "training.patch_size=null", "training.num_workers=0", f"training.device={device}",
-        f"training.iterations_per_epoch={iterations}", "training.epochs=2",
-        f"models.{model}.training.patch_size=null",
-        f"models.{model}.training.iterations_per_epoch={iterations}",
-        f"models.{model}.training.epochs=2", f"models.{model}.training.batch_size=null",
-    ])
+        f"{scope}.{key}" for scope in ("training", f"models.{model}.training")
+        for key in ("patch_size=null", "num_workers=0", f"device={device}",
+                    "iterations_per_epoch=1", "epochs=1000", "batch_size=null")])
 
 
-def _setup(root: Path, model: str, iterations: int, device: str, run_dir: Path):
+def _setup(root: Path, model: str, device: str, run_dir: Path):
     from medpipe.training.registration import registration_setup
     from medpipe.training.segmentation import segmentation_setup
 
-    config = _config(root, model, iterations, device)
+    config = _config(root, model, device)
     setup = registration_setup if model in REGISTRATION else segmentation_setup
     return setup(config, model, 0, run_dir, restart=True)
 
 
-def measure_engine(root: str, model: str, iterations: int, device: str) -> dict:
-    """medpipe's engine: one warm-up epoch, then one timed epoch of ITERATIONS steps."""
+def measure_model(root: str, model: str, rounds: int, device: str) -> dict:
+    """MODEL's engine and reference loop in this (fresh) process, on two copies of the same
+    network (same initial weights) and the same cases: one warm-up step each, then ROUNDS
+    rounds of one engine step and one reference step (in turn first), each timed; per side
+    the median step.
+
+    Alternating puts both sides under the same machine load: on a shared CPU the speed
+    drifts by a quarter over minutes, more than the difference being measured. Memory: the
+    engine's warm-up step, the first thing in the process; the reference's runs after it and
+    reuses memory the engine freed, so it is not recorded."""
+    import statistics
+
+    import torch
+
     from medpipe.training.runs import trainer_for
 
     with tempfile.TemporaryDirectory() as folder:
-        setup = _setup(Path(root), model, iterations, device, Path(folder) / "run")
-        trainer = trainer_for(setup)
-        trainer.train_epoch()
-        metrics = trainer.train_epoch()
-        unit = setup.task.unit
-        return {"per_s": metrics[f"{unit}_per_s"], "unit": unit,
-                "batch_size": setup.description["batch_size"],
-                "patch_size": setup.description.get("patch_size")
-                or setup.description.get("grid_shape"),
-                "gpu_peak_mb": gpu_peak_mb(setup.device)}
-
-
-def measure_reference(root: str, model: str, iterations: int, device: str) -> dict:
-    """The plain loop on the same network and data: ITERATIONS warm-up steps, ITERATIONS
-    timed."""
-    import torch
-
-    with tempfile.TemporaryDirectory() as folder:
-        setup = _setup(Path(root), model, iterations, device, Path(folder) / "run")
-        network = setup.network.to(setup.device)
-        if model in REGISTRATION:
-            batches, step = _registration_reference(setup)
-        else:
-            batches, step = _segmentation_reference(setup)
+        setup = _setup(Path(root), model, device, Path(folder) / "engine")
+        trainer = trainer_for(setup)  # one epoch = one step: the engine's full per-step cost
+        other = _setup(Path(root), model, device, Path(folder) / "reference")
+        other.network.load_state_dict(setup.network.state_dict())
+        network = other.network.to(other.device)
+        batches, loss_of = (_registration_reference if model in REGISTRATION
+                            else _segmentation_reference)(other)
         optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3)
         network.train()
-        samples, start = 0, 0.0
-        for index, batch in enumerate(itertools.islice(batches, 2 * iterations)):
-            if index == iterations:
-                samples, start = 0, time.perf_counter()
+
+        def reference_step() -> None:
             optimizer.zero_grad(set_to_none=True)
-            loss, count = step(network, batch)
+            loss, _ = loss_of(network, next(batches))
             loss.backward()
             optimizer.step()
-            samples += count
-        if setup.device.type == "cuda":
-            torch.cuda.synchronize()
-        return {"per_s": samples / (time.perf_counter() - start),
-                "gpu_peak_mb": gpu_peak_mb(setup.device)}
+
+        def timed(step) -> float:
+            if setup.device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if setup.device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - start
+
+        with PeakMemory() as memory:
+            trainer.train_epoch()
+        gpu_mb = gpu_peak_mb(setup.device)
+        reference_step()
+        steps = {"engine": [], "reference": []}
+        sides = [("engine", trainer.train_epoch), ("reference", reference_step)]
+        for index in range(rounds):  # ABBA: neither side always goes first
+            for side, step in sides if index % 2 == 0 else sides[::-1]:
+                steps[side].append(timed(step))
+        batch = setup.description["batch_size"]
+        per_s = {side: batch / statistics.median(times) for side, times in steps.items()}
+        return {"engine_per_s": per_s["engine"], "reference_per_s": per_s["reference"],
+                "step_seconds": steps, "unit": setup.task.unit, "batch_size": batch,
+                "patch_size": setup.description.get("patch_size")
+                or setup.description.get("grid_shape"),
+                "engine_added_memory_mb": round(memory.added_mb, 1),
+                "engine_peak_rss_mb": round(memory.peak_mb, 1), "engine_gpu_peak_mb": gpu_mb}
 
 
 def _forever(loader):
@@ -121,7 +134,7 @@ def _segmentation_reference(setup):
                         shuffle=True, num_workers=0, collate_fn=list_data_collate)
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
 
-    def step(network, batch):
+    def loss_of(network, batch):
         image, label = batch["image"].to(device), batch["label"].to(device)
         output = network(image)
         if output.dim() == image.dim() + 1:  # DynUNet deep supervision, as MONAI's tutorial
@@ -131,7 +144,7 @@ def _segmentation_reference(setup):
             loss = loss_function(output, label)
         return loss, len(image)
 
-    return _forever(loader), step
+    return _forever(loader), loss_of
 
 
 def _registration_reference(setup):
@@ -140,13 +153,13 @@ def _registration_reference(setup):
     task, device = setup.task, setup.device
     loader = DataLoader(task.dataset, batch_size=task.dataset.batch_size, num_workers=0)
 
-    def step(network, batch):
+    def loss_of(network, batch):
         fixed, moving = batch["fixed"].to(device), batch["moving"].to(device)
         warped, ddf = network(moving, fixed)
         return task.loss_function(warped, fixed, ddf, batch["moving_labels"].to(device),
                                   batch["fixed_labels"].to(device)), len(fixed)
 
-    return _forever(loader), step
+    return _forever(loader), loss_of
 
 
 def main() -> None:
@@ -158,23 +171,23 @@ def main() -> None:
     root = demo_pipeline()
     rows, table = [], []
     for model in args.models:
-        iterations = (2 if model == "swin_unetr" else 3) if args.quick else 20
-        engine = measured(measure_engine, str(root), model, iterations, args.device)
-        reference = measured(measure_reference, str(root), model, iterations, args.device)
-        ratio = engine["per_s"] / reference["per_s"]
-        rows.append({"model": model, "iterations": iterations, "engine": engine,
-                     "reference": reference, "engine_over_reference": ratio})
-        table.append([model, "x".join(map(str, engine["patch_size"])), engine["batch_size"],
-                      engine["per_s"], reference["per_s"], ratio, engine["added_memory_mb"],
-                      reference["added_memory_mb"]])
+        rounds = (1 if model == "swin_unetr" else 4) if args.quick else 30
+        result = in_fresh_process(measure_model, str(root), model, rounds, args.device)
+        ratio = result["engine_per_s"] / result["reference_per_s"]
+        rows.append({"model": model, "rounds": rounds, **result,
+                     "engine_over_reference": ratio})
+        table.append([model, "x".join(map(str, result["patch_size"])), result["batch_size"],
+                      result["engine_per_s"], result["reference_per_s"], ratio,
+                      result["engine_added_memory_mb"]])
         print(rows[-1], flush=True)
     write_results(
         "training_throughput", {"quick": args.quick, "rows": rows},
-        ["model", "patch", "batch", "medpipe /s", "reference /s", "ratio", "medpipe MB",
-         "reference MB"], table,
-        notes="Units: patches (pairs for voxelmorph) per second, timed after a warm-up; MB: "
-              "resident memory the measurement added at its peak (data, network, optimiser, "
-              "activations).")
+        ["model", "patch", "batch", "medpipe /s", "reference /s", "ratio", "medpipe MB"],
+        table,
+        notes="Units: patches (pairs for voxelmorph) per second: batch size / median step, "
+              "engine and reference steps alternating in one process after a warm-up step "
+              "each; MB: resident memory medpipe's first training step added (data, network, "
+              "optimiser, activations).")
 
 
 if __name__ == "__main__":
