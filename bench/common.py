@@ -94,11 +94,12 @@ def in_fresh_process(function: Callable, *args: Any) -> Any:
     instead of the ~7 s a spawned interpreter spends importing them."""
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(1, mp_context=_forkserver()) as pool:
+    with ProcessPoolExecutor(1, mp_context=forkserver_context()) as pool:
         return pool.submit(function, *args).result()
 
 
-def _forkserver():
+def forkserver_context():
+    """A forkserver that imported torch, MONAI and medpipe (see `in_fresh_process`)."""
     import multiprocessing
 
     context = multiprocessing.get_context("forkserver")

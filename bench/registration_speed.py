@@ -27,7 +27,7 @@ NETWORKS = ("voxelmorph", "voxelmorph_diff")
 
 
 def measure(method: str, moving: str, fixed: str, moving_labels: str, fixed_labels: str,
-            run: str | None) -> dict:
+            run: str | None, trained: bool) -> dict:
     """One pair: the field (timed from the two scans on disk), then Dice of warped labels."""
     import numpy as np
     import torch
@@ -53,6 +53,8 @@ def measure(method: str, moving: str, fixed: str, moving_labels: str, fixed_labe
         else:
             field = identity_field(fixed_volume.geometry, fixed_volume.shape)
     seconds = time.perf_counter() - start
+    if run is not None and not trained:
+        return {"seconds": seconds, "mean_dice": None}  # an untrained network: time only
     warped = warp_with_field(read_image(moving_labels), field, labels=True).array
     reference = read_image(fixed_labels).array
     dice = dice_per_class(torch.from_numpy(warped.astype(np.int64)),
@@ -85,12 +87,12 @@ def main() -> None:
         for method in ("identity", "classical", *NETWORKS):
             run = str(runs / method / "fold_0") if method in NETWORKS else None
             results = [in_fresh_process(measured, measure, method, str(images[m]),
-                                        str(images[f]), str(labels[m]), str(labels[f]), run)
+                                        str(images[f]), str(labels[m]), str(labels[f]), run,
+                                        trained)
                        for m, f in pairs]
             seconds = sum(r["seconds"] for r in results) / len(results)
-            dice = sum(r["mean_dice"] for r in results) / len(results)
-            if run is not None and not trained:
-                dice = None  # an untrained network: its time only
+            dice = (None if results[0]["mean_dice"] is None
+                    else sum(r["mean_dice"] for r in results) / len(results))
             peak = max(r["added_memory_mb"] for r in results)
             rows.append({"grid": grid, "method": method, "pairs": len(pairs),
                          "seconds_per_pair": seconds, "mean_dice": dice, "added_memory_mb": peak,

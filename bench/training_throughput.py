@@ -171,7 +171,7 @@ def main() -> None:
     root = demo_pipeline()
     rows, table = [], []
     for model in args.models:
-        rounds = (1 if model == "swin_unetr" else 4) if args.quick else 30
+        rounds = (1 if model == "swin_unetr" else 3) if args.quick else 30
         result = in_fresh_process(measure_model, str(root), model, rounds, args.device)
         ratio = result["engine_per_s"] / result["reference_per_s"]
         rows.append({"model": model, "rounds": rounds, **result,
