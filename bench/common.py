@@ -47,10 +47,9 @@ def rss_mb() -> float:
 
 
 class PeakMemory:
-    """Peak resident memory while a block runs, sampled every 5 ms by a thread (no new
-    process needed, so measurements share one interpreter; spikes shorter than the interval
-    can be missed). `peak_mb`: the process's peak during the block; `added_mb`: above what it
-    held when the block began."""
+    """Peak resident memory while a block runs, sampled every 5 ms by a thread (spikes
+    shorter than the interval can be missed). `peak_mb`: the process's peak during the
+    block; `added_mb`: above what it held when the block began."""
 
     def __enter__(self) -> PeakMemory:
         import threading
@@ -83,6 +82,19 @@ def measured(function: Callable, *args: Any) -> dict[str, Any]:
     out = dict(result) if isinstance(result, dict) else {"result": result}
     out.update(peak_rss_mb=round(memory.peak_mb, 1), added_memory_mb=round(memory.added_mb, 1))
     return out
+
+
+def fastest(function: Callable[..., Any], *args: Any, repeats: int = 1) -> dict[str, Any]:
+    """FUNCTION(*ARGS) timed REPEATS times: `seconds`, the fastest (the call least disturbed
+    by other load on a shared machine), and `repeats`, every time."""
+    import time
+
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function(*args)
+        times.append(time.perf_counter() - start)
+    return {"seconds": min(times), "repeats": times}
 
 
 def in_fresh_process(function: Callable, *args: Any) -> Any:

@@ -6,8 +6,8 @@ Scans: a demo brain as stored (3 mm, 66x78x63) and the same brain resampled to 2
 (0.8 mm; the model still runs at its planned 3 mm, so resampling in and out is part of the
 cost). Scaling: the demo brain padded to cubes of 64 ... 256 voxels at the model's own
 spacing (mirrored copies of the brain filling the cube, so nothing is cropped away:
-more sliding windows, no resampling). Peak memory is sampled during each measurement (model
-loading included); `added_memory_mb` is what the measurement added to the process.
+more sliding windows, no resampling). Peak memory is sampled during each measurement;
+`added_memory_mb` is what the prediction added to the process holding the loaded model.
 Writes bench/results/inference_speed.json.
 
     python bench/inference_speed.py [--quick] [--runs demo/results/runs]
@@ -22,12 +22,12 @@ import argparse
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 from common import (
     WORK,
     demo_pipeline,
+    fastest,
     gpu_peak_mb,
     in_fresh_process,
     measured,
@@ -97,12 +97,8 @@ def measure_model(run: str, rows: list[tuple[str, str, bool]], repeats: int) -> 
     def timed(path: str, mirror: bool) -> dict:
         if segmenter.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            segmenter.predict(path, mirror=mirror)
-            times.append(time.perf_counter() - start)
-        return {"seconds": min(times), "repeats": times, "device": str(segmenter.device),
+        return {**fastest(lambda: segmenter.predict(path, mirror=mirror), repeats=repeats),
+                "device": str(segmenter.device),
                 "gpu_peak_mb": gpu_peak_mb(segmenter.device), "parameters": parameters}
 
     return [{"scan": name, "mirror": mirror, **measured(timed, path, mirror)}

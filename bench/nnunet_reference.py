@@ -30,10 +30,9 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
-from common import measured
+from common import fastest, measured
 
 DATASET_ID = 900
 CONFIGURATION = "3d_fullres"
@@ -146,12 +145,7 @@ def measure(folder: Path, rows: list[tuple[str, bool]], repeats: int) -> list[di
              "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
     def timed(scan: str, mirror: bool) -> dict:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            predict(scan, mirror)
-            times.append(time.perf_counter() - start)
-        return {"seconds": min(times), "repeats": times, **facts}
+        return {**fastest(predict, scan, mirror, repeats=repeats), **facts}
 
     return [measured(timed, scan, mirror) for scan, mirror in rows]
 
