@@ -1,8 +1,5 @@
 # medpipe workflow: every rule calls the `medpipe` command; this file only wires stages.
 #   snakemake --cores 2 --configfile configs/demo.yaml preprocess_all
-import os
-from pathlib import Path
-
 from snakemake.utils import min_version, validate
 
 min_version("8.0")

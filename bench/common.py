@@ -177,7 +177,7 @@ def one_step_runs(root: Path, models: Sequence[str], train: Callable) -> Path:
 
 def gpu_peak_mb(device: Any) -> float | None:
     """Torch's peak GPU allocation (the engine's measure), None on a CPU."""
-    from medpipe.training.engine import peak_memory_mb
+    from medpipe.device import peak_memory_mb
 
     return peak_memory_mb(device) if device.type == "cuda" else None
 

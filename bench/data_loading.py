@@ -24,14 +24,15 @@ def patches_per_second(root: Path, augment: bool, workers: int, batches: int) ->
 
     from medpipe.config import load_config
     from medpipe.training.augment import Augmenter
-    from medpipe.training.patches import PatchDataset, load_cases
-    from medpipe.training.runs import load_plans
+    from medpipe.planning import read_plans
+    from medpipe.preprocessing import load_labelled_cases
+    from medpipe.training.patches import PatchDataset
 
     config = load_config(root / "config.yaml")
-    _, configuration = load_plans(config)
+    plan = read_plans(config.plans_file).configuration(config.configuration)
     case_ids = sorted(p.stem for p in config.preprocessed_dir.glob("*.npz"))
-    dataset = PatchDataset(load_cases(config.preprocessed_dir, case_ids),
-                           configuration["patch_size"], configuration["batch_size"],
+    dataset = PatchDataset(load_labelled_cases(config.preprocessed_dir, case_ids),
+                           plan.patch_size, plan.batch_size,
                            iterations=batches + 2, seed=0,
                            augment=Augmenter() if augment else None)
     loader = DataLoader(dataset, batch_size=dataset.batch_size, num_workers=workers,

@@ -120,13 +120,15 @@ def measure_nnunet(python: Path, root: Path, run: Path, rows: list[tuple[str, st
     """nnU-Net v2's predictor on ROWS (`nnunet_reference.py`, in one process of its own
     environment, as ours) with the patch size and features per stage of our nnunet RUN: the
     same network size."""
-    description = json.loads((run / "model.json").read_text(encoding="utf-8"))
-    features = (description["options"].get("features_per_stage")
-                or description["architecture"]["features_per_stage"])
+    from medpipe.runs.folder import RunFolder
+    from medpipe.runs.spec import read_run_spec
+
+    spec = read_run_spec(RunFolder(run))
+    features = spec.model_options.features_per_stage or spec.architecture.features_per_stage
     command = [str(python), str(HERE / "nnunet_reference.py"),
                "--dataset", str(root / "raw"), "--work", str(WORK / "nnunet"),
                "--rows", json.dumps([[path, mirror] for _, path, mirror in rows]),
-               "--patch-size", ",".join(map(str, description["patch_size"])),
+               "--patch-size", ",".join(map(str, spec.patch_size)),
                "--features", ",".join(map(str, features)), "--repeats", str(repeats)]
     done = subprocess.run(command, capture_output=True, encoding="utf-8", check=False)
     if done.returncode:

@@ -101,12 +101,12 @@ def measure_model(root: str, model: str, rounds: int, device: str) -> dict:
         for index in range(rounds):  # ABBA: neither side always goes first
             for side, step in sides if index % 2 == 0 else sides[::-1]:
                 steps[side].append(timed(step))
-        batch = setup.description["batch_size"]
+        batch = setup.spec.batch_size
         per_s = {side: batch / statistics.median(times) for side, times in steps.items()}
         return {"engine_per_s": per_s["engine"], "reference_per_s": per_s["reference"],
                 "step_seconds": steps, "unit": setup.task.unit, "batch_size": batch,
-                "patch_size": setup.description.get("patch_size")
-                or setup.description.get("grid_shape"),
+                "patch_size": getattr(setup.spec, "patch_size", None)
+                or getattr(setup.spec, "grid_shape", None),
                 "engine_added_memory_mb": round(memory.added_mb, 1),
                 "engine_peak_rss_mb": round(memory.peak_mb, 1), "engine_gpu_peak_mb": gpu_mb}
 
@@ -122,15 +122,15 @@ def _segmentation_reference(setup):
     from monai.losses import DiceCELoss
     from monai.transforms import Compose, RandCropByPosNegLabeld, SpatialPadd
 
-    description, device = setup.description, setup.device
+    spec, device = setup.spec, setup.device
     cases = setup.task.dataset.cases
     data = [{"image": c.data, "label": c.seg[None]} for c in cases]
-    patch = description["patch_size"]
+    patch = spec.patch_size
     crop = RandCropByPosNegLabeld(["image", "label"], "label", patch, pos=1, neg=2,
                                   num_samples=1)
     crop.set_random_state(0)
     transform = Compose([SpatialPadd(["image", "label"], patch), crop])
-    loader = DataLoader(Dataset(data, transform), batch_size=description["batch_size"],
+    loader = DataLoader(Dataset(data, transform), batch_size=spec.batch_size,
                         shuffle=True, num_workers=0, collate_fn=list_data_collate)
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
 

@@ -7,6 +7,7 @@ traceback; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -149,12 +150,12 @@ def plan(
 
     plans = plan_experiment(read_fingerprint(fingerprint_json), gpu_memory_gb)
     write_plans(plans, output)
-    for name, config in plans["configurations"].items():
+    for name, config in plans.configurations.items():
         console.print(
-            f"[green]{name}[/green]: spacing {_fmt(config['spacing'])} mm, patch "
-            f"{_fmt(config['patch_size'])}, batch {config['batch_size']}, "
-            f"{config['architecture']['arch_kwargs']['n_stages']} stages, "
-            f"{', '.join(config['normalization_schemes'])}"
+            f"[green]{name}[/green]: spacing {_fmt(config.spacing)} mm, patch "
+            f"{_fmt(config.patch_size)}, batch {config.batch_size}, "
+            f"{config.architecture.arch_kwargs.n_stages} stages, "
+            f"{', '.join(config.normalization_schemes)}"
         )
     console.print(f"[green]wrote[/green] {output}")
 
@@ -173,14 +174,12 @@ def preprocess(
     workers: Annotated[int, typer.Option(help="Cases preprocessed in parallel.")] = 1,
 ) -> None:
     """Crop, normalise and resample training cases; finished cases are not redone."""
-    import json
-
     from medpipe.data import load_dataset
+    from medpipe.planning import read_plans
     from medpipe.preprocessing import PreprocessingPlan, preprocess_dataset
 
     raw = load_dataset(dataset)
-    plans = json.loads(plans_json.read_text())
-    settings = PreprocessingPlan.from_plans(plans, configuration)
+    settings = PreprocessingPlan.from_plans(read_plans(plans_json), configuration)
     cases = [c for c in raw.training if not case or c.case_id in case]
     unknown = set(case or []) - {c.case_id for c in raw.training}
     if unknown:
@@ -382,9 +381,9 @@ def compare(
             raise MedpipeError("tracking is off in this config: the report is built from "
                                "MLflow runs", config)
         if experiment is None and tracking.experiment is None:
-            from medpipe.training.runs import load_plans
+            from medpipe.planning import read_plans
 
-            experiment = load_plans(pipeline)[0].get("dataset_name")
+            experiment = read_plans(pipeline.plans_file).dataset_name
     experiment = experiment or tracking.experiment
     if experiment is None:
         raise MedpipeError("name the experiment (--experiment) or give the --config")
@@ -394,7 +393,7 @@ def compare(
     files = [output / "report.html", output / "report.md", output / "summary.json",
              *(output / name for name in summary["figures"])]
     headline = {f"mean_dice_{r['model']}": r["mean_dice"][0] for r in summary["segmentation"]}
-    log_parent_run(uri, experiment, [r["run_id"] for r in runs], files, headline)
+    log_parent_run(uri, experiment, [r.run_id for r in runs], files, headline)
     console.print(f"[green]wrote[/green] {output / 'report.html'} ({len(runs)} runs)")
 
 
@@ -407,7 +406,20 @@ def _print_classes(summary: dict) -> None:
         )
 
 
-def _fmt(values: list[float]) -> str:
+@app.command("config-schema")
+def config_schema(
+    output: Annotated[Path, typer.Option("-o", "--output", help="schema.yaml to write.")] = Path(
+        "configs/schema.yaml"),
+) -> None:
+    """Write the pipeline config's JSON schema (from medpipe's own config types), which the
+    Snakefile validates every config against."""
+    from medpipe.config import write_schema
+
+    write_schema(output)
+    console.print(f"[green]wrote[/green] {output}")
+
+
+def _fmt(values: Sequence[float]) -> str:
     return " x ".join(f"{v:g}" for v in values)
 
 

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medpipe.errors import MedpipeError
+from medpipe.runs.folder import RunFolder
+
+if TYPE_CHECKING:
+    from medpipe.models import ModelOptions
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -26,8 +30,11 @@ class StrictModel(BaseModel):
 
 
 class OptimizerConfig(StrictModel):
-    name: Literal["sgd", "adamw"]
-    lr: float = Field(gt=0)
+    """An optimiser and its schedule. In a config every field is an override: the fields
+    left out take the model's literature defaults (`medpipe.models`), not the ones here."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.01, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.99, ge=0, lt=1)  # SGD only
     nesterov: bool = True  # SGD only
@@ -35,9 +42,17 @@ class OptimizerConfig(StrictModel):
     poly_exponent: float = Field(0.9, gt=0)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)  # of all iterations, cosine only
 
+    def overridden_by(self, *overrides: OptimizerConfig) -> OptimizerConfig:
+        """These settings with the fields each of OVERRIDES sets replacing them, in turn."""
+        merged = self.model_dump(exclude_unset=True)
+        for override in overrides:
+            merged |= override.model_dump(exclude_unset=True)
+        return OptimizerConfig(**merged)
+
 
 class TrainingConfig(StrictModel):
-    """How long and how to train; None means 'take it from the plans'."""
+    """How long and how to train; None means 'take it from the plans'. In a config the
+    fields set in `models.<name>.training` replace those of the shared `training`."""
 
     epochs: int = Field(1000, ge=1)  # nnU-Net's default 1000 x 250
     iterations_per_epoch: int = Field(250, ge=1)
@@ -52,20 +67,51 @@ class TrainingConfig(StrictModel):
     seed: int = 0
     num_workers: int = Field(2, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    optimizer: dict[str, Any] = Field(default_factory=dict)  # overrides of the model's defaults
+    optimizer: OptimizerConfig = Field(
+        OptimizerConfig(),
+        description="overrides of the model's optimiser defaults (only the fields given)")
+
+    def overridden_by(self, override: TrainingConfig,
+                      optimizer_defaults: OptimizerConfig) -> TrainingConfig:
+        """These shared settings with the fields OVERRIDE sets replacing them, and the
+        optimiser layered on OPTIMIZER_DEFAULTS: defaults, shared, then OVERRIDE's."""
+        merged = self.model_dump(exclude_unset=True) | override.model_dump(exclude_unset=True)
+        merged["optimizer"] = optimizer_defaults.overridden_by(self.optimizer,
+                                                               override.optimizer)
+        return TrainingConfig(**merged)
 
 
 class ModelEntry(StrictModel):
-    options: dict[str, Any] = Field(default_factory=dict)
-    training: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(
+        {}, description="the network's settings (the model's options type)")
+    training: TrainingConfig = Field(TrainingConfig(),
+                                     description="this model's training overrides")
 
 
-class RegistrationConfig(StrictModel):
-    """What the registration networks learn from and how the methods are compared."""
+class ClassicalSettings(StrictModel):
+    """The classical baseline (`registration.classical`): SimpleITK affine + a deformable
+    stage, and the affine pre-alignment of the networks' pairs (`deformable: none`)."""
 
-    models: list[str] = Field(default_factory=lambda: ["voxelmorph", "voxelmorph_diff"])
-    baselines: list[Literal["identity", "classical"]] = Field(
-        default_factory=lambda: ["identity", "classical"])
+    deformable: Literal["demons", "bspline", "none"] = "demons"
+    histogram_bins: int = Field(32, ge=2)
+    # 1.0: every fixed voxel, deterministic. Below 1, random sampling, which SimpleITK does
+    # not reproduce from its seed (the demo's pre-alignment moved by up to 10 mm between
+    # two identical runs), so it is only for the slower B-spline stage when speed matters
+    sampling_fraction: float = Field(1.0, gt=0, le=1)
+    affine_iterations: int = Field(200, ge=1)
+    bspline_iterations: int = Field(100, ge=1)
+    demons_iterations: int = Field(50, ge=1)
+    demons_sigma: float = Field(1.5, gt=0)  # Gaussian smoothing of the field, voxels
+    bspline_mesh_mm: float = Field(40.0, gt=0)  # control point spacing
+    shrink_factors: tuple[int, ...] = (4, 2, 1)
+    smoothing_sigmas: tuple[float, ...] = (2.0, 1.0, 0.0)  # voxels
+    seed: int = 0
+
+
+class NetworkRegistrationSettings(StrictModel):
+    """What a registration network learns from: part of its run's description, so changing
+    any of these makes a different run."""
+
     atlas: str | None = None  # a case id: every case to it; None: subject to subject
     prealign: Literal["affine", "none"] = "affine"  # SimpleITK affine, as VoxelMorph's data
     # the networks' grid in mm; None: the plans' spacing. Deformations are smooth, so a
@@ -76,8 +122,19 @@ class RegistrationConfig(StrictModel):
     regularisation: float = Field(1.0, ge=0)  # lambda x diffusion (gradient L2) of the field
     dice_weight: float = Field(0.0, ge=0)  # > 0: semi-supervised, Dice of warped labels
     val_pairs: int = Field(6, ge=1)  # validation pairs during training
+
+
+class RegistrationConfig(NetworkRegistrationSettings):
+    """What the registration networks learn from and how the methods are compared."""
+
+    models: list[str] = ["voxelmorph", "voxelmorph_diff"]
+    baselines: list[Literal["identity", "classical"]] = ["identity", "classical"]
     eval_pairs: int = Field(20, ge=1)  # held-out pairs scored by evaluate-reg
-    classical: dict[str, Any] = Field(default_factory=dict)  # ClassicalSettings overrides
+    classical: ClassicalSettings = ClassicalSettings()
+
+    def network_settings(self) -> NetworkRegistrationSettings:
+        return NetworkRegistrationSettings(
+            **self.model_dump(include=set(NetworkRegistrationSettings.model_fields)))
 
 
 class TrackingConfig(StrictModel):
@@ -90,19 +147,28 @@ class TrackingConfig(StrictModel):
 
 
 class PipelineConfig(StrictModel):
-    dataset: Path
-    results: Path
-    file_ending: str = ".nii.gz"
+    dataset: Path = Field(description="dataset folder in the nnU-Net v2 raw layout")
+    results: Path = Field(description="folder for every output of the workflow")
+    file_ending: str = Field(".nii.gz", pattern=r"^\.")
     configuration: Literal["3d_fullres", "3d_lowres"] = "3d_fullres"
     folds: int = Field(5, ge=2)
     gpu_memory_gb: float = Field(8, gt=0)
-    segmentation_models: list[str] = Field(default_factory=lambda: ["nnunet", "unet",
-                                                                     "swin_unetr"])
-    train_folds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
-    training: dict[str, Any] = Field(default_factory=dict)
-    models: dict[str, ModelEntry] = Field(default_factory=dict)
+    segmentation_models: list[str] = Field(
+        ["nnunet", "unet", "swin_unetr"],
+        description="the segmentation models the workflow trains and evaluates")
+    train_folds: list[Annotated[int, Field(ge=0)]] = Field(
+        [0, 1, 2, 3, 4],
+        description="the cross-validation folds the workflow trains")
+    training: TrainingConfig = Field(TrainingConfig(),
+                                     description="training settings shared by every model")
+    models: dict[str, ModelEntry] = Field(
+        {}, description="per model name, `options` (the net's settings) and `training` "
+        "overrides")
     registration: RegistrationConfig = RegistrationConfig()
     tracking: TrackingConfig = TrackingConfig()
+    container: str | None = Field(
+        None, description="an Apptainer image (medpipe.sif, or docker://...) the rules run "
+        "in when Snakemake is called with --software-deployment-method apptainer")
 
     @property
     def plans_file(self) -> Path:
@@ -116,39 +182,38 @@ class PipelineConfig(StrictModel):
     def preprocessed_dir(self) -> Path:
         return self.results / "preprocessed" / self.configuration
 
-    def run_dir(self, model: str, fold: int) -> Path:
-        return self.results / "runs" / model / f"fold_{fold}"
+    def run_folder(self, model: str, fold: int) -> RunFolder:
+        """Where MODEL's FOLD lives: `RESULTS/runs/MODEL/fold_K`."""
+        return RunFolder(self.results / "runs" / model / f"fold_{fold}")
 
     def model_entry(self, model: str) -> ModelEntry:
         return self.models.get(model, ModelEntry())
 
-    def training_for(self, model: str, optimizer_defaults: dict[str, Any]) -> TrainingConfig:
-        """The training settings of MODEL: shared settings, then the model's overrides."""
-        merged = merge(self.training, self.model_entry(model).training)
-        merged["optimizer"] = merge(optimizer_defaults, merged.get("optimizer", {}))
+    def model_options(self, model: str) -> ModelOptions:
+        """MODEL's options, validated by the model's own options type."""
+        from medpipe.models import parse_options
+
+        return parse_options(model, self.model_entry(model).options)
+
+    def training_for(self, model: str) -> TrainingConfig:
+        """The training settings of MODEL: its optimiser defaults, the shared settings,
+        then the model's overrides."""
+        from medpipe.models import model_spec
+
+        defaults = model_spec(model).optimizer_defaults
         try:
-            training = TrainingConfig(**merged)
-            OptimizerConfig(**training.optimizer)
+            return self.training.overridden_by(self.model_entry(model).training, defaults)
         except ValidationError as error:
             raise MedpipeError(
                 f"invalid training settings for {model!r}: {_explain(error)}"
             ) from None
-        return training
 
-
-def optimizer_config(training: TrainingConfig) -> OptimizerConfig:
-    return OptimizerConfig(**training.optimizer)
-
-
-def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge: OVERRIDE wins, nested dicts are merged, not replaced."""
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+    def check_models(self) -> None:
+        """Every model named in `models` exists and its options and training settings are
+        valid: errors surface when the config is read, not hours into a workflow."""
+        for model in self.models:
+            self.model_options(model)
+            self.training_for(model)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -178,12 +243,40 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
         raise MedpipeError("config must be a mapping of settings", path)
     data = apply_overrides(data, overrides or [])
     try:
-        return PipelineConfig(**data)
+        config = PipelineConfig(**data)
     except ValidationError as error:
         raise MedpipeError(f"invalid config: {_explain(error)}", path) from None
+    try:
+        config.check_models()
+    except MedpipeError as error:
+        raise MedpipeError(f"invalid config: {error.reason}", path) from None
+    return config
 
 
 def _explain(error: ValidationError) -> str:
     return "; ".join(
         f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in error.errors()
     )
+
+
+SCHEMA_HEADER = (
+    "# Generated from medpipe.config.PipelineConfig by `medpipe config-schema`: do not edit.\n"
+    "# The Snakefile validates every config against it; medpipe validates the same types.\n"
+)
+
+
+def config_schema() -> dict[str, Any]:
+    """The JSON schema of a pipeline config, from the types medpipe validates with."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "description": "medpipe workflow configuration",
+            **PipelineConfig.model_json_schema()}
+
+
+def write_schema(path: str | Path) -> Path:
+    from medpipe.io import atomic_output
+
+    path = Path(path)
+    with atomic_output(path) as staging:
+        schema = yaml.safe_dump(config_schema(), sort_keys=False, width=100)
+        staging.write_text(SCHEMA_HEADER + schema, encoding="utf-8")
+    return path

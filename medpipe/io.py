@@ -284,26 +284,6 @@ def read_dicom_series(folder: Path, series_id: str | None = None) -> Volume:
     return from_sitk(reader.Execute())
 
 
-def read_geometry(path: str | Path) -> tuple[tuple[int, ...], Geometry]:
-    """Shape and geometry from the header alone, without reading the voxels."""
-    path = Path(path)
-    try:
-        if image_suffix(path) in NIFTI_SUFFIXES:
-            image = nib.load(path)
-            return tuple(image.shape), Geometry.from_affine(image.affine)
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
-        geometry = Geometry(
-            spacing=_triplet(reader.GetSpacing()),
-            origin=_triplet(reader.GetOrigin()),
-            direction=tuple(float(v) for v in reader.GetDirection()),
-        )
-        return tuple(reader.GetSize()), geometry
-    except Exception as error:
-        raise ImageReadError(f"cannot read header ({_one_line(error)})", path) from error
-
-
 # --------------------------------------------------------------------------- writing
 
 

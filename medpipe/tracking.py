@@ -16,14 +16,16 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from medpipe import tracked
 from medpipe.config import TrackingConfig
 from medpipe.errors import MedpipeError
 from medpipe.io import write_json
+from medpipe.runs.folder import RunFolder
 
-RUN_FILE = "mlflow_run.json"  # in a run folder: which MLflow run it logs to
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
 BATCH = 100  # MLflow's limit on params (and a safe size for metrics) per log_batch call
 
@@ -42,7 +44,7 @@ class Tracker(Protocol):
 
     def finish(self, status: str = "FINISHED") -> None: ...
 
-    def log_model(self, run_dir: Path, task: str) -> str | None: ...
+    def log_model(self, folder: RunFolder, task: str) -> str | None: ...
 
 
 class NullTracker:
@@ -63,7 +65,7 @@ class NullTracker:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         pass
 
-    def log_model(self, run_dir: Path, task: str) -> str | None:
+    def log_model(self, folder: RunFolder, task: str) -> str | None:
         return None
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -106,8 +108,8 @@ class MlflowTracker:
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 
-    def log_model(self, run_dir: Path, task: str) -> str:
-        """Log RUN_DIR's trained model as an MLflow pyfunc model "from code" (no pickle):
+    def log_model(self, folder: RunFolder, task: str) -> str:
+        """Log FOLDER's trained model as an MLflow pyfunc model "from code" (no pickle):
         its weights, plans and config as artifacts. Returns the logged model's id."""
         import mlflow
         from mlflow.models import ModelSignature
@@ -119,16 +121,18 @@ class MlflowTracker:
                                    outputs=Schema([ColSpec("string", "output")]))
         code = Path(__file__).parent / "inference" / "mlflow_model.py"
         with tempfile.TemporaryDirectory() as staging:
-            files = Path(staging) / "run"
-            (files / "checkpoints").mkdir(parents=True)
-            for name in ("model.json", "plans.json", "config.json"):
-                shutil.copy2(run_dir / name, files / name)
-            for name in ("best.pt", "best.json"):
-                shutil.copy2(run_dir / "checkpoints" / name, files / "checkpoints" / name)
+            files = RunFolder(Path(staging) / "run")
+            files.checkpoints.mkdir(parents=True)
+            for source, target in (
+                    (folder.model_file, files.model_file), (folder.plans_file, files.plans_file),
+                    (folder.config_file, files.config_file),
+                    (folder.checkpoint_file("best"), files.checkpoint_file("best")),
+                    (folder.checkpoint_metadata("best"), files.checkpoint_metadata("best"))):
+                shutil.copy2(source, target)
             mlflow.set_tracking_uri(self.client.tracking_uri)
             with mlflow.start_run(run_id=self.run_id):
                 info = mlflow.pyfunc.log_model(
-                    name="model", python_model=str(code), artifacts={"run": str(files)},
+                    name="model", python_model=str(code), artifacts={"run": str(files.path)},
                     signature=signature, pip_requirements=["medpipe", "torch", "monai",
                                                            "SimpleITK", "nibabel"],
                 )
@@ -139,10 +143,10 @@ def open_tracker(
     config: TrackingConfig,
     experiment: str,
     run_name: str,
-    run_folder: Path,
+    folder: RunFolder,
     tags: Mapping[str, str] | None = None,
 ) -> Tracker:
-    """The tracker for the run kept in RUN_FOLDER: reopened if that folder already logged to
+    """The tracker for the run kept in FOLDER: reopened if that folder already logged to
     this store (a resumed training, an evaluation), else a new run in EXPERIMENT."""
     if not config.enabled:
         return NullTracker()
@@ -152,7 +156,7 @@ def open_tracker(
         raise MedpipeError("tracking is on but mlflow is not installed") from None
     uri = config.resolved_uri()
     client = MlflowClient(tracking_uri=uri)
-    known = read_run_file(run_folder)
+    known = read_run_file(folder)
     if known and known.get("tracking_uri") == uri:
         try:
             client.update_run(known["run_id"], status="RUNNING")
@@ -165,7 +169,7 @@ def open_tracker(
     run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
     write_json(
         {"tracking_uri": uri, "experiment_id": experiment_id, "run_id": run.info.run_id},
-        run_folder / RUN_FILE,
+        folder.tracking_file,
     )
     return MlflowTracker(client, run.info.run_id)
 
@@ -188,10 +192,22 @@ def download_model(uri: str, tracking_uri: str | None = None) -> Path:
     return found[0].parent
 
 
-def finished_runs(uri: str, experiment: str) -> list[dict[str, Any]]:
-    """Every finished run of EXPERIMENT as plain data: id, tags, params, latest metrics,
-    the history of `val_dice`, and the local paths of its evaluation CSV files and of an
-    example figure."""
+@dataclass(frozen=True)
+class TrackedRun:
+    """A finished run as plain data: what the comparison report is built from."""
+
+    run_id: str
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]  # the latest value of each
+    files: dict[str, str]  # local copies: cases.csv / pairs.csv, example.png
+    val_dice_history: list[tuple[int, float]]
+
+
+def finished_runs(uri: str, experiment: str) -> list[TrackedRun]:
+    """Every finished segmentation or registration run of EXPERIMENT: id, tags, params,
+    latest metrics, the history of `val_dice`, and the local paths of its evaluation CSV
+    files and of an example figure."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -203,22 +219,22 @@ def finished_runs(uri: str, experiment: str) -> list[dict[str, Any]]:
     out = []
     for run in runs:
         tags = dict(run.data.tags)
-        if tags.get("task") not in ("segmentation", "registration"):
+        if tags.get(tracked.TASK) not in ("segmentation", "registration"):
             continue
         files = {}
         for name in ("cases.csv", "pairs.csv"):
             try:
-                files[name] = client.download_artifacts(run.info.run_id, f"evaluation/{name}")
+                files[name] = client.download_artifacts(
+                    run.info.run_id, f"{tracked.EVALUATION_FOLDER}/{name}")
             except Exception:  # not every run has both files
                 continue
         example = _example_figure(client, run.info.run_id)
         if example:
             files["example.png"] = example
         history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id,
-                                                                        "val_dice")]
-        out.append({"run_id": run.info.run_id, "tags": tags, "params": dict(run.data.params),
-                    "metrics": dict(run.data.metrics), "files": files,
-                    "val_dice_history": sorted(history)})
+                                                                        tracked.VAL_DICE)]
+        out.append(TrackedRun(run.info.run_id, tags, dict(run.data.params),
+                              dict(run.data.metrics), files, sorted(history)))
     return out
 
 
@@ -226,9 +242,9 @@ def _example_figure(client: Any, run_id: str) -> str | None:
     """A run's example figure: the evaluation's first pair (fixed, moving, warped,
     deformation grid, Jacobian) for registration, else the validation overlay."""
     try:
-        evaluation = [a.path for a in client.list_artifacts(run_id, "evaluation")
+        evaluation = [a.path for a in client.list_artifacts(run_id, tracked.EVALUATION_FOLDER)
                       if a.path.endswith(".png")]
-        figures = [a.path for a in client.list_artifacts(run_id, "figures")
+        figures = [a.path for a in client.list_artifacts(run_id, tracked.FIGURES_FOLDER)
                    if a.path.endswith("overlay.png")]
         chosen = sorted(evaluation)[:1] or sorted(figures)[:1]
         return client.download_artifacts(run_id, chosen[0]) if chosen else None
@@ -244,19 +260,20 @@ def log_parent_run(uri: str, experiment: str, children: list[str], files: list[P
     client = MlflowClient(tracking_uri=uri)
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     parent = client.create_run(experiment_id, run_name="comparison",
-                               tags={"task": "comparison", "git_commit": git_commit()})
+                               tags={tracked.TASK: tracked.COMPARISON,
+                                     tracked.GIT_COMMIT: git_commit()})
     tracker = MlflowTracker(client, parent.info.run_id)
     tracker.log_metrics(metrics)
     for path in files:
-        tracker.log_artifact(path, "report")
+        tracker.log_artifact(path, tracked.REPORT_FOLDER)
     for child in children:
         client.set_tag(child, "mlflow.parentRunId", parent.info.run_id)
     tracker.finish("FINISHED")
     return parent.info.run_id
 
 
-def read_run_file(run_folder: Path) -> dict | None:
-    path = Path(run_folder) / RUN_FILE
+def read_run_file(folder: RunFolder) -> dict | None:
+    path = folder.tracking_file
     if not path.is_file():
         return None
     try:

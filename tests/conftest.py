@@ -38,8 +38,8 @@ def tiny_pipeline(tmp_path_factory):
     build_demo_dataset(raw, DemoSettings(cases=5, test_cases=0, spacing=6.0, seed=3))
     results = root / "results"
     plans = plan_experiment(fingerprint_dataset(raw), 8)
-    arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
-    arch["features_per_stage"] = TINY_FEATURES[: arch["n_stages"]]
+    stages = plans.configuration("3d_fullres").architecture.arch_kwargs.n_stages
+    plans = plans.with_features("3d_fullres", tuple(TINY_FEATURES[:stages]))
     write_plans(plans, results / "plans.json")
     dataset = load_dataset(raw)
     write_splits(make_splits(dataset.case_ids, 5, 12345), results / "splits.json")

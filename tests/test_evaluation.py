@@ -15,6 +15,8 @@ import SimpleITK as sitk
 
 from medpipe.config import load_config
 from medpipe.io import read_image
+from medpipe.runs.folder import RunFolder
+from medpipe.runs.spec import read_run_spec
 from medpipe.training.segmentation import train_segmentation
 
 
@@ -37,8 +39,7 @@ def evaluated(tiny_pipeline):
 
 def test_predictions_lie_exactly_on_the_raw_label_grid(evaluated):
     root, run_dir = evaluated
-    description = json.loads((run_dir / "model.json").read_text())
-    for case_id in description["val_cases"]:
+    for case_id in read_run_spec(RunFolder(run_dir)).val_cases:
         prediction = read_image(run_dir / "validation" / f"{case_id}.nii.gz")
         reference = read_image(root / "raw" / "labelsTr" / f"{case_id}.nii.gz")
         assert prediction.shape == reference.shape

@@ -12,7 +12,7 @@ from monai.networks.blocks import Warp
 
 from medpipe.io import Geometry, Volume, to_sitk
 from medpipe.metrics import deformation_metrics, jacobian_determinant
-from medpipe.preprocessing import PreprocessingPlan, preprocess_images, preprocessed_geometry
+from medpipe.preprocessing import PreprocessingPlan, preprocess_images
 from medpipe.registration.fields import (
     affine_matrix,
     compose_field,
@@ -137,7 +137,7 @@ def test_preprocessed_geometry_places_resampled_voxels_where_they_were():
     plan = PreprocessingPlan(spacing=(2.0, 1.2, 2.0), normalization_schemes=("NoNormalization",),
                              use_mask_for_norm=(False,), intensity_properties={})
     data, _, properties = preprocess_images(image[None], grid, plan)  # not anisotropic
-    geometry = preprocessed_geometry(properties)
+    geometry = properties.preprocessed_geometry
     np.testing.assert_allclose(geometry.spacing, (2.0, 1.2, 2.0), rtol=0.05)
     at = physical_points(geometry, data.shape[1:])
     expected = 0.3 * at[0] - 0.2 * at[1] + 0.5 * at[2] + 100.0

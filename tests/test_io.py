@@ -15,7 +15,6 @@ from medpipe.io import (
     Geometry,
     Volume,
     from_sitk,
-    read_geometry,
     read_image,
     to_nibabel,
     to_sitk,
@@ -143,15 +142,6 @@ def test_sheared_affine_is_kept_for_nifti_and_refused_by_itk(tmp_path):
 def test_write_leaves_no_staging_files(tmp_path):
     write_image(random_volume(), tmp_path / "a.mhd")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mhd", "a.zraw"]
-
-
-def test_read_geometry_from_header_matches_full_read(tmp_path):
-    for suffix in [".nii.gz", ".nrrd"]:
-        volume = random_volume(geometry=oblique_geometry(8, flipped=True))
-        path = write_image(volume, tmp_path / f"image{suffix}")
-        shape, geometry = read_geometry(path)
-        assert shape == volume.shape
-        assert geometry.is_close(read_image(path).geometry, atol=1e-9)
 
 
 def test_to_nibabel_sets_qform_and_sform(tmp_path):

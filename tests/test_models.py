@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from medpipe.config import OptimizerConfig
 from medpipe.errors import MedpipeError
 from medpipe.models import (
     MODELS,
@@ -16,15 +17,18 @@ from medpipe.models import (
     fit_patch_size,
     register,
 )
+from medpipe.planning.plans import ArchitectureKwargs
 
 # an anisotropic plan (as nnU-Net makes for 1 x 1 x 4 mm data): no pooling and 3x3x1 kernels
 # on the coarse last axis at first, so the DynUNet must follow it axis by axis
-ANISOTROPIC = {
-    "n_stages": 4,
-    "features_per_stage": [8, 16, 32, 64],
-    "kernel_sizes": [[3, 3, 1], [3, 3, 1], [3, 3, 3], [3, 3, 3]],
-    "strides": [[1, 1, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2]],
-}
+ANISOTROPIC = ArchitectureKwargs(
+    n_stages=4,
+    features_per_stage=(8, 16, 32, 64),
+    kernel_sizes=((3, 3, 1), (3, 3, 1), (3, 3, 3), (3, 3, 3)),
+    strides=((1, 1, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2)),
+    n_conv_per_stage=(2, 2, 2, 2),
+    n_conv_per_stage_decoder=(2, 2, 2),
+)
 SMALL = {
     "unet": {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1},
     "swin_unetr": {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]},
@@ -75,8 +79,8 @@ def test_unknown_model_and_bad_options_are_clear_errors():
         build_model("swin_unetr", NetworkShape(1, 2), {"feature_size": 20})
     with pytest.raises(MedpipeError, match="chanels"):
         build_model("unet", NetworkShape(1, 2), {"chanels": [4, 8]})
-    with pytest.raises(MedpipeError, match="kernel_sizes"):
-        build_model("nnunet", NetworkShape(1, 2, {"n_stages": 3}))
+    with pytest.raises(MedpipeError, match=r"configured from plans\.json"):
+        build_model("nnunet", NetworkShape(1, 2))  # no plans' topology
 
 
 def test_a_fourth_model_is_one_builder_and_one_entry():
@@ -91,7 +95,7 @@ def test_a_fourth_model_is_one_builder_and_one_entry():
         )
 
     register(ModelSpec("tiny_test_net", "segmentation", TinyOptions, build,
-                       lambda shape, options: (1, 1, 1), {"name": "adamw", "lr": 1e-3}))
+                       lambda shape, options: (1, 1, 1), OptimizerConfig(name="adamw", lr=1e-3)))
     try:
         net = build_model("tiny_test_net", NetworkShape(1, 3), {"width": 2})
         assert net(torch.randn(1, 1, 5, 5, 5)).shape == (1, 3, 5, 5, 5)
@@ -119,10 +123,29 @@ def test_registration_nets_return_the_warped_image_and_a_field(name, options):
     torch.testing.assert_close(warped, moving)
 
 
-def test_registration_defaults_are_voxelmorphs():
-    from medpipe.models import model_spec, parse_options
+@pytest.mark.parametrize("name", ["voxelmorph", "voxelmorph_diff"])
+def test_a_constant_field_is_a_translation_in_voxels_along_the_array_axes(name):
+    """A net whose output is a constant c: plain VoxelMorph returns c as the field; the
+    diffeomorphic one integrates c as a stationary velocity, whose exponential is the
+    translation c again; either way the warped image is moving(x + c), in array axes (the
+    convention `registration.fields` turns into ITK's)."""
+    shift = (2.0, -1.0, 0.0)
+    net = build_model(name, NetworkShape(1, 3))
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.zero_()
+        net.backbone.net[1].final_conv_out.conv.bias.copy_(torch.tensor(shift))
+    moving = torch.rand(1, 1, 24, 24, 24)
+    warped, ddf = net(moving, torch.rand_like(moving))
+    inner = (slice(None), slice(None), *(slice(4, -4),) * 3)
+    expected = torch.tensor(shift).view(1, 3, 1, 1, 1).expand_as(ddf)
+    torch.testing.assert_close(ddf[inner], expected[inner], atol=1e-3, rtol=0)
+    shifted = torch.roll(moving, shifts=(-2, 1, 0), dims=(2, 3, 4))  # moving[x + c]
+    torch.testing.assert_close(warped[inner], shifted[inner], atol=1e-3, rtol=0)
 
-    assert parse_options("voxelmorph", {}).integration_steps == 0
-    assert parse_options("voxelmorph_diff", {}).integration_steps == 7
+
+def test_registration_models_are_not_segmentation_models():
+    from medpipe.models import model_spec
+
     with pytest.raises(MedpipeError, match="known segmentation models: nnunet"):
         model_spec("voxelmorph", task="segmentation")

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from medpipe.io import Geometry
+from medpipe.preprocessing import CaseProperties, PreprocessedCase
 from medpipe.training.augment import Augmenter
 from medpipe.training.patches import (
-    CachedCase,
     PatchDataset,
     crop_patch,
     do_oversample,
@@ -16,14 +17,20 @@ from medpipe.training.patches import (
 )
 
 
-def small_case(seed: int = 0, shape=(30, 26, 20)) -> CachedCase:
+def small_case(seed: int = 0, shape=(30, 26, 20)) -> PreprocessedCase:
     """Mostly background with one small foreground cube: random patches rarely hit it."""
     rng = np.random.default_rng(seed)
     seg = np.zeros(shape, np.int8)
     seg[3:6, 4:7, 2:5] = 2
     data = rng.normal(size=(1, *shape)).astype(np.float32)
     locations = {2: np.argwhere(seg == 2)}
-    return CachedCase(f"case_{seed}", data, seg, locations, {})
+    properties = CaseProperties(
+        geometry=Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0)), shape_before_cropping=shape,
+        bbox_used_for_cropping=tuple((0, n) for n in shape),
+        shape_after_cropping_and_before_resampling=shape, spacing_before_resampling=(1, 1, 1),
+        spacing=(1, 1, 1), shape_after_resampling=shape, separate_axis=None,
+        case_id=f"case_{seed}", class_locations=locations)
+    return PreprocessedCase(f"case_{seed}", data, seg, properties)
 
 
 @pytest.mark.parametrize(

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 from helpers import make_dataset
 
+from medpipe.errors import MedpipeError
 from medpipe.io import read_image
 from medpipe.planning import fingerprint_dataset, plan_experiment
-from medpipe.planning.plans import fullres_target_spacing, normalisation_schemes
+from medpipe.planning.planner import fullres_target_spacing, normalisation_schemes
+from medpipe.planning.plans import read_plans, write_plans
 from medpipe.planning.topology import feature_map_voxels, pool_and_conv_props
 
 
@@ -83,17 +85,22 @@ def test_fingerprint_and_plans_of_a_small_dataset(tmp_path):
     assert stats["percentile_00_5"] < stats["median"] < stats["percentile_99_5"]
 
     plans = plan_experiment(fingerprint)
-    config = plans["configurations"]["3d_fullres"]
-    np.testing.assert_allclose(config["spacing"], fingerprint["median_spacing"])
-    assert all(
-        p % 2 ** (len(config["architecture"]["arch_kwargs"]["strides"]) - 1) == 0 or p >= 8
-        for p in config["patch_size"]
-    )
-    assert config["batch_size"] >= 2
+    config = plans.configuration("3d_fullres")
+    np.testing.assert_allclose(config.spacing, fingerprint["median_spacing"])
+    # every patch axis is a whole number of the net's total downsampling along that axis,
+    # and the net pools every axis at least once at these sizes
+    strides = np.array(config.architecture.arch_kwargs.strides)
+    total = strides.prod(axis=0)
+    assert np.all(total >= 2)
+    assert np.all(np.array(config.patch_size) % total == 0), (config.patch_size, total)
+    assert config.batch_size >= 2
     assert {"spacing", "patch_size", "batch_size", "architecture", "normalization_schemes"} <= set(
-        config["reasons"]
+        config.reasons
     )
-    assert "3d_lowres" not in plans["configurations"]
+    assert "3d_lowres" not in plans.configurations
+    # plans.json round trip: what is written reads back to the same plans
+    write_plans(plans, tmp_path / "plans.json")
+    assert read_plans(tmp_path / "plans.json") == plans
 
 
 def test_large_images_get_a_lowres_configuration():
@@ -104,7 +111,24 @@ def test_large_images_get_a_lowres_configuration():
         "foreground_intensity_properties_per_channel": {},
     }
     plans = plan_experiment(fingerprint)
-    lowres, fullres = plans["configurations"]["3d_lowres"], plans["configurations"]["3d_fullres"]
-    assert min(lowres["spacing"]) > max(fullres["spacing"])
-    assert np.prod(lowres["patch_size"]) / np.prod(lowres["median_image_size_in_voxels"]) >= 0.25
-    assert fullres["normalization_schemes"] == ["CTNormalization"]
+    lowres, fullres = plans.configuration("3d_lowres"), plans.configuration("3d_fullres")
+    assert min(lowres.spacing) > max(fullres.spacing)
+    assert np.prod(lowres.patch_size) / np.prod(lowres.median_image_size_in_voxels) >= 0.25
+    assert fullres.normalization_schemes == ("CTNormalization",)
+
+
+def test_plans_with_a_bad_field_are_refused_naming_it(tmp_path):
+    plans = plan_experiment({
+        "dataset_json": {"labels": {"background": 0, "organ": 1}, "channel_names": {"0": "MR"}},
+        "cases": [{"spacing": [1.0, 1.0, 1.0], "shape_after_crop": [64, 64, 64]}] * 4,
+        "median_relative_size_after_cropping": 1.0,
+        "foreground_intensity_properties_per_channel": {},
+    })
+    data = plans.model_dump(mode="json")
+    data["configurations"]["3d_fullres"]["patch_size"] = [64, 64]  # one axis short
+    path = tmp_path / "plans.json"
+    path.write_text(__import__("json").dumps(data))
+    with pytest.raises(MedpipeError, match=r"plans\.json.*configurations\.3d_fullres\.patch_size"):
+        read_plans(path)
+    with pytest.raises(MedpipeError, match="medpipe plan"):
+        read_plans(tmp_path / "missing.json")

@@ -10,7 +10,9 @@ from helpers import make_dataset, oblique_geometry
 
 from medpipe.data import load_dataset
 from medpipe.io import Geometry, read_image
+from medpipe.planning.plans import IntensityProperties
 from medpipe.preprocessing import (
+    CaseProperties,
     PreprocessingPlan,
     coarse_axis,
     crop_to_nonzero,
@@ -72,7 +74,8 @@ def test_masked_zscore_uses_only_the_mask_and_zeroes_outside():
 
 def test_ct_normalisation_clips_then_uses_dataset_statistics():
     image = np.array([[[[-2000.0, 0.0, 40.0, 3000.0]]]], np.float32)
-    props = {"0": {"percentile_00_5": -100.0, "percentile_99_5": 200.0, "mean": 50.0, "std": 25.0}}
+    props = {"0": IntensityProperties(percentile_00_5=-100.0, percentile_99_5=200.0, mean=50.0,
+                                      std=25.0, median=40.0, min=-1000.0, max=3000.0)}
     out = normalise(image, np.ones((1, 1, 4), bool), ["CTNormalization"], [False], props)
     np.testing.assert_allclose(out[0, 0, 0], [-6.0, -2.0, -0.4, 6.0])
 
@@ -90,7 +93,7 @@ def test_anisotropic_data_is_resampled_with_a_separate_coarse_axis():
 def test_round_trip_to_the_raw_grid(target):
     images, label, geometry = brain_like_case()
     data, seg, properties = preprocess_images(images, geometry, zscore_plan(target), label)
-    assert seg.shape == data.shape[1:] == tuple(properties["shape_after_resampling"])
+    assert seg.shape == data.shape[1:] == properties.shape_after_resampling
     restored = restore_label(seg, properties)
     assert restored.shape == label.shape
     assert restored.geometry == geometry
@@ -119,13 +122,21 @@ def test_preprocess_dataset_is_resumable_and_round_trips_demo_like_data(tmp_path
     ]
     assert (out / "case_001.npz").stat().st_mtime_ns == before
 
-    data, seg, properties = load_preprocessed(out, "case_000")
-    assert data.dtype == np.float32 and seg.dtype == np.int8 and seg.shape[0] == 1
-    assert set(properties["class_locations"]) == {"1", "2"}
-    locations = np.array(properties["class_locations"]["2"])
-    assert np.all(seg[0][tuple(locations.T)] == 2)
+    case = load_preprocessed(out, "case_000")
+    assert case.data.dtype == np.float32 and case.seg.dtype == np.int8
+    assert case.seg.shape == case.data.shape[1:]
+    locations = case.properties.class_locations
+    assert set(locations) == {1, 2}
+    assert np.all(case.seg[tuple(locations[2].T)] == 2)
+    assert np.all(case.seg[tuple(locations[1].T)] == 1)
     raw_label = read_image(dataset.training[0].label)
-    restored = restore_label(seg[0], properties)
+    restored = restore_label(case.seg, case.properties)
     assert restored.shape == raw_label.shape
     assert restored.geometry.is_close(raw_label.geometry, atol=1e-9)
-    json.dumps(properties)  # plain JSON, loadable without pickle
+    # the properties file is plain JSON (no pickle) and reads back to the same properties
+    stored = json.loads((out / "case_000.json").read_text())
+    assert stored["case_id"] == "case_000" and set(stored["class_locations"]) == {"1", "2"}
+    again = CaseProperties.from_json(stored)
+    assert again.geometry == case.properties.geometry
+    assert again.bbox_used_for_cropping == case.properties.bbox_used_for_cropping
+    np.testing.assert_array_equal(again.class_locations[2], locations[2])

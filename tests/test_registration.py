@@ -22,9 +22,16 @@ from medpipe.metrics import deformation_metrics, jacobian_determinant
 from medpipe.models import NetworkShape, build_model
 from medpipe.registration.fields import ddf_to_field
 from medpipe.registration.pairs import PairDataset, RegistrationCase, pair_arrays
+from medpipe.runs.folder import RunFolder
+from medpipe.runs.spec import read_run_spec
 from medpipe.training.engine import EngineSettings, Trainer
 from medpipe.training.optim import build_optimizer, build_scheduler
-from medpipe.training.registration import RegistrationLoss, RegistrationTask, train_registration
+from medpipe.training.registration import (
+    RegistrationLoss,
+    RegistrationTask,
+    ValidationPair,
+    train_registration,
+)
 
 ATLAS = "brain_001"  # a training case of fold 0 in the tiny pipeline (the validation case
 # of fold 0, brain_000 or the like, is registered to it)
@@ -62,8 +69,7 @@ def test_network_recovers_a_known_warp_and_its_jacobian_matches_itk(tmp_path):
     fixed = RegistrationCase("fixed", fixed_image, labels, geometry)
     dataset = PairDataset([moving, fixed], None, shape, batch_size=1, iterations=50, seed=0,
                           atlas=fixed)
-    pair = {"moving_id": "moving", "fixed_id": "fixed", "shape": shape,
-            **pair_arrays(moving, fixed, np.eye(4), shape)}
+    pair = ValidationPair("moving", "fixed", shape, pair_arrays(moving, fixed, np.eye(4), shape))
     settings = RegistrationConfig(similarity="mse", regularisation=0.05)
     task = RegistrationTask(dataset, [pair], RegistrationLoss(settings, n_classes=2))
     torch.manual_seed(0)
@@ -80,7 +86,8 @@ def test_network_recovers_a_known_warp_and_its_jacobian_matches_itk(tmp_path):
 
     net.eval()
     with torch.no_grad():
-        _, ddf = net(torch.from_numpy(pair["moving"])[None], torch.from_numpy(pair["fixed"])[None])
+        _, ddf = net(torch.from_numpy(pair.arrays["moving"])[None],
+                     torch.from_numpy(pair.arrays["fixed"])[None])
     ddf = ddf[0].numpy()
     inside = np.sum(np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape],
                                          indexing="ij")) ** 2, axis=0) < 0.5
@@ -113,13 +120,14 @@ def trained(tiny_pipeline, tmp_path_factory):
 
 def test_training_writes_a_complete_run_folder(trained):
     _, run_dir = trained
-    description = json.loads((run_dir / "model.json").read_text())
-    assert description["task"] == "registration"
-    assert description["reference_case"] == ATLAS
-    assert all(n % 4 == 0 for n in description["grid_shape"])  # 4 levels: divisor 2^2
+    spec = read_run_spec(RunFolder(run_dir))
+    assert spec.task == "registration"
+    assert spec.reference_case == ATLAS
+    assert all(n % 4 == 0 for n in spec.grid_shape)  # 4 levels: divisor 2^2
+    assert spec.classical.deformable == "none"  # the pre-alignment is affine only
     prealign = json.loads((run_dir / "prealign.json").read_text())
     assert np.allclose(prealign["matrices"][ATLAS], np.eye(4))
-    assert set(prealign["matrices"]) == set(description["train_cases"] + description["val_cases"])
+    assert set(prealign["matrices"]) == {*spec.train_cases, *spec.val_cases}
     summary = json.loads((run_dir / "training.json").read_text())
     assert summary["epochs"] == 2 and summary["parameters"] > 0
     history = json.loads((run_dir / "checkpoints" / "latest.json").read_text())["history"]
@@ -197,16 +205,27 @@ def test_subject_to_subject_needs_two_validation_cases(tiny_pipeline, tmp_path):
         train_registration(config, "voxelmorph", 0, tmp_path / "run", progress=False)
 
 
-def test_cli_train_and_evaluate(trained, tiny_pipeline, tmp_path):
-    _, network_dir = trained
+def test_cli_train_and_evaluate(tiny_pipeline, tmp_path):
+    """`train-reg` then `evaluate-reg` on the run it wrote, as a user (or a rule) calls them;
+    a segmentation model given to `train-reg` is a one-line error."""
     base = [sys.executable, "-m", "medpipe.cli"]
     config = str(tiny_pipeline / "config.yaml")
-    sets = [f"--set={s}" for s in [*TINY_VXM, "tracking.enabled=false"]]
+    run_dir = tmp_path / "vxm"
+    sets = [f"--set={s}" for s in [*TINY_VXM, "tracking.enabled=false", "training.epochs=1",
+                                   "training.iterations_per_epoch=1"]]
+    trained = subprocess.run(
+        [*base, "train-reg", "--config", config, "--model", "voxelmorph", "--run-dir",
+         str(run_dir), *sets], capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert str(run_dir) in trained.stdout
+    assert json.loads((run_dir / "training.json").read_text())["epochs"] == 1
     result = subprocess.run(
-        [*base, "evaluate-reg", "--config", config, "--model", "voxelmorph_diff",
-         "--run-dir", str(network_dir), *sets], capture_output=True, text=True, timeout=300)
+        [*base, "evaluate-reg", "--config", config, "--model", "voxelmorph",
+         "--run-dir", str(run_dir), *sets], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "mean Dice" in result.stdout and "s/pair" in result.stdout
+    summary = json.loads((run_dir / "evaluation" / "summary.json").read_text())
+    assert summary["method"] == "voxelmorph" and summary["pairs"] == 1
     wrong = subprocess.run(
         [*base, "train-reg", "--config", config, "--model", "unet", "--run-dir",
          str(tmp_path / "x"), *sets], capture_output=True, text=True, timeout=300)

@@ -15,9 +15,12 @@ import torch
 
 from medpipe.config import load_config
 from medpipe.errors import MedpipeError
-from medpipe.inference.model_io import load_trained
 from medpipe.models import NetworkShape, build_model
-from medpipe.training.patches import PatchDataset, load_cases
+from medpipe.preprocessing import load_labelled_cases
+from medpipe.runs.folder import RunFolder
+from medpipe.runs.loading import load_trained
+from medpipe.runs.spec import read_run_spec
+from medpipe.training.patches import PatchDataset
 from medpipe.training.segmentation import SegmentationTask, train_segmentation
 
 NO_TRACKING = ["tracking.enabled=false"]
@@ -25,18 +28,17 @@ NO_TRACKING = ["tracking.enabled=false"]
 
 def fixed_batch_loss(root, run_dir, weights: str | None) -> float:
     """Loss of one fixed, un-augmented batch under the initial (None) or trained weights."""
-    description = json.loads((run_dir / "model.json").read_text())
+    spec = read_run_spec(RunFolder(run_dir))
     config = load_config(root / "config.yaml")
-    cases = load_cases(config.preprocessed_dir, description["train_cases"])
-    dataset = PatchDataset(cases, description["patch_size"], 2, 1, seed=99)
-    task = SegmentationTask(dataset, [], description["out_channels"])
+    cases = load_labelled_cases(config.preprocessed_dir, spec.train_cases)
+    dataset = PatchDataset(cases, spec.patch_size, 2, 1, seed=99)
+    task = SegmentationTask(dataset, [], spec.out_channels)
     if weights is None:
-        torch.manual_seed(description["training"]["seed"])  # as training initialises
-        shape = NetworkShape(description["in_channels"], description["out_channels"],
-                             description["architecture"])
-        net = build_model(description["model"], shape, description["options"])
+        torch.manual_seed(spec.training.seed)  # as training initialises
+        shape = NetworkShape(spec.in_channels, spec.out_channels, spec.architecture)
+        net = build_model(spec.model, shape, spec.options)
     else:
-        net, _ = load_trained(run_dir, weights)
+        net, _ = load_trained(RunFolder(run_dir), weights)
     batch = next(iter(task.batches(0)))
     net.train()  # the training-time output (deep supervision included)
     with torch.no_grad():

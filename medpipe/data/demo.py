@@ -38,7 +38,7 @@ class DemoSettings:
     test_cases: int = 2
     spacing: tuple[float, float, float] | float = 3.0  # mm; a triplet makes anisotropic data
     seed: int = 0
-    max_displacement_mm: float = 4.0  # std of B-spline coefficients
+    bspline_coefficient_std_mm: float = 4.0  # std of the random B-spline coefficients
     max_rotation_deg: float = 6.0
     max_scaling: float = 0.06
     bias_strength: float = 0.25  # std of the log bias field's polynomial coefficients
@@ -152,7 +152,7 @@ def _random_transform(
     ]
     bspline = sitk.BSplineTransformInitializer(reference, mesh, order=3)
     n = len(bspline.GetParameters())
-    bspline.SetParameters(rng.normal(0.0, settings.max_displacement_mm, n).tolist())
+    bspline.SetParameters(rng.normal(0.0, settings.bspline_coefficient_std_mm, n).tolist())
     return sitk.CompositeTransform([affine, bspline])
 
 

@@ -18,10 +18,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medpipe.data.problems import Problem, Severity
 from medpipe.errors import DatasetError
+from medpipe.io import Geometry, read_image
 
 DATASET_JSON = "dataset.json"
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -274,3 +276,12 @@ def _misnamed(path: Path, file_ending: str, channel_file: bool) -> Problem:
         f"does not match the layout's naming {pattern} (file_ending from dataset.json); ignored",
         severity=Severity.WARNING,
     )
+
+
+def read_case(case: Case) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
+    """Channels stacked (C, i, j, k) as float32, the label as int16 (or None), the grid."""
+    volumes = [read_image(path) for path in case.images]
+    geometry = volumes[0].geometry
+    images = np.stack([v.array for v in volumes]).astype(np.float32)
+    label = read_image(case.label).array.astype(np.int16) if case.label is not None else None
+    return images, label, geometry

@@ -57,3 +57,15 @@ def fold_cases(splits: list[Split], fold: int) -> Split:
     if not 0 <= fold < len(splits):
         raise DatasetError(f"fold {fold} does not exist; splits have folds 0..{len(splits) - 1}")
     return splits[fold]
+
+
+def fold_case_ids(splits_file: Path, fold: int) -> tuple[list[str], list[str]]:
+    """(training, validation) case ids of FOLD, with errors that say which step to run."""
+    if not splits_file.is_file():
+        raise DatasetError("no splits: run `medpipe split` (or the workflow) first", splits_file)
+    splits = read_splits(splits_file)
+    if not 0 <= fold < len(splits):
+        raise DatasetError(f"fold {fold} does not exist; splits have folds 0-{len(splits) - 1}",
+                           splits_file)
+    split = fold_cases(splits, fold)
+    return list(split["train"]), list(split["val"])

@@ -20,27 +20,27 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from medpipe.config import PipelineConfig
+from medpipe import tracked
+from medpipe.config import ClassicalSettings, PipelineConfig
 from medpipe.data.layout import load_dataset
+from medpipe.data.splits import fold_case_ids
+from medpipe.device import pick_device
 from medpipe.errors import MedpipeError
 from medpipe.figures import plot_registration
-from medpipe.inference.model_io import load_trained
-from medpipe.inference.registration import NetworkRegistration
 from medpipe.io import Volume, atomic_output, read_image, write_json
 from medpipe.metrics import deformation_metrics, segmentation_metrics, summarise
-from medpipe.registration.classical import (
-    ClassicalSettings,
-    displacement_field,
-    register_classical,
-)
+from medpipe.planning.plans import Plans, read_plans
+from medpipe.registration.classical import displacement_field, register_classical
 from medpipe.registration.fields import field_to_ddf, identity_field, warp_with_field
+from medpipe.registration.network import NetworkRegistration
 from medpipe.registration.pairs import (
     RegistrationCase,
     evaluation_pairs,
     load_registration_cases,
 )
-from medpipe.training.engine import pick_device
-from medpipe.training.runs import fold_case_ids, load_plans
+from medpipe.runs.folder import RunFolder
+from medpipe.runs.loading import load_trained
+from medpipe.runs.spec import RegistrationRunSpec
 
 BASELINES = ("identity", "classical")
 PAIR_METRICS = ("folding_percent", "sdlogj", "jacobian_min", "jacobian_mean", "seconds")
@@ -60,21 +60,21 @@ def evaluate_registration(
     """Score METHOD (identity, classical, or a trained network's name) on FOLD's held-out
     pairs; write `evaluation/pairs.csv`, `evaluation/summary.json` and a figure in the run
     folder and log them to its MLflow run. Returns the summary."""
-    run_dir = Path(run_dir or config.run_dir(method, fold))
-    plans, _ = load_plans(config)
-    _, val_ids = fold_case_ids(config, fold)
+    folder = RunFolder(run_dir) if run_dir else config.run_folder(method, fold)
+    plans = read_plans(config.plans_file)
+    _, val_ids = fold_case_ids(config.splits_file, fold)
     settings = config.registration
     torch_device = pick_device(device)
     if method in BASELINES:
-        register = _baseline(method, ClassicalSettings(**settings.classical))
-        atlas, description = settings.atlas, None
+        register = _baseline(method, settings.classical)
+        atlas, spec = settings.atlas, None
     else:
-        network, description = load_trained(run_dir, checkpoint, torch_device)
-        if description.get("task") != "registration" or description["fold"] != fold:
+        network, spec = load_trained(folder, checkpoint, torch_device)
+        if not isinstance(spec, RegistrationRunSpec) or spec.fold != fold:
             raise MedpipeError(f"run folder does not hold a registration network for fold "
-                               f"{fold}", run_dir)
-        atlas = description["registration"]["atlas"]
-        network_method = NetworkRegistration(network, description, torch_device)
+                               f"{fold}", folder.path)
+        atlas = spec.registration.atlas
+        network_method = NetworkRegistration(network, spec, torch_device)
 
         def register(moving, fixed, target):
             return network_method(moving, fixed, target.geometry, target.shape)
@@ -84,9 +84,10 @@ def evaluate_registration(
     ids = sorted({case_id for pair in pairs for case_id in pair})
     cases = {c.case_id: c for c in load_registration_cases(config.preprocessed_dir, ids)}
     dataset = load_dataset(config.dataset)
-    classes = {name: int(v) for name, v in plans["labels"].items() if int(v) != 0}
+    classes = {name: value for name, value in plans.labels.items()
+               if isinstance(value, int) and value != 0}
     rows, per_pair = [], []
-    out = run_dir / "evaluation"
+    out = folder.evaluation
     for index, (moving_id, fixed_id) in enumerate(pairs):
         fixed_image = read_image(dataset.case(fixed_id).images[0])
         start = time.perf_counter()
@@ -113,10 +114,10 @@ def evaluate_registration(
                 title=f"{method}: {moving_id} -> {fixed_id}",
             )
     summary = _summary(method, fold, classes, rows, per_pair, torch_device, checkpoint
-                       if description else None)
-    _write_csv(rows, out / "pairs.csv")
-    write_json(summary, out / "summary.json")
-    _log(config, run_dir, method, fold, plans, summary, out, description)
+                       if spec else None)
+    _write_csv(rows, folder.pairs_table)
+    write_json(summary, folder.evaluation_summary)
+    _log(config, folder, method, fold, plans, summary, spec is None)
     return summary
 
 
@@ -165,27 +166,29 @@ def _write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def _log(config, run_dir, method, fold, plans, summary, out, description) -> None:
+def _log(config: PipelineConfig, folder: RunFolder, method: str, fold: int, plans: Plans,
+         summary: dict, baseline: bool) -> None:
     from medpipe.tracking import git_commit, open_tracker
 
     tracker = open_tracker(
-        config.tracking, plans.get("dataset_name", "dataset"), f"{method}_fold_{fold}", run_dir,
-        tags={"model": method, "fold": str(fold), "task": "registration"},
+        config.tracking, plans.dataset_name, f"{method}_fold_{fold}", folder,
+        tags={tracked.MODEL: method, tracked.FOLD: str(fold), tracked.TASK: "registration"},
     )
-    if description is None and not tracker.resumed:  # a baseline: its run starts here
+    if baseline and not tracker.resumed:  # a baseline: its run starts here
+        classical = config.registration.classical.model_dump(mode="json")
         tracker.log_params({"method": method, "fold": fold,
-                            **{f"classical.{k}": v for k, v in ClassicalSettings(
-                                **config.registration.classical).__dict__.items()}})
-        tracker.set_tags({"git_commit": git_commit(), "device": summary["device"]})
-    metrics = {"eval_mean_dice": summary["mean_dice"]["mean"],
-               "eval_mean_hd95": summary["mean_hd95"]["mean"]}
+                            **{f"classical.{k}": v for k, v in classical.items()}})
+        tracker.set_tags({tracked.GIT_COMMIT: git_commit(), tracked.DEVICE: summary["device"]})
+    metrics = {tracked.EVAL_MEAN_DICE: summary["mean_dice"]["mean"],
+               tracked.EVAL_MEAN_HD95: summary["mean_hd95"]["mean"]}
     for metric in PAIR_METRICS:
-        metrics[f"eval_{metric}"] = summary[metric]["mean"]
-    metrics["eval_seconds_per_pair"] = metrics.pop("eval_seconds")
+        name = (tracked.EVAL_SECONDS_PER_PAIR if metric == "seconds"
+                else tracked.eval_metric(metric))
+        metrics[name] = summary[metric]["mean"]
     for name, values in summary["classes"].items():
         for metric in ("dice", "hd95"):
-            metrics[f"eval_{metric}_{name}"] = values[metric]["mean"]
+            metrics[tracked.eval_class_metric(metric, name)] = values[metric]["mean"]
     tracker.log_metrics(metrics)
-    for path in sorted(out.iterdir()):
-        tracker.log_artifact(path, "evaluation")
+    for path in sorted(folder.evaluation.iterdir()):
+        tracker.log_artifact(path, tracked.EVALUATION_FOLDER)
     tracker.finish("FINISHED")

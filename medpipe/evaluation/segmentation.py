@@ -14,17 +14,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medpipe import tracked
 from medpipe.config import PipelineConfig
 from medpipe.data.layout import load_dataset
+from medpipe.device import autocast_dtype, pick_device
 from medpipe.errors import MedpipeError
-from medpipe.inference.model_io import load_trained
-from medpipe.inference.sliding_window import predict_probabilities
 from medpipe.io import atomic_output, read_image, write_image, write_json
 from medpipe.metrics import segmentation_metrics, summarise
-from medpipe.preprocessing import load_preprocessed, restore_probabilities
-from medpipe.training.engine import autocast_dtype, pick_device
+from medpipe.models.sliding_window import predict_probabilities
+from medpipe.preprocessing import load_preprocessed, restore_label_from_probabilities
+from medpipe.runs.folder import RunFolder
+from medpipe.runs.loading import load_trained
+from medpipe.runs.spec import SegmentationRunSpec
 
 METRICS = ("dice", "hd95", "volume_pred_ml", "volume_ref_ml", "volume_diff_ml")
+TRACKED_CLASS_METRICS = ("dice", "hd95", "volume_diff_ml")
 
 
 def evaluate_segmentation(
@@ -38,28 +42,27 @@ def evaluate_segmentation(
 ) -> dict[str, Any]:
     """Write `evaluation/cases.csv` and `evaluation/summary.json` in the run folder; log both
     (and the summary's means) to the run's MLflow run. Returns the summary."""
-    run_dir = Path(run_dir or config.run_dir(model, fold))
+    folder = RunFolder(run_dir) if run_dir else config.run_folder(model, fold)
     torch_device = pick_device(device)
-    network, description = load_trained(run_dir, checkpoint, torch_device)
-    if description["model"] != model or description["fold"] != fold:
+    network, spec = load_trained(folder, checkpoint, torch_device)
+    if not isinstance(spec, SegmentationRunSpec) or spec.model != model or spec.fold != fold:
         raise MedpipeError(
-            f"run folder holds {description['model']} fold {description['fold']}, "
-            f"not {model} fold {fold}", run_dir)
-    classes = {name: int(v) for name, v in description["labels"].items() if int(v) != 0}
+            f"run folder holds {spec.task} model {spec.model} fold {spec.fold}, not "
+            f"segmentation model {model} fold {fold}", folder.path)
+    classes = {name: value for value, name in spec.class_names.items()}
     dataset = load_dataset(config.dataset)
-    predictions = run_dir / "validation"
     rows, seconds = [], []
-    for case_id in description["val_cases"]:
-        data, _, properties = load_preprocessed(config.preprocessed_dir, case_id)
+    for case_id in spec.val_cases:
+        case = load_preprocessed(config.preprocessed_dir, case_id)
         start = time.perf_counter()
         probabilities = predict_probabilities(
-            network, data, description["patch_size"], torch_device,
+            network, case.data, spec.patch_size, torch_device,
             mirror_axes=(0, 1, 2) if mirror else (),
             dtype=autocast_dtype(torch_device, True),
         )
-        predicted = restore_probabilities(probabilities.numpy(), properties)
+        predicted = restore_label_from_probabilities(probabilities.numpy(), case.properties)
         seconds.append(time.perf_counter() - start)
-        write_image(predicted, predictions / f"{case_id}{dataset.spec.file_ending}")
+        write_image(predicted, folder.validation / f"{case_id}{dataset.spec.file_ending}")
         reference = read_image(dataset.case(case_id).label)
         scores = segmentation_metrics(
             predicted.array, reference.array, classes, reference.spacing
@@ -67,31 +70,31 @@ def evaluate_segmentation(
         for name, values in scores.items():
             rows.append({"case_id": case_id, "class": name, **values,
                          "seconds": seconds[-1]})
-    summary = _summary(rows, classes, seconds, description, checkpoint, mirror, torch_device)
-    out = run_dir / "evaluation"
-    _write_csv(rows, out / "cases.csv")
-    write_json(summary, out / "summary.json")
-    _log(config, run_dir, description, summary, out)
+    summary = _summary(rows, classes, seconds, spec, checkpoint, mirror, torch_device)
+    _write_csv(rows, folder.cases_table)
+    write_json(summary, folder.evaluation_summary)
+    _log(config, folder, spec, summary)
     return summary
 
 
-def _summary(rows, classes, seconds, description, checkpoint, mirror, device) -> dict[str, Any]:
+def _summary(rows, classes, seconds, spec: SegmentationRunSpec, checkpoint, mirror,
+             device) -> dict[str, Any]:
     per_class = {
         name: {metric: summarise([r[metric] for r in rows if r["class"] == name])
                for metric in METRICS}
         for name in classes
     }
     case_means = []
-    for case_id in description["val_cases"]:
+    for case_id in spec.val_cases:
         dices = [r["dice"] for r in rows if r["case_id"] == case_id]
         case_means.append(summarise(dices)["mean"])
     return {
-        "model": description["model"],
-        "fold": description["fold"],
+        "model": spec.model,
+        "fold": spec.fold,
         "checkpoint": checkpoint,
         "mirroring": mirror,
         "device": str(device),
-        "cases": len(description["val_cases"]),
+        "cases": len(spec.val_cases),
         "classes": per_class,
         "mean_dice": summarise(case_means),
         "mean_hd95": summarise([per_class[n]["hd95"]["mean"] for n in classes]),
@@ -106,19 +109,18 @@ def _write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def _log(config: PipelineConfig, run_dir: Path, description: dict, summary: dict,
-         out: Path) -> None:
+def _log(config: PipelineConfig, folder: RunFolder, spec: SegmentationRunSpec,
+         summary: dict) -> None:
     from medpipe.tracking import open_tracker
 
-    tracker = open_tracker(config.tracking, description["dataset_name"],
-                           f"{description['model']}_fold_{description['fold']}", run_dir)
-    metrics = {"eval_mean_dice": summary["mean_dice"]["mean"],
-               "eval_mean_hd95": summary["mean_hd95"]["mean"],
-               "eval_seconds_per_case": summary["seconds_per_case"]["mean"]}
+    tracker = open_tracker(config.tracking, spec.dataset_name, spec.run_name, folder)
+    metrics = {tracked.EVAL_MEAN_DICE: summary["mean_dice"]["mean"],
+               tracked.EVAL_MEAN_HD95: summary["mean_hd95"]["mean"],
+               tracked.EVAL_SECONDS_PER_CASE: summary["seconds_per_case"]["mean"]}
     for name, values in summary["classes"].items():
-        for metric in ("dice", "hd95", "volume_diff_ml"):
-            metrics[f"eval_{metric}_{name}"] = values[metric]["mean"]
+        for metric in TRACKED_CLASS_METRICS:
+            metrics[tracked.eval_class_metric(metric, name)] = values[metric]["mean"]
     tracker.log_metrics(metrics)
-    tracker.log_artifact(out / "cases.csv", "evaluation")
-    tracker.log_artifact(out / "summary.json", "evaluation")
+    tracker.log_artifact(folder.cases_table, tracked.EVALUATION_FOLDER)
+    tracker.log_artifact(folder.evaluation_summary, tracked.EVALUATION_FOLDER)
     tracker.finish("FINISHED")

@@ -11,7 +11,6 @@ segmentation columns `image`, `output`; registration columns `moving`, `fixed`, 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlflow
@@ -21,8 +20,11 @@ from mlflow.pyfunc import PythonModel
 
 class MedpipeModel(PythonModel):
     def load_context(self, context) -> None:
+        from medpipe.runs.folder import RunFolder
+        from medpipe.runs.spec import read_run_spec
+
         folder = Path(context.artifacts["run"])
-        self.task = json.loads((folder / "model.json").read_text(encoding="utf-8"))["task"]
+        self.task = read_run_spec(RunFolder(folder)).task
         if self.task == "registration":
             from medpipe.inference.registrator import load_registrator
 

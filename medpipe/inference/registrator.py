@@ -8,7 +8,6 @@ are warped. Everything returned lies on the fixed scan's grid.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,15 +16,17 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from medpipe.device import pick_device
 from medpipe.errors import MedpipeError
 from medpipe.inference.images import ScanLike, as_kind, load_channels, load_scan, stack_channels
-from medpipe.inference.model_io import load_trained, run_folders
-from medpipe.inference.registration import NetworkRegistration
 from medpipe.io import Volume, from_sitk, reorient, write_image
-from medpipe.preprocessing import PreprocessingPlan, preprocess_images, preprocessed_geometry
+from medpipe.planning.plans import Plans
+from medpipe.preprocessing import PreprocessingPlan, preprocess_images
 from medpipe.registration.fields import warp_with_field
+from medpipe.registration.network import NetworkRegistration
 from medpipe.registration.pairs import RegistrationCase
-from medpipe.training.engine import pick_device
+from medpipe.runs.loading import load_trained, read_run_plans, run_folders
+from medpipe.runs.spec import RegistrationRunSpec
 
 
 @dataclass(frozen=True)
@@ -50,15 +51,15 @@ class RegistrationResult:
 
 
 class Registrator:
-    def __init__(self, network: torch.nn.Module, description: dict, plans: dict,
+    def __init__(self, network: torch.nn.Module, spec: RegistrationRunSpec, plans: Plans,
                  device: torch.device) -> None:
-        self.description = description
-        self.plan = PreprocessingPlan.from_plans(plans, description["configuration"])
-        self.method = NetworkRegistration(network, description, device)
+        self.spec = spec
+        self.plan = PreprocessingPlan.from_plans(plans, spec.configuration)
+        self.method = NetworkRegistration(network, spec, device)
 
     @property
     def channels(self) -> int:
-        return len(self.description["channel_names"])
+        return self.spec.in_channels
 
     def register(self, moving: ScanLike | list, fixed: ScanLike | list,
                  moving_labels: ScanLike | None = None) -> RegistrationResult:
@@ -79,13 +80,13 @@ class Registrator:
         )
 
     def _prepare(self, name: str, volumes: list[Volume]) -> RegistrationCase:
-        orientation = self.description.get("orientation")
+        orientation = self.spec.orientation
         if orientation:
             volumes = [reorient(v, orientation) for v in volumes]
         data, _, properties = preprocess_images(stack_channels(volumes), volumes[0].geometry,
                                                 self.plan)
         return RegistrationCase(name, data, np.zeros(data.shape[1:], np.int16),
-                                preprocessed_geometry(properties))
+                                properties.preprocessed_geometry)
 
 
 def load_registrator(source: str | Path, checkpoint: str = "best",
@@ -94,16 +95,12 @@ def load_registrator(source: str | Path, checkpoint: str = "best",
     members = run_folders(source, checkpoint)
     if len(members) != 1:
         raise MedpipeError("a registrator is one trained network; name one fold", Path(source))
-    run_dir, name = members[0]
+    folder, name = members[0]
     torch_device = pick_device(device)
-    network, description = load_trained(run_dir, name, torch_device)
-    if description.get("task") != "registration":
-        raise MedpipeError("this is a segmentation model; use load_segmenter", run_dir)
-    plans_file = run_dir / "plans.json"
-    if not plans_file.is_file():
-        raise MedpipeError("plans.json is missing from the model folder", run_dir)
-    plans = json.loads(plans_file.read_text(encoding="utf-8"))
-    return Registrator(network, description, plans, torch_device)
+    network, spec = load_trained(folder, name, torch_device)
+    if not isinstance(spec, RegistrationRunSpec):
+        raise MedpipeError("this is a segmentation model; use load_segmenter", folder.path)
+    return Registrator(network, spec, read_run_plans(folder), torch_device)
 
 
 def _as_volume(value: Any) -> Volume:

@@ -10,7 +10,6 @@ and the axes turned back. The answer's grid is the input's own geometry.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,45 +18,47 @@ import numpy as np
 import torch
 from torch import nn
 
+from medpipe.device import autocast_dtype, pick_device
 from medpipe.errors import MedpipeError
 from medpipe.inference.images import ScanLike, as_kind, load_channels, stack_channels
-from medpipe.inference.model_io import load_trained, run_folders
-from medpipe.inference.sliding_window import predict_probabilities
 from medpipe.io import Volume, image_suffix, orientation, reorient, write_image
+from medpipe.models.sliding_window import predict_probabilities
+from medpipe.planning.plans import Plans
 from medpipe.preprocessing import (
     PreprocessingPlan,
     preprocess_images,
-    restore_probabilities,
+    restore_label_from_probabilities,
     restore_probability_maps,
 )
-from medpipe.training.engine import autocast_dtype, pick_device
+from medpipe.runs.loading import load_trained, read_run_plans, run_folders
+from medpipe.runs.spec import SegmentationRunSpec
 
 
 class Segmenter:
     """One or more trained folds of one model, with the plans that prepare their input."""
 
-    def __init__(self, members: Sequence[tuple[nn.Module, dict]], plans: dict,
+    def __init__(self, members: Sequence[tuple[nn.Module, SegmentationRunSpec]], plans: Plans,
                  device: torch.device) -> None:
         if not members:
             raise MedpipeError("no trained model to load")
         self.networks = [network for network, _ in members]
-        self.description = members[0][1]
+        self.spec = members[0][1]
         for _, other in members[1:]:
             for key in ("labels", "channel_names", "configuration", "model"):
-                if other[key] != self.description[key]:
+                if getattr(other, key) != getattr(self.spec, key):
                     raise MedpipeError(f"the folds of an ensemble differ in {key!r}")
         self.plans = plans
-        self.plan = PreprocessingPlan.from_plans(plans, self.description["configuration"])
+        self.plan = PreprocessingPlan.from_plans(plans, self.spec.configuration)
         self.device = device
         self.dtype = autocast_dtype(device, True)
 
     @property
-    def labels(self) -> dict[str, int]:
-        return dict(self.description["labels"])
+    def labels(self) -> dict[str, int | tuple[int, ...]]:
+        return dict(self.spec.labels)
 
     @property
     def channels(self) -> int:
-        return len(self.description["channel_names"])
+        return self.spec.in_channels
 
     def predict(self, scan: ScanLike | Sequence[ScanLike], probabilities: bool = False,
                 mirror: bool = False) -> Any:
@@ -74,7 +75,7 @@ class Segmenter:
         """Labels on the grid of VOLUMES (one per channel) and, with PROBABILITIES, the
         class probabilities there (else None: labels alone need far less memory)."""
         original = volumes[0]
-        target = self.description.get("orientation")
+        target = self.spec.orientation
         if target:
             volumes = [reorient(v, target) for v in volumes]
         data, _, properties = preprocess_images(stack_channels(volumes), volumes[0].geometry,
@@ -82,13 +83,13 @@ class Segmenter:
         total = None
         for network in self.networks:
             probs = predict_probabilities(
-                network, data, self.description["patch_size"], self.device,
+                network, data, self.spec.patch_size, self.device,
                 mirror_axes=(0, 1, 2) if mirror else (), dtype=self.dtype,
             )
             total = probs if total is None else total + probs
         mean = (total / len(self.networks)).numpy()
         if not probabilities:
-            labels = restore_probabilities(mean, properties)
+            labels = restore_label_from_probabilities(mean, properties)
             if target:
                 labels = reorient(labels, orientation(original.geometry))
             return original.with_array(labels.array), None
@@ -131,13 +132,11 @@ def load_segmenter(source: str | Path | Sequence[str | Path], checkpoint: str = 
     (`models:/<model_id>`, `models:/<name>@<alias>`, `models:/<name>/<version>`)."""
     torch_device = pick_device(device)
     members, plans = [], None
-    for run_dir, name in run_folders(source, checkpoint):
-        network, description = load_trained(run_dir, name, torch_device)
-        if description.get("task", "segmentation") != "segmentation":
-            raise MedpipeError("this is a registration model; use load_registrator", run_dir)
-        plans_file = run_dir / "plans.json"
-        if not plans_file.is_file():
-            raise MedpipeError("plans.json is missing from the model folder", run_dir)
-        plans = plans or json.loads(plans_file.read_text(encoding="utf-8"))
-        members.append((network, description))
+    for folder, name in run_folders(source, checkpoint):
+        network, spec = load_trained(folder, name, torch_device)
+        if not isinstance(spec, SegmentationRunSpec):
+            raise MedpipeError("this is a registration model; use load_registrator",
+                               folder.path)
+        plans = plans or read_run_plans(folder)
+        members.append((network, spec))
     return Segmenter(members, plans, torch_device)

@@ -1,6 +1,6 @@
 """Networks by name. Importing this package registers every built-in model."""
 
-from medpipe.models import registration, segmentation  # noqa: F401  (registers the models)
+from medpipe.models import segmentation, voxelmorph  # noqa: F401  (registers the models)
 from medpipe.models.registry import (
     MODELS,
     ModelOptions,

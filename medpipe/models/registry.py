@@ -7,13 +7,15 @@ in the pipeline (training, evaluation, inference, the workflow) names a model cl
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
+from medpipe.config import OptimizerConfig
 from medpipe.errors import MedpipeError
+from medpipe.planning.plans import ArchitectureKwargs
 
 Task = Literal["segmentation", "registration"]
 
@@ -30,7 +32,7 @@ class NetworkShape:
 
     in_channels: int
     out_channels: int
-    architecture: dict[str, Any] = field(default_factory=dict)  # plans' `arch_kwargs`
+    architecture: ArchitectureKwargs | None = None  # the plans' topology, where it is used
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class ModelSpec:
     # every patch axis must be a multiple of this, for the net's down/up-sampling to line up
     patch_divisor: Callable[[NetworkShape, Any], Sequence[int]]
     # optimiser and schedule the literature trains this model with (see `training.optim`)
-    optimizer_defaults: dict[str, Any]
+    optimizer_defaults: OptimizerConfig
     description: str = ""
     min_patch_size: int = 0  # smallest patch edge the net can train on
 

@@ -15,19 +15,14 @@ from collections.abc import Sequence
 from monai.networks.nets import DynUNet, SwinUNETR, UNet
 from pydantic import Field, field_validator
 
+from medpipe.config import OptimizerConfig
 from medpipe.errors import MedpipeError
 from medpipe.models.registry import ModelOptions, ModelSpec, NetworkShape, register
 
 # optimiser defaults from the papers / reference code of each model (see training.optim)
-ADAMW_COSINE = {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-5, "schedule": "cosine"}
-NNUNET_SGD = {
-    "name": "sgd",
-    "lr": 1e-2,
-    "momentum": 0.99,
-    "nesterov": True,
-    "weight_decay": 3e-5,
-    "schedule": "poly",
-}
+ADAMW_COSINE = OptimizerConfig(name="adamw", lr=1e-3, weight_decay=1e-5, schedule="cosine")
+NNUNET_SGD = OptimizerConfig(name="sgd", lr=1e-2, momentum=0.99, nesterov=True,
+                             weight_decay=3e-5, schedule="poly")
 
 
 # --------------------------------------------------------------------------- unet
@@ -105,17 +100,15 @@ class NNUNetOptions(ModelOptions):
     features_per_stage: tuple[int, ...] | None = None
 
 
-def nnunet_topology(architecture: dict) -> tuple[list, list, list[int]]:
+def nnunet_topology(shape: NetworkShape) -> tuple[list, list, list[int]]:
     """Kernel sizes, strides and features from the plans, with a clear error if absent."""
-    try:
-        kernels = [list(k) for k in architecture["kernel_sizes"]]
-        strides = [list(s) for s in architecture["strides"]]
-        features = [int(f) for f in architecture["features_per_stage"]]
-    except (KeyError, TypeError):
-        raise MedpipeError(
-            "model 'nnunet' is configured from plans.json: the configuration's "
-            "architecture.arch_kwargs needs kernel_sizes, strides and features_per_stage"
-        ) from None
+    architecture = shape.architecture
+    if architecture is None:
+        raise MedpipeError("model 'nnunet' is configured from plans.json: the configuration's "
+                           "architecture.arch_kwargs is missing")
+    kernels = [list(k) for k in architecture.kernel_sizes]
+    strides = [list(s) for s in architecture.strides]
+    features = list(architecture.features_per_stage)
     if not len(kernels) == len(strides) == len(features):
         raise MedpipeError("plans.json: kernel_sizes, strides and features differ in length")
     return kernels, strides, features
@@ -131,7 +124,7 @@ def deep_supervision_heads(n_stages: int) -> int:
 
 
 def build_nnunet(shape: NetworkShape, options: NNUNetOptions) -> DynUNet:
-    kernels, strides, features = nnunet_topology(shape.architecture)
+    kernels, strides, features = nnunet_topology(shape)
     if options.features_per_stage is not None:
         if len(options.features_per_stage) != len(features):
             raise MedpipeError(
@@ -157,7 +150,7 @@ def build_nnunet(shape: NetworkShape, options: NNUNetOptions) -> DynUNet:
 
 
 def nnunet_divisor(shape: NetworkShape, options: NNUNetOptions) -> Sequence[int]:
-    _, strides, _ = nnunet_topology(shape.architecture)
+    _, strides, _ = nnunet_topology(shape)
     return tuple(math.prod(s[axis] for s in strides) for axis in range(3))
 
 
@@ -179,7 +172,8 @@ register(
         options=SwinUNETROptions,
         build=build_swin_unetr,
         patch_divisor=swin_divisor,
-        optimizer_defaults={**ADAMW_COSINE, "lr": 1e-4},  # Hatamizadeh et al. / MONAI tutorial
+        # Hatamizadeh et al. / MONAI tutorial
+        optimizer_defaults=ADAMW_COSINE.overridden_by(OptimizerConfig(lr=1e-4)),
         description="MONAI SwinUNETR (v2 blocks by default)",
         # at 32 voxels the bottleneck is 1 voxel wide and instance norm cannot train on it
         min_patch_size=64,

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from medpipe.data.layout import Case, load_dataset
+from medpipe.data.layout import Case, load_dataset, read_case
 from medpipe.io import write_json
 from medpipe.parallel import map_cases
-from medpipe.preprocessing import crop_to_nonzero, read_case
+from medpipe.preprocessing.resampling import crop_to_nonzero
 
 FOREGROUND_SAMPLES_TOTAL = 10e7  # nnU-Net: num_foreground_voxels_for_intensitystats
 SAMPLE_SEED = 1234

@@ -14,31 +14,11 @@ The result is a SimpleITK transform in ITK's direction (fixed points -> moving p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import numpy as np
 import SimpleITK as sitk
 
+from medpipe.config import ClassicalSettings
 from medpipe.io import Volume, to_sitk
-
-
-@dataclass(frozen=True)
-class ClassicalSettings:
-    deformable: Literal["demons", "bspline", "none"] = "demons"
-    histogram_bins: int = 32
-    # 1.0: every fixed voxel, deterministic. Below 1, random sampling, which SimpleITK does
-    # not reproduce from its seed (the demo's pre-alignment moved by up to 10 mm between
-    # two identical runs), so it is only for the slower B-spline stage when speed matters
-    sampling_fraction: float = 1.0
-    affine_iterations: int = 200
-    bspline_iterations: int = 100
-    demons_iterations: int = 50
-    demons_sigma: float = 1.5  # Gaussian smoothing of the field after each update, voxels
-    bspline_mesh_mm: float = 40.0  # control point spacing
-    shrink_factors: tuple[int, ...] = (4, 2, 1)
-    smoothing_sigmas: tuple[float, ...] = (2.0, 1.0, 0.0)  # voxels
-    seed: int = 0
 
 
 def _method(settings: ClassicalSettings, iterations: int,
@@ -73,9 +53,10 @@ def pyramid(size: tuple[int, ...], shrink: tuple[int, ...], sigmas: tuple[float,
 
 
 def register_classical(
-    fixed: Volume, moving: Volume, settings: ClassicalSettings = ClassicalSettings()
+    fixed: Volume, moving: Volume, settings: ClassicalSettings | None = None
 ) -> sitk.Transform:
     """The transform mapping fixed physical points into the moving image (ITK's direction)."""
+    settings = settings or ClassicalSettings()
     fixed_image = sitk.Cast(to_sitk(fixed), sitk.sitkFloat32)
     moving_image = sitk.Cast(to_sitk(moving), sitk.sitkFloat32)
     initial = sitk.CenteredTransformInitializer(

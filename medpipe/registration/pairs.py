@@ -27,12 +27,13 @@ import numpy as np
 import torch
 from scipy.ndimage import affine_transform, zoom
 
+from medpipe.config import ClassicalSettings
 from medpipe.errors import DatasetError
 from medpipe.io import Geometry, Volume
-from medpipe.preprocessing import preprocessed_geometry, resized_geometry
-from medpipe.registration.classical import ClassicalSettings, register_classical
+from medpipe.preprocessing import load_labelled_cases, resized_geometry
+from medpipe.registration.classical import register_classical
 from medpipe.registration.fields import affine_matrix
-from medpipe.training.patches import EpochDataset, load_cases
+from medpipe.sampling import EpochDataset
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,8 @@ def load_registration_cases(preprocessed_dir: str | Path,
                             case_ids: Sequence[str]) -> list[RegistrationCase]:
     return [
         RegistrationCase(case.case_id, case.data, case.seg,
-                         preprocessed_geometry(case.properties))
-        for case in load_cases(preprocessed_dir, case_ids)
+                         case.properties.preprocessed_geometry)
+        for case in load_labelled_cases(preprocessed_dir, case_ids)
     ]
 
 

@@ -26,19 +26,21 @@ from typing import Any
 import numpy as np
 from scipy.stats import wilcoxon
 
+from medpipe import tracked
 from medpipe.errors import MedpipeError
 from medpipe.figures import save_figure
 from medpipe.io import atomic_output, write_json
+from medpipe.tracking import TrackedRun
 
 BOOTSTRAP_SAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 SIGNIFICANCE = 0.05  # a verdict needs the bootstrap interval off zero and Wilcoxon p below it
 
 
-def build_report(runs: Sequence[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
+def build_report(runs: Sequence[TrackedRun], out_dir: Path) -> dict[str, Any]:
     """Tables, statistics and figures from RUNS (`tracking.finished_runs`); files in OUT_DIR."""
-    segmentation = [r for r in runs if r["tags"].get("task") == "segmentation"]
-    registration = [r for r in runs if r["tags"].get("task") == "registration"]
+    segmentation = [r for r in runs if r.tags.get(tracked.TASK) == "segmentation"]
+    registration = [r for r in runs if r.tags.get(tracked.TASK) == "registration"]
     if not segmentation and not registration:
         raise MedpipeError("no finished segmentation or registration runs to compare")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -55,7 +57,7 @@ def build_report(runs: Sequence[dict[str, Any]], out_dir: Path) -> dict[str, Any
     }
     if cases:
         summary["figures"].append(_dice_boxplot(cases, out_dir / "dice_per_case.png"))
-    curves = [r for r in segmentation + registration if r["val_dice_history"]]
+    curves = [r for r in segmentation + registration if r.val_dice_history]
     if curves:
         summary["figures"].append(_learning_curves(curves, out_dir / "learning_curves.png"))
     write_json(summary, out_dir / "summary.json")
@@ -67,46 +69,49 @@ def build_report(runs: Sequence[dict[str, Any]], out_dir: Path) -> dict[str, Any
 # --------------------------------------------------------------------------- tables
 
 
-def _metric_mean(runs: Sequence[dict], name: str) -> tuple[float, float]:
-    values = [r["metrics"][name] for r in runs if name in r["metrics"]]
+def _metric_mean(runs: Sequence[TrackedRun], name: str) -> tuple[float, float]:
+    values = [r.metrics[name] for r in runs if name in r.metrics]
     if not values:
         return math.nan, math.nan
     return float(np.mean(values)), float(np.std(values))
 
 
-def _segmentation_table(runs: Sequence[dict]) -> list[dict[str, Any]]:
+def _segmentation_table(runs: Sequence[TrackedRun]) -> list[dict[str, Any]]:
     by_model: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
-        by_model[run["tags"]["model"]].append(run)
+        by_model[run.tags[tracked.MODEL]].append(run)
     rows = []
     for model, folds in sorted(by_model.items()):
-        classes = sorted({k.removeprefix("eval_dice_") for r in folds for k in r["metrics"]
-                          if k.startswith("eval_dice_")})
+        classes = sorted({name for r in folds for k in r.metrics
+                          if (name := tracked.class_of_eval_metric(k, "dice")) is not None})
         row = {"model": model, "folds": len(folds)}
         for name in classes:
-            row[f"dice_{name}"] = _metric_mean(folds, f"eval_dice_{name}")
-        for key, metric in (("mean_dice", "eval_mean_dice"), ("hd95_mm", "eval_mean_hd95"),
-                            ("training_s", "training_seconds"),
-                            ("inference_s_per_case", "eval_seconds_per_case"),
-                            ("parameters", "parameters"), ("peak_memory_mb", "peak_memory_mb")):
+            row[f"dice_{name}"] = _metric_mean(folds, tracked.eval_class_metric("dice", name))
+        for key, metric in (("mean_dice", tracked.EVAL_MEAN_DICE),
+                            ("hd95_mm", tracked.EVAL_MEAN_HD95),
+                            ("training_s", tracked.TRAINING_SECONDS),
+                            ("inference_s_per_case", tracked.EVAL_SECONDS_PER_CASE),
+                            ("parameters", tracked.PARAMETERS),
+                            ("peak_memory_mb", tracked.PEAK_MEMORY_MB)):
             row[key] = _metric_mean(folds, metric)
         rows.append(row)
     return rows
 
 
-def _registration_table(runs: Sequence[dict]) -> list[dict[str, Any]]:
+def _registration_table(runs: Sequence[TrackedRun]) -> list[dict[str, Any]]:
     by_method: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
-        if "eval_mean_dice" in run["metrics"]:
-            by_method[run["tags"]["model"]].append(run)
+        if tracked.EVAL_MEAN_DICE in run.metrics:
+            by_method[run.tags[tracked.MODEL]].append(run)
     order = {"identity": 0, "classical": 1}
     rows = []
     for method, folds in sorted(by_method.items(), key=lambda kv: (order.get(kv[0], 2), kv[0])):
         row = {"method": method, "folds": len(folds)}
-        for key, metric in (("mean_dice", "eval_mean_dice"), ("hd95_mm", "eval_mean_hd95"),
-                            ("folding_percent", "eval_folding_percent"),
-                            ("sdlogj", "eval_sdlogj"),
-                            ("seconds_per_pair", "eval_seconds_per_pair")):
+        for key, metric in (("mean_dice", tracked.EVAL_MEAN_DICE),
+                            ("hd95_mm", tracked.EVAL_MEAN_HD95),
+                            ("folding_percent", tracked.EVAL_FOLDING_PERCENT),
+                            ("sdlogj", tracked.EVAL_SDLOGJ),
+                            ("seconds_per_pair", tracked.EVAL_SECONDS_PER_PAIR)):
             row[key] = _metric_mean(folds, metric)
         rows.append(row)
     return rows
@@ -115,11 +120,11 @@ def _registration_table(runs: Sequence[dict]) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- statistics
 
 
-def _per_case_dice(runs: Sequence[dict]) -> dict[str, dict[tuple, float]]:
+def _per_case_dice(runs: Sequence[TrackedRun]) -> dict[str, dict[tuple, float]]:
     """model -> {(fold, case): mean Dice over classes} from each run's cases.csv."""
     out: dict[str, dict[tuple, float]] = defaultdict(dict)
     for run in runs:
-        path = run["files"].get("cases.csv")
+        path = run.files.get("cases.csv")
         if path is None:
             continue
         per_case: dict[str, list[float]] = defaultdict(list)
@@ -128,9 +133,9 @@ def _per_case_dice(runs: Sequence[dict]) -> dict[str, dict[tuple, float]]:
                 value = float(row["dice"])
                 if not math.isnan(value):
                     per_case[row["case_id"]].append(value)
-        fold = run["tags"].get("fold", "0")
+        fold = run.tags.get(tracked.FOLD, "0")
         for case_id, values in per_case.items():
-            out[run["tags"]["model"]][(fold, case_id)] = float(np.mean(values))
+            out[run.tags[tracked.MODEL]][(fold, case_id)] = float(np.mean(values))
     return dict(out)
 
 
@@ -204,13 +209,13 @@ def _verdict(row: dict[str, Any]) -> str:
     return f"{claim} ({evidence}){cost}."
 
 
-def _examples(runs: Sequence[dict], out_dir: Path) -> list[dict[str, str]]:
+def _examples(runs: Sequence[TrackedRun], out_dir: Path) -> list[dict[str, str]]:
     """One example figure per model (its lowest fold): validation overlays for segmentation,
     the first evaluated pair with its deformation grid and Jacobian for registration."""
     chosen: dict[tuple[str, str], str] = {}
-    for run in sorted(runs, key=lambda r: int(r["tags"].get("fold", 0))):
-        key = (run["tags"]["task"], run["tags"]["model"])
-        source = run["files"].get("example.png")
+    for run in sorted(runs, key=lambda r: int(r.tags.get(tracked.FOLD, 0))):
+        key = (run.tags[tracked.TASK], run.tags[tracked.MODEL])
+        source = run.files.get("example.png")
         if key in chosen or source is None:
             continue
         name = f"example_{key[0]}_{key[1]}.png"
@@ -235,13 +240,14 @@ def _dice_boxplot(cases: dict[str, dict[tuple, float]], path: Path) -> str:
     return save_figure(fig, path).name
 
 
-def _learning_curves(runs: Sequence[dict], path: Path) -> str:
+def _learning_curves(runs: Sequence[TrackedRun], path: Path) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for run in runs:
-        steps, values = zip(*run["val_dice_history"], strict=True)
-        ax.plot(steps, values, "o-", label=f"{run['tags']['model']} fold {run['tags'].get('fold')}")
+        steps, values = zip(*run.val_dice_history, strict=True)
+        tags = run.tags
+        ax.plot(steps, values, "o-", label=f"{tags[tracked.MODEL]} fold {tags.get(tracked.FOLD)}")
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation Dice")
     ax.set_ylim(0, 1)

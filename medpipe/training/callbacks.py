@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from medpipe.config import PipelineConfig
+from medpipe import tracked
+from medpipe.device import device_name
 from medpipe.figures import plot_learning_curve
+from medpipe.planning.plans import PlanConfiguration
+from medpipe.runs.folder import RunFolder
+from medpipe.runs.spec import RunSpec
 from medpipe.tracking import Tracker, flatten
 from medpipe.training.engine import Callback, Trainer
 
@@ -58,9 +60,10 @@ class ProgressPrinter(Callback):
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         self.score = metrics.get("val_score", self.score)
         self.progress.update(self.task_id, score=self.score)
-        rate = metrics.get(f"{trainer.task.unit}_per_s", 0.0)
+        rate = metrics.get(tracked.throughput(trainer.task.unit), 0.0)
         line = (f"{self.title}: epoch {trainer.epoch}/{trainer.settings.epochs} "
-                f"loss {metrics['train_loss']:.4f} lr {metrics['lr']:.2e} "
+                f"loss {metrics[tracked.TRAIN_LOSS]:.4f} "
+                f"lr {metrics[tracked.LEARNING_RATE]:.2e} "
                 f"{rate:.1f} {trainer.task.unit}/s")
         if "val_score" in metrics:
             line += f" val {metrics['val_score']:.4f}"
@@ -74,75 +77,60 @@ class ProgressPrinter(Callback):
 class TrackingCallback(Callback):
     """Params and tags once, metrics every epoch, figures and files at the end."""
 
-    def __init__(
-        self,
-        tracker: Tracker,
-        run_dir: Path,
-        config: PipelineConfig,
-        description: dict[str, Any],
-        commit: str,
-        class_names: dict[int, str],
-    ) -> None:
+    def __init__(self, tracker: Tracker, folder: RunFolder, spec: RunSpec,
+                 plan: PlanConfiguration, commit: str) -> None:
         self.tracker = tracker
-        self.run_dir = run_dir
-        self.config = config
-        self.description = description
+        self.folder = folder
+        self.spec = spec
+        self.plan = plan
         self.commit = commit
-        self.class_names = class_names
 
     def on_train_start(self, trainer: Trainer) -> None:
         if self.tracker.resumed:
             return
-        plans_config = {k: v for k, v in self._plans_block().items() if k != "reasons"}
-        described = {k: v for k, v in self.description.items()
-                     if k not in ("train_cases", "val_cases", "labels", "architecture")}
-        self.tracker.log_params({**flatten(described, "run."), **flatten(plans_config, "plans.")})
+        plan = self.plan.model_dump(mode="json", exclude={"reasons"})
+        described = self.spec.model_dump(
+            mode="json", exclude={"train_cases", "val_cases", "labels", "architecture"})
+        self.tracker.log_params({**flatten(described, "run."), **flatten(plan, "plans.")})
         self.tracker.set_tags({
-            "git_commit": self.commit,
-            "data_hash": str(self.description.get("data_hash")),
-            "device": _device_name(trainer.settings.device),
-            "dataset": self.description.get("dataset_name", ""),
+            tracked.GIT_COMMIT: self.commit,
+            tracked.DATA_HASH: str(self.spec.data_hash),
+            tracked.DEVICE: device_name(trainer.settings.device),
+            tracked.DATASET: self.spec.dataset_name,
         })
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        """The engine's metrics under their tracked names: the task's `val_score` is
+        `val_dice`, its per-class `val_dice_<value>` are named by class."""
+        names = self.spec.class_names
         named = {}
         for key, value in metrics.items():
-            if key.startswith("val_dice_"):
-                label = self.class_names.get(int(key.removeprefix("val_dice_")), key)
-                key = f"val_dice_{label}"
-            named["val_dice" if key == "val_score" else key] = value
+            if key == "val_score":
+                key = tracked.VAL_DICE
+            elif key.startswith("val_dice_"):
+                value_id = int(key.removeprefix("val_dice_"))
+                key = tracked.val_class_dice(names.get(value_id, str(value_id)))
+            named[key] = value
         self.tracker.log_metrics(named, step=trainer.epoch)
 
     def on_train_end(self, trainer: Trainer) -> None:
-        figures = self.run_dir / "figures"
+        figures = self.folder.figures
         plot_learning_curve(trainer.history, figures / "learning_curve.png")
         write_figures = getattr(trainer.task, "write_figures", None)
         if write_figures is not None:  # each task draws its own validation example
             write_figures(figures)
-        for name in ("model.json", "config.json", "plans.json"):
-            self.tracker.log_artifact(self.run_dir / name)
+        for path in (self.folder.model_file, self.folder.config_file, self.folder.plans_file):
+            self.tracker.log_artifact(path)
         for png in sorted(figures.glob("*.png")):
-            self.tracker.log_artifact(png, "figures")
-        self.tracker.log_artifact(self.run_dir / "checkpoints" / "best.json", "checkpoints")
-        model_id = self.tracker.log_model(self.run_dir, self.description["task"])
+            self.tracker.log_artifact(png, tracked.FIGURES_FOLDER)
+        self.tracker.log_artifact(self.folder.checkpoint_metadata("best"),
+                                  tracked.CHECKPOINTS_FOLDER)
+        model_id = self.tracker.log_model(self.folder, self.spec.task)
         if model_id:  # register it with `mlflow.register_model(f"models:/{model_id}", name)`
-            self.tracker.set_tags({"model_id": model_id})
+            self.tracker.set_tags({tracked.MODEL_ID: model_id})
         summary = trainer.summary()
         self.tracker.log_metrics(
-            {"best_val_dice": summary["best_score"], "parameters": summary["parameters"],
-             "training_seconds": summary["training_seconds"]}, step=trainer.epoch)
+            {tracked.BEST_VAL_DICE: summary["best_score"],
+             tracked.PARAMETERS: summary["parameters"],
+             tracked.TRAINING_SECONDS: summary["training_seconds"]}, step=trainer.epoch)
         self.tracker.finish("FINISHED")
-
-    def _plans_block(self) -> dict:
-        import json
-
-        plans = json.loads((self.run_dir / "plans.json").read_text(encoding="utf-8"))
-        return plans["configurations"][self.description["configuration"]]
-
-
-def _device_name(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return "cpu"

@@ -13,9 +13,7 @@ never stopped.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import resource
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from medpipe.training.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
+from medpipe import tracked
+from medpipe.device import autocast, autocast_dtype, peak_memory_mb
+from medpipe.runs.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 
 
 class TrainingTask(Protocol):
@@ -67,33 +67,8 @@ class Callback:
     def on_train_end(self, trainer: Trainer) -> None: ...
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        from medpipe.errors import MedpipeError
-
-        raise MedpipeError("device 'cuda' was asked for, but torch sees no CUDA device")
-    return torch.device(name)
-
-
-def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """bf16 where the GPU supports it (no loss scaling needed), else fp16; none on CPU,
-    where autocast is slower than fp32 for 3D convolutions."""
-    if not amp or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated by tensors, or the process's peak resident memory on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 class Trainer:
@@ -184,11 +159,11 @@ class Trainer:
                 with torch.no_grad(), self._autocast():
                     validation = self.task.validate(self.model, self.settings.device)
                 metrics.update({f"val_{k}": v for k, v in validation.items()})
-                metrics["val_seconds"] = time.perf_counter() - start
+                metrics[tracked.VAL_SECONDS] = time.perf_counter() - start
                 score = validation["score"]
                 if math.isfinite(score) and score > self.best_score:
                     self.best_score, self.best_epoch, improved = score, self.epoch, True
-            metrics["peak_memory_mb"] = peak_memory_mb(self.settings.device)
+            metrics[tracked.PEAK_MEMORY_MB] = peak_memory_mb(self.settings.device)
             self.history.append({"epoch": self.epoch, **metrics})
             self._save(improved)
             for callback in self.callbacks:
@@ -204,10 +179,11 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "best_score": self.best_score if math.isfinite(self.best_score) else None,
             "training_seconds": sum(
-                h["epoch_seconds"] + h.get("val_seconds", 0.0) for h in self.history
+                h[tracked.EPOCH_SECONDS] + h.get(tracked.VAL_SECONDS, 0.0) for h in self.history
             ),
             "parameters": sum(p.numel() for p in self.model.parameters()),
-            "peak_memory_mb": max((h["peak_memory_mb"] for h in self.history), default=None),
+            "peak_memory_mb": max((h[tracked.PEAK_MEMORY_MB] for h in self.history),
+                                  default=None),
             "device": str(self.settings.device),
         }
 
@@ -237,13 +213,11 @@ class Trainer:
                 callback.on_iteration_end(self, iteration, losses[-1])
         seconds = time.perf_counter() - start
         return {
-            "train_loss": float(np.mean(losses)),
-            "lr": lr,
-            f"{self.task.unit}_per_s": samples / seconds,
-            "epoch_seconds": seconds,
+            tracked.TRAIN_LOSS: float(np.mean(losses)),
+            tracked.LEARNING_RATE: lr,
+            tracked.throughput(self.task.unit): samples / seconds,
+            tracked.EPOCH_SECONDS: seconds,
         }
 
     def _autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.settings.device.type, dtype=self.dtype)
+        return autocast(self.settings.device, self.dtype)

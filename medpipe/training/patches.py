@@ -1,53 +1,21 @@
 """Training patches from preprocessed cases, sampled the way nnU-Net samples them.
 
-Every patch is a pure function of (seed, epoch, index): its case, position and augmentation
-come from a random generator seeded with those three numbers. Resuming at an epoch boundary
-therefore replays exactly the batches an uninterrupted run would have drawn, with any number
-of loader workers, and no sampler state needs to be checkpointed.
+Every patch is a pure function of (seed, epoch, index) (see `medpipe.sampling`): its case,
+position and augmentation come from a random generator seeded with those three numbers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from medpipe.errors import DatasetError
-from medpipe.preprocessing import is_preprocessed, load_preprocessed
+from medpipe.preprocessing import PreprocessedCase
+from medpipe.sampling import EpochDataset
 
 Augment = Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class CachedCase:
-    case_id: str
-    data: np.ndarray  # (C, X, Y, Z) float32, normalised
-    seg: np.ndarray  # (X, Y, Z) integer labels
-    class_locations: dict[int, np.ndarray]  # label value -> (n, 3) voxel positions
-    properties: dict
-
-
-def load_cases(preprocessed_dir: str | Path, case_ids: Sequence[str]) -> list[CachedCase]:
-    """Read the cases once into memory: preprocessing is never repeated during training."""
-    folder = Path(preprocessed_dir)
-    cases = []
-    for case_id in case_ids:
-        if not is_preprocessed(folder, case_id):
-            raise DatasetError("case is not preprocessed (run `medpipe preprocess`)",
-                               folder / f"{case_id}.npz")
-        data, seg, properties = load_preprocessed(folder, case_id)
-        if seg is None:
-            raise DatasetError("preprocessed case has no label", folder / f"{case_id}.npz")
-        locations = {
-            int(value): np.asarray(points, dtype=np.int64).reshape(-1, 3)
-            for value, points in properties.get("class_locations", {}).items()
-        }
-        cases.append(CachedCase(case_id, data, seg[0], locations, properties))
-    return cases
 
 
 def do_oversample(index_in_batch: int, batch_size: int, fraction: float) -> bool:
@@ -87,28 +55,12 @@ def crop_patch(array: np.ndarray, origin: Sequence[int], patch_size: Sequence[in
     return out
 
 
-class EpochDataset(Dataset):
-    """`iterations x batch_size` samples per epoch, each a function of (seed, epoch, index);
-    call `set_epoch` before each epoch. Subclasses draw the sample in `__getitem__`."""
-
-    batch_size: int
-    iterations: int
-    seed: int
-    epoch: int = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.iterations * self.batch_size
-
-
 class PatchDataset(EpochDataset):
     """Patches sampled as nnU-Net samples them."""
 
     def __init__(
         self,
-        cases: Sequence[CachedCase],
+        cases: Sequence[PreprocessedCase],
         patch_size: Sequence[int],
         batch_size: int,
         iterations: int,
@@ -144,11 +96,13 @@ class PatchDataset(EpochDataset):
         return sample
 
     @staticmethod
-    def _foreground_voxel(case: CachedCase, rng: np.random.Generator) -> np.ndarray | None:
+    def _foreground_voxel(case: PreprocessedCase,
+                          rng: np.random.Generator) -> np.ndarray | None:
         """A random voxel of a random foreground class present in the case (nnU-Net picks
         the class first, so small structures are seen as often as large ones)."""
-        present = [v for v, points in case.class_locations.items() if v != 0 and len(points)]
+        locations = case.properties.class_locations or {}
+        present = [v for v, points in locations.items() if v != 0 and len(points)]
         if not present:
             return None
-        points = case.class_locations[present[rng.integers(len(present))]]
+        points = locations[present[rng.integers(len(present))]]
         return points[rng.integers(len(points))]

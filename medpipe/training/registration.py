@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,14 @@ from monai.networks.blocks import Warp
 from torch import nn
 from torch.utils.data import DataLoader
 
-from medpipe.config import PipelineConfig, RegistrationConfig, TrainingConfig
+from medpipe.config import NetworkRegistrationSettings, PipelineConfig
+from medpipe.device import pick_device
 from medpipe.errors import MedpipeError
 from medpipe.figures import plot_registration
 from medpipe.io import write_json
 from medpipe.metrics import deformation_metrics, dice_per_class
-from medpipe.models import NetworkShape, build_model, model_spec, parse_options
-from medpipe.registration.classical import ClassicalSettings
+from medpipe.models import NetworkShape, build_model, model_spec
+from medpipe.planning.plans import read_plans
 from medpipe.registration.pairs import (
     PairDataset,
     RegistrationCase,
@@ -43,14 +45,23 @@ from medpipe.registration.pairs import (
     prealign,
     resample_case,
 )
-from medpipe.training.engine import pick_device
-from medpipe.training.runs import RunSetup, base_description, fit_run, prepare_run_dir
+from medpipe.runs.folder import RunFolder
+from medpipe.runs.spec import RegistrationRunSpec
+from medpipe.training.runs import RunSetup, common_fields, fit_run, prepare_run_folder
 
-PREALIGNMENT_FILE = "prealign.json"
+
+@dataclass(frozen=True)
+class ValidationPair:
+    """A held-out pair on the fixed case's padded grid (`pair_arrays`)."""
+
+    moving_id: str
+    fixed_id: str
+    shape: tuple[int, int, int]  # the fixed grid, unpadded
+    arrays: dict[str, np.ndarray]
 
 
 class RegistrationLoss(nn.Module):
-    def __init__(self, settings: RegistrationConfig, n_classes: int) -> None:
+    def __init__(self, settings: NetworkRegistrationSettings, n_classes: int) -> None:
         super().__init__()
         self.n_classes = n_classes
         self.similarity = (
@@ -86,10 +97,10 @@ class RegistrationTask:
 
     unit = "pairs"
 
-    def __init__(self, dataset: PairDataset, validation: Sequence[dict[str, Any]],
+    def __init__(self, dataset: PairDataset, validation: Sequence[ValidationPair],
                  loss: RegistrationLoss, num_workers: int = 0, pin_memory: bool = False) -> None:
         self.dataset = dataset
-        self.validation = list(validation)  # {"moving_id", "fixed_id", "shape", arrays...}
+        self.validation = list(validation)
         self.loss_function = loss
         self.num_workers = num_workers
         self.pin_memory = pin_memory
@@ -111,22 +122,23 @@ class RegistrationTask:
     def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         per_pair, folding = [], []
         for index, pair in enumerate(self.validation):
-            moving = torch.from_numpy(pair["moving"])[None].to(device)
-            fixed = torch.from_numpy(pair["fixed"])[None].to(device)
+            arrays = pair.arrays
+            moving = torch.from_numpy(arrays["moving"])[None].to(device)
+            fixed = torch.from_numpy(arrays["fixed"])[None].to(device)
             warped, ddf = model(moving, fixed)
             ddf = ddf.float()
-            labels = torch.from_numpy(pair["moving_labels"])[None].to(device).float()
+            labels = torch.from_numpy(arrays["moving_labels"])[None].to(device).float()
             moved = self.warp_nearest(labels, ddf)[0, 0].round().long().cpu()
-            region = tuple(slice(0, n) for n in pair["shape"])  # the fixed grid, unpadded
-            reference = torch.from_numpy(pair["fixed_labels"][0])
+            region = tuple(slice(0, n) for n in pair.shape)  # the fixed grid, unpadded
+            reference = torch.from_numpy(arrays["fixed_labels"][0])
             n_classes = self.loss_function.n_classes
             per_pair.append(dice_per_class(moved[region], reference[region], n_classes))
             field = ddf[0].cpu().numpy()[(slice(None), *region)]
             folding.append(deformation_metrics(field)["folding_percent"])
             if index == 0:
                 self.example = {
-                    "title": f"{pair['moving_id']} -> {pair['fixed_id']}",
-                    "fixed": pair["fixed"][0][region], "moving": pair["moving"][0][region],
+                    "title": f"{pair.moving_id} -> {pair.fixed_id}",
+                    "fixed": arrays["fixed"][0][region], "moving": arrays["moving"][0][region],
                     "warped": warped[0, 0].float().cpu().numpy()[region], "ddf": field,
                 }
         dice = torch.nanmean(torch.stack(per_pair), dim=0).tolist()
@@ -146,28 +158,6 @@ class RegistrationTask:
 # --------------------------------------------------------------------------- the entry point
 
 
-def describe_registration_run(config: PipelineConfig, model: str, fold: int,
-                              training: TrainingConfig) -> dict[str, Any]:
-    """Everything that defines the run; its hash guards resume against a changed config."""
-    options = parse_options(model, config.model_entry(model).options)
-    base = base_description(config, model, fold, "registration",
-                            options.model_dump(mode="json"), training)
-    settings = config.registration
-    if settings.atlas is not None and settings.atlas not in base["train_cases"] + \
-            base["val_cases"]:
-        raise MedpipeError(f"atlas {settings.atlas!r} is not a training case of the dataset")
-    return {
-        **base,
-        "out_channels": 3,  # a displacement per spatial axis
-        "architecture": {},
-        "batch_size": training.batch_size or 1,  # VoxelMorph trains on one pair at a time
-        "registration": settings.model_dump(
-            mode="json", include={"atlas", "prealign", "spacing", "similarity", "lncc_window",
-                                  "regularisation", "dice_weight", "val_pairs"}),
-        "classical": ClassicalSettings(**settings.classical).__dict__ | {"deformable": "none"},
-    }
-
-
 def train_registration(
     config: PipelineConfig,
     model: str,
@@ -184,75 +174,79 @@ def registration_setup(config: PipelineConfig, model: str, fold: int,
                        run_dir: Path | None = None, restart: bool = False) -> RunSetup:
     """The described run folder with its pre-alignment, the network, the pair task and the
     device: what `train_registration` fits, and what benchmarks time."""
-    spec = model_spec(model, task="registration")
-    training = config.training_for(model, spec.optimizer_defaults)
-    description = describe_registration_run(config, model, fold, training)
-    run_dir = Path(run_dir or config.run_dir(model, fold))
+    spec_of_model = model_spec(model, task="registration")
+    training = config.training_for(model)
+    plans = read_plans(config.plans_file)
+    common = common_fields(config, plans, model, fold, training)
+    settings = config.registration.network_settings()
+    if settings.atlas is not None and settings.atlas not in (*common["train_cases"],
+                                                             *common["val_cases"]):
+        raise MedpipeError(f"atlas {settings.atlas!r} is not a training case of the dataset")
     preprocessed = load_registration_cases(
-        config.preprocessed_dir, description["train_cases"] + description["val_cases"])
-    cases = [resample_case(c, description["registration"]["spacing"]) for c in preprocessed]
-    shape = NetworkShape(description["in_channels"], 3, {})
-    options = parse_options(model, description["options"])
-    description["grid_shape"] = list(padded_shape([c.shape for c in cases],
-                                                  spec.patch_divisor(shape, options)))
-    description["reference_case"] = description["registration"]["atlas"] or \
-        description["train_cases"][0]
-    prepare_run_dir(config, run_dir, description, restart)
-    if restart:
-        (run_dir / PREALIGNMENT_FILE).unlink(missing_ok=True)
-    matrices = prealignment(run_dir, description, preprocessed)
+        config.preprocessed_dir, [*common["train_cases"], *common["val_cases"]])
+    cases = [resample_case(c, settings.spacing) for c in preprocessed]
+    shape = NetworkShape(plans.in_channels, 3)
+    divisor = spec_of_model.patch_divisor(shape, config.model_options(model))
+    spec = RegistrationRunSpec(
+        **common,
+        batch_size=training.batch_size or 1,  # VoxelMorph trains on one pair at a time
+        registration=settings,
+        classical=config.registration.classical.model_copy(update={"deformable": "none"}),
+        grid_shape=padded_shape([c.shape for c in cases], divisor),
+        reference_case=settings.atlas or common["train_cases"][0],
+    )
+    folder = RunFolder(run_dir) if run_dir else config.run_folder(model, fold)
+    prepare_run_folder(config, plans, folder, spec, restart)
+    matrices = prealignment(folder, spec, preprocessed)
 
     device = pick_device(training.device)
     torch.manual_seed(training.seed)
-    network = build_model(model, shape, description["options"])
+    network = build_model(model, spec.network_shape, spec.model_options)
     by_id = {case.case_id: case for case in cases}
-    atlas_id = description["registration"]["atlas"]
+    atlas_id = settings.atlas
     dataset = PairDataset(
-        [by_id[i] for i in description["train_cases"]], matrices, description["grid_shape"],
-        description["batch_size"], training.iterations_per_epoch, training.seed,
+        [by_id[i] for i in spec.train_cases], matrices, spec.grid_shape,
+        spec.batch_size, training.iterations_per_epoch, training.seed,
         atlas=by_id[atlas_id] if atlas_id else None,
     )
-    pairs = evaluation_pairs(description["val_cases"], atlas_id,
-                             description["registration"]["val_pairs"])
+    pairs = evaluation_pairs(spec.val_cases, atlas_id, settings.val_pairs)
     if not pairs:
         raise MedpipeError(
             f"fold {fold} has fewer than two validation cases, so no held-out pair to "
             "validate on; register to an atlas (--atlas CASE_ID) or use fewer folds",
             config.splits_file)
     validation = [
-        {"moving_id": m, "fixed_id": f, "shape": by_id[f].shape,
-         **pair_arrays(by_id[m], by_id[f], pair_matrix(matrices, m, f),
-                       description["grid_shape"])}
+        ValidationPair(m, f, by_id[f].shape,
+                       pair_arrays(by_id[m], by_id[f], pair_matrix(matrices, m, f),
+                                   spec.grid_shape))
         for m, f in pairs
     ]
-    loss = RegistrationLoss(config.registration.model_copy(
-        update=description["registration"]), n_classes=len(description["labels"]))
+    loss = RegistrationLoss(settings, n_classes=len(spec.labels))
     task = RegistrationTask(dataset, validation, loss, num_workers=training.num_workers,
                             pin_memory=device.type == "cuda")
-    return RunSetup(run_dir, description, network, task, training, device)
+    return RunSetup(folder, spec, plans, network, task, device)
 
 
-def prealignment(run_dir: Path, description: dict,
+def prealignment(folder: RunFolder, spec: RegistrationRunSpec,
                  cases: Sequence[RegistrationCase]) -> dict[str, list] | None:
     """The per-case affines to the reference case, computed once and kept in the run folder
     (the evaluation reuses them); None when the run does not pre-align."""
-    if description["registration"]["prealign"] == "none":
+    if spec.registration.prealign == "none":
         return None
-    stored = read_prealignment(run_dir, description)
+    stored = read_prealignment(folder, spec)
     if stored is not None:
         return stored
-    reference = next(c for c in cases if c.case_id == description["reference_case"])
-    settings = ClassicalSettings(**description["classical"])
-    matrices = prealign(cases, reference, settings)
-    write_json({"run_hash": description["run_hash"], "reference": reference.case_id,
-                "matrices": matrices}, run_dir / PREALIGNMENT_FILE)
+    reference = next(c for c in cases if c.case_id == spec.reference_case)
+    matrices = prealign(cases, reference, spec.classical)
+    write_json({"run_hash": spec.run_hash, "reference": reference.case_id,
+                "matrices": matrices}, folder.prealignment_file)
     return matrices
 
 
-def read_prealignment(run_dir: Path, description: dict) -> dict[str, list] | None:
+def read_prealignment(folder: RunFolder, spec: RegistrationRunSpec) -> dict[str, list] | None:
     """The stored affines when they belong to this run (same settings and data), else None."""
-    path = run_dir / PREALIGNMENT_FILE
+    path = folder.prealignment_file
     if not path.is_file():
         return None
     stored = json.loads(path.read_text(encoding="utf-8"))
-    return stored["matrices"] if stored.get("run_hash") == description["run_hash"] else None
+    return stored["matrices"] if stored.get("run_hash") == spec.run_hash else None

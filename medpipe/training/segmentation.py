@@ -16,20 +16,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from medpipe.config import PipelineConfig, TrainingConfig
+from medpipe.device import pick_device
 from medpipe.figures import plot_segmentation_overlay
-from medpipe.inference.sliding_window import predict_probabilities
 from medpipe.metrics import dice_per_class
-from medpipe.models import NetworkShape, build_model, fit_patch_size, model_spec, parse_options
+from medpipe.models import NetworkShape, build_model, fit_patch_size, model_spec
+from medpipe.models.sliding_window import predict_probabilities
+from medpipe.planning.plans import Plans, read_plans
+from medpipe.preprocessing import PreprocessedCase, load_labelled_cases
+from medpipe.runs.folder import RunFolder
+from medpipe.runs.spec import SegmentationRunSpec
 from medpipe.training.augment import Augmenter
-from medpipe.training.engine import pick_device
-from medpipe.training.patches import CachedCase, PatchDataset, load_cases
-from medpipe.training.runs import (
-    RunSetup,
-    base_description,
-    fit_run,
-    load_plans,
-    prepare_run_dir,
-)
+from medpipe.training.patches import PatchDataset
+from medpipe.training.runs import RunSetup, common_fields, fit_run, prepare_run_folder
 
 
 class SegmentationTask:
@@ -40,7 +38,7 @@ class SegmentationTask:
     def __init__(
         self,
         dataset: PatchDataset,
-        validation_cases: Sequence[CachedCase],
+        validation_cases: Sequence[PreprocessedCase],
         n_classes: int,
         batch_dice: bool = False,
         overlap: float = 0.5,
@@ -122,32 +120,22 @@ class SegmentationTask:
 # --------------------------------------------------------------------------- the entry point
 
 
-def network_shape(plans: dict, configuration: dict) -> NetworkShape:
-    return NetworkShape(
-        in_channels=len(plans["channel_names"]),
-        out_channels=len(plans["labels"]),
-        architecture=configuration["architecture"]["arch_kwargs"],
-    )
-
-
-def describe_run(
-    config: PipelineConfig, model: str, fold: int, training: TrainingConfig
-) -> dict[str, Any]:
+def describe_run(config: PipelineConfig, plans: Plans, model: str, fold: int,
+                 training: TrainingConfig) -> SegmentationRunSpec:
     """Everything that defines the run; its hash guards resume against a changed config."""
-    plans, configuration = load_plans(config)
-    shape = network_shape(plans, configuration)
-    options = parse_options(model, config.model_entry(model).options)
-    patch = fit_patch_size(model, training.patch_size or configuration["patch_size"], shape,
-                           options)
-    return {
-        **base_description(config, model, fold, "segmentation",
-                           options.model_dump(mode="json"), training),
-        "out_channels": shape.out_channels,
-        "architecture": shape.architecture,
-        "patch_size": list(patch),
-        "batch_size": training.batch_size or configuration["batch_size"],
-        "batch_dice": bool(configuration.get("batch_dice", False)),
-    }
+    plan = plans.configuration(config.configuration)
+    architecture = plan.architecture.arch_kwargs
+    shape = NetworkShape(plans.in_channels, plans.out_channels, architecture)
+    patch = fit_patch_size(model, training.patch_size or plan.patch_size, shape,
+                           config.model_options(model))
+    return SegmentationRunSpec(
+        **common_fields(config, plans, model, fold, training),
+        out_channels=shape.out_channels,
+        architecture=architecture,
+        patch_size=patch,
+        batch_size=training.batch_size or plan.batch_size,
+        batch_dice=plan.batch_dice,
+    )
 
 
 def train_segmentation(
@@ -167,26 +155,25 @@ def segmentation_setup(config: PipelineConfig, model: str, fold: int,
     """The described run folder (resume guard checked), the network with its seeded initial
     weights, the task with its patch sampler, and the device: what `train_segmentation`
     fits, and what benchmarks time."""
-    training = config.training_for(model, model_spec(model, task="segmentation")
-                                   .optimizer_defaults)
-    description = describe_run(config, model, fold, training)
-    run_dir = Path(run_dir or config.run_dir(model, fold))
-    prepare_run_dir(config, run_dir, description, restart)
+    model_spec(model, task="segmentation")
+    training = config.training_for(model)
+    plans = read_plans(config.plans_file)
+    spec = describe_run(config, plans, model, fold, training)
+    folder = RunFolder(run_dir) if run_dir else config.run_folder(model, fold)
+    prepare_run_folder(config, plans, folder, spec, restart)
     device = pick_device(training.device)
     torch.manual_seed(training.seed)  # the initial weights
-    shape = NetworkShape(description["in_channels"], description["out_channels"],
-                         description["architecture"])
-    network = build_model(model, shape, description["options"])
+    network = build_model(model, spec.network_shape, spec.model_options)
     dataset = PatchDataset(
-        load_cases(config.preprocessed_dir, description["train_cases"]),
-        description["patch_size"], description["batch_size"], training.iterations_per_epoch,
+        load_labelled_cases(config.preprocessed_dir, spec.train_cases),
+        spec.patch_size, spec.batch_size, training.iterations_per_epoch,
         seed=training.seed, oversample_foreground=training.oversample_foreground,
         augment=Augmenter() if training.augment else None,
     )
     task = SegmentationTask(
-        dataset, load_cases(config.preprocessed_dir, description["val_cases"]),
-        n_classes=description["out_channels"], batch_dice=description["batch_dice"],
+        dataset, load_labelled_cases(config.preprocessed_dir, spec.val_cases),
+        n_classes=spec.out_channels, batch_dice=spec.batch_dice,
         overlap=training.val_overlap, num_workers=training.num_workers,
         pin_memory=device.type == "cuda",
     )
-    return RunSetup(run_dir, description, network, task, training, device)
+    return RunSetup(folder, spec, plans, network, task, device)

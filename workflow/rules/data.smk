@@ -8,7 +8,7 @@ rule verify_dataset:
     benchmark:
         f"{RESULTS}/benchmarks/verify_dataset.tsv"
     params:
-        dataset=lambda wildcards, input: os.path.dirname(input[0]),
+        dataset=subpath(input[0], parent=True),
     threads: 2
     resources:
         mem_mb=4000,

@@ -45,7 +45,7 @@ rule preprocess_case:
         f"{RESULTS}/benchmarks/preprocess_case/{{configuration}}/{{case}}.tsv"
     params:
         dataset=DATASET,
-        folder=lambda wildcards, output: os.path.dirname(output.data),
+        folder=subpath(output.data, parent=True),
     resources:
         mem_mb=4000,
         runtime=30,

@@ -1,10 +1,10 @@
 # Train each registration network on each fold; score the networks and the baselines
 # (identity, classical SimpleITK) on the fold's held-out pairs. Like segmentation, training
 # resumes from its last checkpoint: the rule's output is the summary written at the end.
+# The model lists' defaults come from the schema (medpipe.config.RegistrationConfig).
 
-REGISTRATION = config.get("registration", {})
-REG_MODELS = REGISTRATION.get("models", ["voxelmorph", "voxelmorph_diff"])
-REG_BASELINES = REGISTRATION.get("baselines", ["identity", "classical"])
+REG_MODELS = config["registration"]["models"]
+REG_BASELINES = config["registration"]["baselines"]
 
 
 rule train_registration:
@@ -23,7 +23,8 @@ rule train_registration:
     params:
         config_file=CONFIG_FILE,
         dataset=DATASET,
-        results=lambda wildcards, output: Path(output[0]).parents[3],
+        results=subpath(input.plans, parent=True),
+        run_dir=subpath(output[0], parent=True),
     threads: 2
     resources:
         mem_mb=16000,
@@ -32,12 +33,13 @@ rule train_registration:
     shell:
         "medpipe train-reg --config {params.config_file} --set dataset={params.dataset}"
         " --set results={params.results} --model {wildcards.model} --fold {wildcards.fold}"
-        " > {log} 2>&1"
+        " --run-dir {params.run_dir} > {log} 2>&1"
 
 
 rule evaluate_registration_network:
     input:
-        f"{RESULTS}/runs/{{model}}/fold_{{fold}}/training.json",
+        plans=f"{RESULTS}/plans.json",
+        training=f"{RESULTS}/runs/{{model}}/fold_{{fold}}/training.json",
     output:
         f"{RESULTS}/runs/{{model}}/fold_{{fold}}/evaluation/summary.json",
     log:
@@ -49,7 +51,8 @@ rule evaluate_registration_network:
     params:
         config_file=CONFIG_FILE,
         dataset=DATASET,
-        results=lambda wildcards, output: Path(output[0]).parents[4],
+        results=subpath(input.plans, parent=True),
+        run_dir=subpath(input.training, parent=True),
     threads: 2
     resources:
         mem_mb=8000,
@@ -58,7 +61,7 @@ rule evaluate_registration_network:
     shell:
         "medpipe evaluate-reg --config {params.config_file} --set dataset={params.dataset}"
         " --set results={params.results} --model {wildcards.model} --fold {wildcards.fold}"
-        " > {log} 2>&1"
+        " --run-dir {params.run_dir} > {log} 2>&1"
 
 
 rule evaluate_registration_baseline:
@@ -77,7 +80,8 @@ rule evaluate_registration_baseline:
     params:
         config_file=CONFIG_FILE,
         dataset=DATASET,
-        results=lambda wildcards, output: Path(output[0]).parents[4],
+        results=subpath(input.plans, parent=True),
+        run_dir=subpath(output[0], ancestor=2),  # RUN/evaluation/summary.json
     threads: 2
     resources:
         mem_mb=8000,
@@ -85,7 +89,7 @@ rule evaluate_registration_baseline:
     shell:
         "medpipe evaluate-reg --config {params.config_file} --set dataset={params.dataset}"
         " --set results={params.results} --model {wildcards.baseline} --fold {wildcards.fold}"
-        " > {log} 2>&1"
+        " --run-dir {params.run_dir} > {log} 2>&1"
 
 
 rule registration_all:

@@ -6,6 +6,7 @@ rule compare:
     input:
         rules.segmentation_all.input,
         rules.registration_all.input,
+        plans=f"{RESULTS}/plans.json",
     output:
         html=report(f"{RESULTS}/compare/report.html", caption="../report/compare.rst",
                     category="Comparison"),
@@ -16,8 +17,8 @@ rule compare:
     params:
         config_file=CONFIG_FILE,
         dataset=DATASET,
-        results=lambda wildcards, output: Path(output.html).parents[1],
-        folder=lambda wildcards, output: Path(output.html).parent,
+        results=subpath(input.plans, parent=True),  # the folder that holds plans.json
+        folder=subpath(output.html, parent=True),
     resources:
         mem_mb=4000,
         runtime=30,

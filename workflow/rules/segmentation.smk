@@ -1,6 +1,8 @@
 # Train each segmentation model on each fold, then score it on the fold's validation cases.
 # Training resumes from its last checkpoint when re-run after a crash: the rule's output is
 # the summary written at the very end, so Snakemake never deletes the checkpoints.
+# Every command is told its results folder (the one holding plans.json) and its run folder
+# (the one holding training.json) explicitly.
 
 
 rule train_segmentation:
@@ -19,7 +21,8 @@ rule train_segmentation:
     params:
         config_file=CONFIG_FILE,
         dataset=DATASET,
-        results=lambda wildcards, output: Path(output[0]).parents[3],
+        results=subpath(input.plans, parent=True),
+        run_dir=subpath(output[0], parent=True),
     threads: 2
     resources:
         mem_mb=16000,
@@ -28,12 +31,13 @@ rule train_segmentation:
     shell:
         "medpipe train-seg --config {params.config_file} --set dataset={params.dataset}"
         " --set results={params.results} --model {wildcards.model} --fold {wildcards.fold}"
-        " > {log} 2>&1"
+        " --run-dir {params.run_dir} > {log} 2>&1"
 
 
 rule evaluate_segmentation:
     input:
-        f"{RESULTS}/runs/{{model}}/fold_{{fold}}/training.json",
+        plans=f"{RESULTS}/plans.json",
+        training=f"{RESULTS}/runs/{{model}}/fold_{{fold}}/training.json",
     output:
         f"{RESULTS}/runs/{{model}}/fold_{{fold}}/evaluation/summary.json",
     log:
@@ -45,7 +49,8 @@ rule evaluate_segmentation:
     params:
         config_file=CONFIG_FILE,
         dataset=DATASET,
-        results=lambda wildcards, output: Path(output[0]).parents[4],
+        results=subpath(input.plans, parent=True),
+        run_dir=subpath(input.training, parent=True),
     threads: 2
     resources:
         mem_mb=8000,
@@ -54,7 +59,7 @@ rule evaluate_segmentation:
     shell:
         "medpipe evaluate-seg --config {params.config_file} --set dataset={params.dataset}"
         " --set results={params.results} --model {wildcards.model} --fold {wildcards.fold}"
-        " > {log} 2>&1"
+        " --run-dir {params.run_dir} > {log} 2>&1"
 
 
 rule segmentation_all:

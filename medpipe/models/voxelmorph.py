@@ -13,9 +13,10 @@ from __future__ import annotations
 from monai.networks.nets import VoxelMorph, VoxelMorphUNet
 from pydantic import Field
 
+from medpipe.config import OptimizerConfig
 from medpipe.models.registry import ModelOptions, ModelSpec, NetworkShape, register
 
-ADAM = {"name": "adamw", "lr": 1e-4, "weight_decay": 0.0, "schedule": "constant"}  # VoxelMorph
+ADAM = OptimizerConfig(name="adamw", lr=1e-4, weight_decay=0.0, schedule="constant")  # VoxelMorph
 
 
 class VoxelMorphOptions(ModelOptions):

@@ -12,28 +12,32 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from medpipe.config import ClassicalSettings
+from medpipe.device import autocast, autocast_dtype
 from medpipe.io import Geometry
-from medpipe.registration.classical import ClassicalSettings, register_classical
+from medpipe.registration.classical import register_classical
 from medpipe.registration.fields import affine_matrix, compose_field
 from medpipe.registration.pairs import RegistrationCase, pair_arrays, resample_case
-from medpipe.training.engine import autocast_dtype
+from medpipe.runs.spec import RegistrationRunSpec
 
 
 class NetworkRegistration:
     """`(moving, fixed, target grid) -> ITK field` for one trained network."""
 
-    def __init__(self, network: torch.nn.Module, description: dict,
+    def __init__(self, network: torch.nn.Module, spec: RegistrationRunSpec,
                  device: torch.device) -> None:
         self.network = network.to(device).eval()
-        self.description = description
+        self.spec = spec
         self.device = device
-        self.settings = description["registration"]
-        self.classical = ClassicalSettings(**description["classical"])
         self.dtype = autocast_dtype(device, True)
+
+    @property
+    def classical(self) -> ClassicalSettings:
+        return self.spec.classical
 
     def prealign(self, moving: RegistrationCase, fixed: RegistrationCase) -> np.ndarray:
         """4x4 LPS matrix taking fixed points into the moving scan (identity without)."""
-        if self.settings["prealign"] != "affine":
+        if self.spec.registration.prealign != "affine":
             return np.eye(4)
         return affine_matrix(register_classical(fixed.volume(), moving.volume(),
                                                 self.classical))
@@ -41,11 +45,10 @@ class NetworkRegistration:
     def ddf(self, moving: RegistrationCase, fixed: RegistrationCase,
             matrix: np.ndarray) -> tuple[np.ndarray, Geometry]:
         """The network's voxel field on its (padded) fixed grid, and that grid."""
-        moving, fixed = (resample_case(c, self.settings["spacing"]) for c in (moving, fixed))
-        arrays = pair_arrays(moving, fixed, matrix, self.description["grid_shape"])
-        autocast = torch.autocast(self.device.type, dtype=self.dtype,
-                                  enabled=self.dtype is not None)
-        with torch.no_grad(), autocast:
+        spacing = self.spec.registration.spacing
+        moving, fixed = (resample_case(c, spacing) for c in (moving, fixed))
+        arrays = pair_arrays(moving, fixed, matrix, self.spec.grid_shape)
+        with torch.no_grad(), autocast(self.device, self.dtype):
             _, ddf = self.network(torch.from_numpy(arrays["moving"])[None].to(self.device),
                                   torch.from_numpy(arrays["fixed"])[None].to(self.device))
         return ddf[0].float().cpu().numpy(), fixed.geometry

@@ -1,0 +1,50 @@
+"""Where networks run and in what precision: one place for the device and autocast rules,
+shared by training, evaluation and inference (so all three run a network the same way)."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+
+import torch
+
+from medpipe.errors import MedpipeError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto`: CUDA when torch sees a GPU, else the CPU; asking for CUDA without one is an
+    error rather than a silent fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MedpipeError("device 'cuda' was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """bf16 where the GPU supports it (no loss scaling needed), else fp16; none on CPU,
+    where autocast is slower than fp32 for 3D convolutions."""
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """`torch.autocast` for DTYPE on DEVICE, or nothing when DTYPE is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by tensors, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def device_name(device: torch.device) -> str:
+    """What the device is, for run tags: the GPU's model, or "cpu"."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"

@@ -1,0 +1,70 @@
+"""The names under which runs are tracked in MLflow: tags, metrics and artifact folders.
+
+Training, evaluation and the comparison report all use these, so a rename here renames
+both the writer and the reader, and a report column can never go silently empty.
+"""
+
+from __future__ import annotations
+
+# ------------------------------------------------------------------ tags
+TASK = "task"  # "segmentation", "registration" or "comparison"
+MODEL = "model"
+FOLD = "fold"
+GIT_COMMIT = "git_commit"
+DATA_HASH = "data_hash"
+DEVICE = "device"
+DATASET = "dataset"
+MODEL_ID = "model_id"  # the logged MLflow model of a training run
+COMPARISON = "comparison"  # the TASK of the report's parent run
+
+# ------------------------------------------------------------------ training, per epoch
+TRAIN_LOSS = "train_loss"
+LEARNING_RATE = "lr"
+EPOCH_SECONDS = "epoch_seconds"
+VAL_SECONDS = "val_seconds"
+VAL_DICE = "val_dice"  # the validation score that picks the `best` checkpoint
+PEAK_MEMORY_MB = "peak_memory_mb"
+
+# ------------------------------------------------------------------ training, at the end
+BEST_VAL_DICE = "best_val_dice"
+PARAMETERS = "parameters"
+TRAINING_SECONDS = "training_seconds"
+
+# ------------------------------------------------------------------ evaluation
+EVAL_MEAN_DICE = "eval_mean_dice"
+EVAL_MEAN_HD95 = "eval_mean_hd95"
+EVAL_SECONDS_PER_CASE = "eval_seconds_per_case"
+EVAL_SECONDS_PER_PAIR = "eval_seconds_per_pair"
+EVAL_FOLDING_PERCENT = "eval_folding_percent"
+EVAL_SDLOGJ = "eval_sdlogj"
+
+# ------------------------------------------------------------------ artifacts
+EVALUATION_FOLDER = "evaluation"
+FIGURES_FOLDER = "figures"
+CHECKPOINTS_FOLDER = "checkpoints"
+REPORT_FOLDER = "report"
+
+
+def throughput(unit: str) -> str:
+    """Samples per second of a task whose samples are UNIT ("patches", "pairs")."""
+    return f"{unit}_per_s"
+
+
+def val_class_dice(class_name: str) -> str:
+    return f"{VAL_DICE}_{class_name}"
+
+
+def eval_metric(metric: str) -> str:
+    """An evaluation summary's mean of METRIC ("folding_percent", "sdlogj", ...)."""
+    return f"eval_{metric}"
+
+
+def eval_class_metric(metric: str, class_name: str) -> str:
+    """METRIC ("dice", "hd95", "volume_diff_ml") of one class, mean over cases."""
+    return f"eval_{metric}_{class_name}"
+
+
+def class_of_eval_metric(name: str, metric: str) -> str | None:
+    """The class an `eval_class_metric(METRIC, class)` name is about, else None."""
+    prefix = f"eval_{metric}_"
+    return name.removeprefix(prefix) if name.startswith(prefix) else None
