@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from medpipe.config import NetworkRegistrationSettings, PipelineConfig
+from medpipe.data.splits import fold_case_ids
 from medpipe.device import pick_device
 from medpipe.errors import MedpipeError
 from medpipe.figures import plot_registration
@@ -177,23 +178,21 @@ def registration_setup(config: PipelineConfig, model: str, fold: int,
     spec_of_model = model_spec(model, task="registration")
     training = config.training_for(model)
     plans = read_plans(config.plans_file)
-    common = common_fields(config, plans, model, fold, training)
+    train_ids, val_ids = fold_case_ids(config.splits_file, fold)
     settings = config.registration.network_settings()
-    if settings.atlas is not None and settings.atlas not in (*common["train_cases"],
-                                                             *common["val_cases"]):
+    if settings.atlas is not None and settings.atlas not in (*train_ids, *val_ids):
         raise MedpipeError(f"atlas {settings.atlas!r} is not a training case of the dataset")
-    preprocessed = load_registration_cases(
-        config.preprocessed_dir, [*common["train_cases"], *common["val_cases"]])
+    preprocessed = load_registration_cases(config.preprocessed_dir, [*train_ids, *val_ids])
     cases = [resample_case(c, settings.spacing) for c in preprocessed]
     shape = NetworkShape(plans.in_channels, 3)
     divisor = spec_of_model.patch_divisor(shape, config.model_options(model))
     spec = RegistrationRunSpec(
-        **common,
+        **common_fields(config, plans, model, fold, training),
         batch_size=training.batch_size or 1,  # VoxelMorph trains on one pair at a time
         registration=settings,
         classical=config.registration.classical.model_copy(update={"deformable": "none"}),
         grid_shape=padded_shape([c.shape for c in cases], divisor),
-        reference_case=settings.atlas or common["train_cases"][0],
+        reference_case=settings.atlas or train_ids[0],
     )
     folder = RunFolder(run_dir) if run_dir else config.run_folder(model, fold)
     prepare_run_folder(config, plans, folder, spec, restart)
