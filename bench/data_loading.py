@@ -23,9 +23,9 @@ def patches_per_second(root: Path, augment: bool, workers: int, batches: int) ->
     from torch.utils.data import DataLoader
 
     from medpipe.config import load_config
-    from medpipe.training.augment import Augmenter
     from medpipe.planning import read_plans
     from medpipe.preprocessing import load_labelled_cases
+    from medpipe.training.augment import Augmenter
     from medpipe.training.patches import PatchDataset
 
     config = load_config(root / "config.yaml")
