@@ -66,22 +66,23 @@ def test_plans_agree_with_nnunet(tmp_path, spacing, dataset_id):
     dataset = build_demo_dataset(
         tmp_path / "raw", DemoSettings(cases=4, test_cases=0, spacing=spacing, seed=5)
     )
-    ours = plan_experiment(fingerprint_dataset(dataset, workers=2))["configurations"]
+    ours = plan_experiment(fingerprint_dataset(dataset, workers=2)).configurations
     theirs_plans = nnunet_plans(dataset, tmp_path / "nnunet", dataset_id)
     back = theirs_plans["transpose_backward"]
-    theirs = theirs_plans["configurations"]
+    theirs = theirs_plans["configurations"]  # nnU-Net's own plans.json, read as it wrote it
 
     assert set(ours) == set(theirs) - {"2d", "3d_cascade_fullres"}
     mine, reference = ours["3d_fullres"], theirs["3d_fullres"]
     np.testing.assert_allclose(
-        mine["spacing"], in_array_order(reference["spacing"], back), atol=1e-6
+        mine.spacing, in_array_order(reference["spacing"], back), atol=1e-6
     )
-    assert mine["patch_size"] == in_array_order(reference["patch_size"], back)
-    assert mine["batch_size"] == reference["batch_size"]
-    assert mine["normalization_schemes"] == reference["normalization_schemes"]
-    assert mine["use_mask_for_norm"] == reference["use_mask_for_norm"]
-    arch, ref_arch = mine["architecture"]["arch_kwargs"], reference["architecture"]["arch_kwargs"]
-    assert arch["n_stages"] == ref_arch["n_stages"]
-    assert arch["features_per_stage"] == list(ref_arch["features_per_stage"])
+    assert list(mine.patch_size) == in_array_order(reference["patch_size"], back)
+    assert mine.batch_size == reference["batch_size"]
+    assert list(mine.normalization_schemes) == reference["normalization_schemes"]
+    assert list(mine.use_mask_for_norm) == reference["use_mask_for_norm"]
+    arch, ref_arch = mine.architecture.arch_kwargs, reference["architecture"]["arch_kwargs"]
+    assert arch.n_stages == ref_arch["n_stages"]
+    assert list(arch.features_per_stage) == list(ref_arch["features_per_stage"])
     for key in ("strides", "kernel_sizes"):
-        assert arch[key] == [in_array_order(entry, back) for entry in ref_arch[key]]
+        assert [list(entry) for entry in getattr(arch, key)] == [
+            in_array_order(entry, back) for entry in ref_arch[key]]

@@ -95,7 +95,6 @@ def plan_experiment(fingerprint: dict, gpu_memory_gb: float = REFERENCE_GPU_GB) 
         config["use_mask_for_norm"] = use_mask
         config["batch_dice"] = lowres is not None and name == "3d_fullres"
         _to_array_order(config, back)
-        config["architecture"] = _architecture(config["architecture"], back)
         config["reasons"] = {
             "spacing": reasons["spacing"] if name == "3d_fullres" else config["reasons"]["spacing"],
             "normalization_schemes": reasons["normalization_schemes"],
@@ -265,6 +264,10 @@ def _architecture(topology: Topology, back: Sequence[int]) -> dict:
 
 
 def _to_array_order(config: dict, back: Sequence[int]) -> None:
-    """Permute every per-axis list of a configuration from the working order to (i, j, k)."""
-    for key in ("patch_size", "median_image_size_in_voxels", "spacing"):
-        config[key] = [config[key][a] for a in back]
+    """Permute every per-axis list of a configuration from the working order to (i, j, k);
+    the topology becomes nnU-Net's `architecture` entry on the way."""
+    for key, value in config.items():
+        if isinstance(value, Topology):
+            config[key] = _architecture(value, back)
+        elif key in ("patch_size", "median_image_size_in_voxels", "spacing"):
+            config[key] = [value[a] for a in back]
