@@ -11,13 +11,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from medpipe.errors import DatasetError, MedpipeError, VerificationFailed
+
+try:  # typer >= 0.25 carries its own copy of click, whose exceptions it raises
+    from typer._click.exceptions import ClickException
+except ImportError:  # older typer runs on click itself
+    from click.exceptions import ClickException
 
 app = typer.Typer(
     name="medpipe",
@@ -28,6 +32,23 @@ app = typer.Typer(
 )
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from medpipe import __version__
+
+        console.print(f"medpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option(
+        "--version", help="Print medpipe's version and exit.", callback=_print_version,
+        is_eager=True)] = False,
+) -> None:
+    """3D medical image segmentation and registration pipeline."""
 
 
 def _progress() -> Progress:
@@ -204,7 +225,7 @@ SetOption = Annotated[
     typer.Option("--set", help="Override a config value, e.g. training.epochs=5 (repeatable)."),
 ]
 RunDirOption = Annotated[
-    Path | None, typer.Option("--run-dir", help="Run folder [default: RESULTS/runs/MODEL/fold_K].")
+    Path | None, typer.Option("--run-dir", help="Run folder (default: RESULTS/runs/MODEL/fold_K).")
 ]
 
 
@@ -356,11 +377,11 @@ def register(
 @app.command()
 def compare(
     experiment: Annotated[str | None, typer.Option(
-        help="MLflow experiment [default: the config's, else the dataset's name].")] = None,
+        help="MLflow experiment (default: the config's, else the dataset's name).")] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Report folder.")] = Path(
         "compare"),
     tracking_uri: Annotated[
-        str | None, typer.Option(help="MLflow store [default: the config's, else "
+        str | None, typer.Option(help="MLflow store (default: the config's, else "
                                       "$MLFLOW_TRACKING_URI or sqlite:///mlflow.db].")
     ] = None,
     config: Annotated[Path | None, typer.Option(
@@ -454,14 +475,19 @@ def _print_problems(problems: list, root: Path) -> None:
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and an exit code."""
     try:
-        result = app(standalone_mode=False)
+        result = app(prog_name="medpipe", standalone_mode=False)
     except MedpipeError as error:
         err_console.print(f"[bold red]error:[/bold red] {error}", highlight=False)
         sys.exit(error.exit_code)
-    except click.ClickException as error:
-        error.show()
+    except ClickException as error:  # a usage error: what is wrong, and where help is
+        message = error.format_message()
+        if message:  # (no message: the help was shown instead, as for a bare `medpipe`)
+            context = getattr(error, "ctx", None)
+            hint = f" (see `{context.command_path} --help`)" if context is not None else ""
+            err_console.print(f"[bold red]error:[/bold red] {escape(message)}{hint}",
+                              highlight=False)
         sys.exit(error.exit_code)
-    except (click.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         err_console.print("interrupted")
         sys.exit(130)
     sys.exit(result if isinstance(result, int) else 0)

@@ -1,0 +1,48 @@
+"""The `medpipe` command as a stranger meets it: a version, one-line usage errors that say
+where help is, and help for every option."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import typer
+
+from medpipe import __version__
+from medpipe.cli import app
+
+
+def medpipe(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "medpipe.cli", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_version():
+    result = medpipe("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"medpipe {__version__}"
+
+
+@pytest.mark.parametrize(("args", "message", "help_of"), [
+    (["predict", "-i", "scan.nii.gz"], "Missing option '--model'", "medpipe predict"),
+    (["verfy"], "No such command 'verfy'. Did you mean 'verify'?", "medpipe"),
+    (["verify"], "Missing argument 'dataset'", "medpipe verify"),
+    (["plan", "f.json", "-o", "p.json", "--gpu-memory-gb", "lots"], "Invalid value for '--gpu-memory-gb'",
+     "medpipe plan"),
+])
+def test_a_usage_error_is_one_line_naming_the_help(args, message, help_of):
+    result = medpipe(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0] and f"`{help_of} --help`" in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_every_command_and_option_has_help():
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        assert command.help or command.short_help, f"command {name} has no help"
+        for param in command.params:
+            assert (getattr(param, "help", None) or "").strip(" ."), \
+                f"{name} {param.name} has no help text"
