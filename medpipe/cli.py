@@ -390,9 +390,10 @@ def compare(
 ) -> None:
     """Compare every finished model of an experiment: tables, paired statistics, figures;
     report.md + report.html, logged to a parent MLflow run."""
+    from medpipe import tracked
     from medpipe.config import TrackingConfig, load_config
-    from medpipe.report.compare import build_report
-    from medpipe.tracking import finished_runs, log_parent_run
+    from medpipe.report.compare import build_report, champions
+    from medpipe.tracking import finished_runs, log_parent_run, set_champion
 
     tracking = TrackingConfig()
     if config is not None:
@@ -416,6 +417,11 @@ def compare(
     headline = {f"mean_dice_{r['model']}": r["mean_dice"][0] for r in summary["segmentation"]}
     log_parent_run(uri, experiment, [r.run_id for r in runs], files, headline)
     console.print(f"[green]wrote[/green] {output / 'report.html'} ({len(runs)} runs)")
+    for run in champions(runs):
+        name = run.tags[tracked.REGISTERED_MODEL]
+        set_champion(uri, name, int(run.tags[tracked.REGISTERED_VERSION]))
+        console.print(f"[green]champion[/green] models:/{name}@champion is "
+                      f"{run.tags[tracked.MODEL]} fold {run.tags[tracked.FOLD]}")
 
 
 def _print_classes(summary: dict) -> None:

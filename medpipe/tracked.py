@@ -15,6 +15,8 @@ DATA_HASH = "data_hash"
 DEVICE = "device"
 DATASET = "dataset"
 MODEL_ID = "model_id"  # the logged MLflow model of a training run
+REGISTERED_MODEL = "registered_model"  # its name in the model registry
+REGISTERED_VERSION = "registered_version"  # and its version there
 COMPARISON = "comparison"  # the TASK of the report's parent run
 
 # ------------------------------------------------------------------ training, per epoch

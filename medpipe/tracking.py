@@ -46,6 +46,8 @@ class Tracker(Protocol):
 
     def log_model(self, folder: RunFolder, task: str) -> str | None: ...
 
+    def register_model(self, model_id: str, name: str, alias: str) -> int | None: ...
+
 
 class NullTracker:
     """Tracking off: every call is accepted and does nothing."""
@@ -66,6 +68,9 @@ class NullTracker:
         pass
 
     def log_model(self, folder: RunFolder, task: str) -> str | None:
+        return None
+
+    def register_model(self, model_id: str, name: str, alias: str) -> int | None:
         return None
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -133,10 +138,51 @@ class MlflowTracker:
             with mlflow.start_run(run_id=self.run_id):
                 info = mlflow.pyfunc.log_model(
                     name="model", python_model=str(code), artifacts={"run": str(files.path)},
-                    signature=signature, pip_requirements=["medpipe", "torch", "monai",
-                                                           "SimpleITK", "nibabel"],
+                    signature=signature, code_paths=[str(Path(__file__).parent)],
+                    pip_requirements=model_requirements(),
                 )
         return info.model_id
+
+    def register_model(self, model_id: str, name: str, alias: str) -> int:
+        """Register the logged model MODEL_ID as a new version of NAME, with ALIAS pointing
+        at it (moved from an older version); the version is tagged on the run."""
+        import mlflow
+
+        mlflow.set_registry_uri(self.client.tracking_uri)
+        if not self.client.search_registered_models(f"name = '{name}'"):
+            self.client.create_registered_model(name)
+        version = self.client.create_model_version(
+            name, f"models:/{model_id}", run_id=self.run_id, model_id=model_id).version
+        self.client.set_registered_model_alias(name, alias, version)
+        self.set_tags({tracked.REGISTERED_MODEL: name, tracked.REGISTERED_VERSION: version})
+        return int(version)
+
+
+# what the logged model's code (medpipe's own, stored with it) imports, pinned to the versions
+# that trained it, so it loads the same in a fresh environment
+CHAMPION = "champion"  # the registry alias of the comparison's winner
+MODEL_REQUIREMENTS = ("torch", "monai", "SimpleITK", "nibabel", "numpy", "scipy", "pydantic",
+                      "PyYAML", "scikit-learn", "pandas", "rich", "matplotlib")
+
+
+def model_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in MODEL_REQUIREMENTS]
+
+
+def registered_name(dataset: str, task: str) -> str:
+    """The registry name of a dataset's trained models of one task ("segmentation",
+    "registration"): every trained fold is a version, aliased `<model>_fold_<k>`."""
+    return f"{dataset}-{task}"
+
+
+def set_champion(uri: str, name: str, version: int) -> None:
+    """Point alias `champion` of registered model NAME at VERSION (the comparison's winner)."""
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias(
+        name, CHAMPION, str(version))
 
 
 def open_tracker(

@@ -66,6 +66,20 @@ def build_report(runs: Sequence[TrackedRun], out_dir: Path) -> dict[str, Any]:
     return summary
 
 
+def champions(runs: Sequence[TrackedRun]) -> list[TrackedRun]:
+    """Per task, the registered run with the best evaluated mean Dice: the model the registry
+    alias `champion` points at after a comparison."""
+    best: dict[str, TrackedRun] = {}
+    for run in runs:
+        score = run.metrics.get(tracked.EVAL_MEAN_DICE)
+        if tracked.REGISTERED_VERSION not in run.tags or score is None or math.isnan(score):
+            continue
+        task = run.tags[tracked.TASK]
+        if task not in best or score > best[task].metrics[tracked.EVAL_MEAN_DICE]:
+            best[task] = run
+    return list(best.values())
+
+
 # --------------------------------------------------------------------------- tables
 
 

@@ -13,7 +13,7 @@ from medpipe.figures import plot_learning_curve
 from medpipe.planning.plans import PlanConfiguration
 from medpipe.runs.folder import RunFolder
 from medpipe.runs.spec import RunSpec
-from medpipe.tracking import Tracker, flatten
+from medpipe.tracking import Tracker, flatten, registered_name
 from medpipe.training.engine import Callback, Trainer
 
 
@@ -126,8 +126,11 @@ class TrackingCallback(Callback):
         self.tracker.log_artifact(self.folder.checkpoint_metadata("best"),
                                   tracked.CHECKPOINTS_FOLDER)
         model_id = self.tracker.log_model(self.folder, self.spec.task)
-        if model_id:  # register it with `mlflow.register_model(f"models:/{model_id}", name)`
+        if model_id:  # `models:/<dataset>-<task>@<model>_fold_<k>` from now on
             self.tracker.set_tags({tracked.MODEL_ID: model_id})
+            self.tracker.register_model(
+                model_id, registered_name(self.spec.dataset_name, self.spec.task),
+                alias=f"{self.spec.model}_fold_{self.spec.fold}")
         summary = trainer.summary()
         self.tracker.log_metrics(
             {tracked.BEST_VAL_DICE: summary["best_score"],
