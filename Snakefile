@@ -14,7 +14,7 @@ validate(config, "configs/schema.yaml")
 
 # every rule can run inside the medpipe image (the Apptainer recipe in containers/ builds
 # medpipe.sif):
-# used only with --software-deployment-method apptainer (--apptainer-args "--nv" for GPUs);
+# used only with --software-deployment-method apptainer (--apptainer-args="--nv" for GPUs);
 # `container:` in the config names another image
 container: config.get("container") or "medpipe.sif"
 
@@ -29,7 +29,15 @@ CONFIG_FILE = workflow.overwrite_configfiles[-1]
 DATASET = config["dataset"]
 RESULTS = config["results"]
 CONFIGURATION = config["configuration"]
-CASES = glob_wildcards(f"{DATASET}/labelsTr/{{case}}{config['file_ending']}").case
+SEG_MODELS = config["segmentation_models"]
+REG_MODELS = config["registration"]["models"]
+REG_BASELINES = config["registration"]["baselines"]
+
+
+include: "workflow/rules/common.smk"
+
+
+CASES = glob_wildcards(f"{DATASET}/labelsTr/{{case}}{dataset_file_ending(DATASET)}").case
 
 
 include: "workflow/rules/data.smk"

@@ -224,6 +224,10 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config value, e.g. training.epochs=5 (repeatable)."),
 ]
+RestartIfChangedOption = Annotated[bool, typer.Option(
+    "--restart-if-changed",
+    help="If the run folder holds a run with other settings, train from scratch instead of "
+         "refusing (what the workflow does when the config changed).")]
 RunDirOption = Annotated[
     Path | None, typer.Option("--run-dir", help="Run folder (default: RESULTS/runs/MODEL/fold_K).")
 ]
@@ -239,12 +243,14 @@ def train_seg(
     restart: Annotated[
         bool, typer.Option(help="Discard this run's checkpoints and train from scratch.")
     ] = False,
+    restart_if_changed: RestartIfChangedOption = False,
 ) -> None:
     """Train a segmentation model on one fold; an interrupted run resumes where it stopped."""
     from medpipe.config import load_config
     from medpipe.training.segmentation import train_segmentation
 
-    folder = train_segmentation(load_config(config, overrides), model, fold, run_dir, restart)
+    folder = train_segmentation(load_config(config, overrides), model, fold, run_dir, restart,
+                                restart_if_changed=restart_if_changed)
     console.print(f"[green]trained[/green] {model} fold {fold}: {folder}")
 
 
@@ -284,13 +290,15 @@ def train_reg(
     restart: Annotated[
         bool, typer.Option(help="Discard this run's checkpoints and train from scratch.")
     ] = False,
+    restart_if_changed: RestartIfChangedOption = False,
 ) -> None:
     """Train a registration network on one fold's training pairs; resumes when interrupted."""
     from medpipe.config import load_config
     from medpipe.training.registration import train_registration
 
     overrides = list(overrides or []) + ([f"registration.atlas={atlas}"] if atlas else [])
-    folder = train_registration(load_config(config, overrides), model, fold, run_dir, restart)
+    folder = train_registration(load_config(config, overrides), model, fold, run_dir, restart,
+                                restart_if_changed=restart_if_changed)
     console.print(f"[green]trained[/green] {model} fold {fold}: {folder}")
 
 

@@ -149,7 +149,6 @@ class TrackingConfig(StrictModel):
 class PipelineConfig(StrictModel):
     dataset: Path = Field(description="dataset folder in the nnU-Net v2 raw layout")
     results: Path = Field(description="folder for every output of the workflow")
-    file_ending: str = Field(".nii.gz", pattern=r"^\.")
     configuration: Literal["3d_fullres", "3d_lowres"] = "3d_fullres"
     folds: int = Field(5, ge=2)
     gpu_memory_gb: float = Field(8, gt=0)

@@ -27,8 +27,8 @@ def test_version():
     (["predict", "-i", "scan.nii.gz"], "Missing option '--model'", "medpipe predict"),
     (["verfy"], "No such command 'verfy'. Did you mean 'verify'?", "medpipe"),
     (["verify"], "Missing argument 'dataset'", "medpipe verify"),
-    (["plan", "f.json", "-o", "p.json", "--gpu-memory-gb", "lots"], "Invalid value for '--gpu-memory-gb'",
-     "medpipe plan"),
+    (["plan", "f.json", "-o", "p.json", "--gpu-memory-gb", "lots"],
+     "Invalid value for '--gpu-memory-gb'", "medpipe plan"),
 ])
 def test_a_usage_error_is_one_line_naming_the_help(args, message, help_of):
     result = medpipe(*args)

@@ -166,13 +166,16 @@ def train_registration(
     run_dir: Path | None = None,
     restart: bool = False,
     progress: bool = True,
+    restart_if_changed: bool = False,
 ) -> Path:
     """Train a registration network on FOLD's training cases; resumes in the same folder."""
-    return fit_run(config, registration_setup(config, model, fold, run_dir, restart), progress)
+    return fit_run(config, registration_setup(config, model, fold, run_dir, restart,
+                                           restart_if_changed), progress)
 
 
 def registration_setup(config: PipelineConfig, model: str, fold: int,
-                       run_dir: Path | None = None, restart: bool = False) -> RunSetup:
+                       run_dir: Path | None = None, restart: bool = False,
+                       restart_if_changed: bool = False) -> RunSetup:
     """The described run folder with its pre-alignment, the network, the pair task and the
     device: what `train_registration` fits, and what benchmarks time."""
     spec_of_model = model_spec(model, task="registration")
@@ -195,7 +198,7 @@ def registration_setup(config: PipelineConfig, model: str, fold: int,
         reference_case=settings.atlas or train_ids[0],
     )
     folder = RunFolder(run_dir) if run_dir else config.run_folder(model, fold)
-    prepare_run_folder(config, plans, folder, spec, restart)
+    prepare_run_folder(config, plans, folder, spec, restart, restart_if_changed)
     matrices = prealignment(folder, spec, preprocessed)
 
     device = pick_device(training.device)

@@ -59,12 +59,14 @@ def common_fields(config: PipelineConfig, plans: Plans, model: str, fold: int,
 
 
 def prepare_run_folder(config: PipelineConfig, plans: Plans, folder: RunFolder,
-                       spec: RunSpec, restart: bool) -> None:
-    """Guard a resume against changed settings (or forget the old run with RESTART), then
-    write the files that describe the run."""
-    if restart:  # a fresh run: new weights, and a new MLflow run rather than the old one
+                       spec: RunSpec, restart: bool, restart_if_changed: bool = False) -> None:
+    """Guard a resume against changed settings (or forget the old run: always with RESTART,
+    when its settings differ with RESTART_IF_CHANGED, as the workflow asks), then write the
+    files that describe the run."""
+    changed = folder.holds_run() and read_run_spec(folder).run_hash != spec.run_hash
+    if restart or (changed and restart_if_changed):  # new weights and a new MLflow run
         folder.discard_training()
-    elif folder.holds_run() and read_run_spec(folder).run_hash != spec.run_hash:
+    elif changed:
         raise MedpipeError(
             "this run folder holds a run with different settings; resume it with the "
             "same config, or pass --restart to train from scratch", folder.path

@@ -145,13 +145,16 @@ def train_segmentation(
     run_dir: Path | None = None,
     restart: bool = False,
     progress: bool = True,
+    restart_if_changed: bool = False,
 ) -> Path:
     """Train MODEL on FOLD; resumes an interrupted run in the same folder. Returns the folder."""
-    return fit_run(config, segmentation_setup(config, model, fold, run_dir, restart), progress)
+    return fit_run(config, segmentation_setup(config, model, fold, run_dir, restart,
+                                           restart_if_changed), progress)
 
 
 def segmentation_setup(config: PipelineConfig, model: str, fold: int,
-                       run_dir: Path | None = None, restart: bool = False) -> RunSetup:
+                       run_dir: Path | None = None, restart: bool = False,
+                       restart_if_changed: bool = False) -> RunSetup:
     """The described run folder (resume guard checked), the network with its seeded initial
     weights, the task with its patch sampler, and the device: what `train_segmentation`
     fits, and what benchmarks time."""
@@ -160,7 +163,7 @@ def segmentation_setup(config: PipelineConfig, model: str, fold: int,
     plans = read_plans(config.plans_file)
     spec = describe_run(config, plans, model, fold, training)
     folder = RunFolder(run_dir) if run_dir else config.run_folder(model, fold)
-    prepare_run_folder(config, plans, folder, spec, restart)
+    prepare_run_folder(config, plans, folder, spec, restart, restart_if_changed)
     device = pick_device(training.device)
     torch.manual_seed(training.seed)  # the initial weights
     network = build_model(model, spec.network_shape, spec.model_options)

@@ -1,10 +1,8 @@
 # Train each registration network on each fold; score the networks and the baselines
 # (identity, classical SimpleITK) on the fold's held-out pairs. Like segmentation, training
 # resumes from its last checkpoint: the rule's output is the summary written at the end.
-# The model lists' defaults come from the schema (medpipe.config.RegistrationConfig).
-
-REG_MODELS = config["registration"]["models"]
-REG_BASELINES = config["registration"]["baselines"]
+# The model lists (REG_MODELS, REG_BASELINES, set in the Snakefile) default to the schema's
+# (medpipe.config.RegistrationConfig).
 
 
 rule train_registration:
@@ -19,12 +17,13 @@ rule train_registration:
     benchmark:
         f"{RESULTS}/benchmarks/train_registration/{{model}}_fold_{{fold}}.tsv"
     wildcard_constraints:
-        model="|".join(REG_MODELS),
+        model=one_of(REG_MODELS),
     params:
         config_file=CONFIG_FILE,
         dataset=DATASET,
         results=subpath(input.plans, parent=True),
         run_dir=subpath(output[0], parent=True),
+        settings=training_settings,
     threads: 2
     resources:
         mem_mb=16000,
@@ -33,7 +32,7 @@ rule train_registration:
     shell:
         "medpipe train-reg --config {params.config_file} --set dataset={params.dataset}"
         " --set results={params.results} --model {wildcards.model} --fold {wildcards.fold}"
-        " --run-dir {params.run_dir} > {log} 2>&1"
+        " --run-dir {params.run_dir} --restart-if-changed > {log} 2>&1"
 
 
 rule evaluate_registration_network:
@@ -47,12 +46,13 @@ rule evaluate_registration_network:
     benchmark:
         f"{RESULTS}/benchmarks/evaluate_registration/{{model}}_fold_{{fold}}.tsv"
     wildcard_constraints:
-        model="|".join(REG_MODELS),
+        model=one_of(REG_MODELS),
     params:
         config_file=CONFIG_FILE,
         dataset=DATASET,
         results=subpath(input.plans, parent=True),
         run_dir=subpath(input.training, parent=True),
+        settings=evaluation_settings,
     threads: 2
     resources:
         mem_mb=8000,
@@ -76,12 +76,13 @@ rule evaluate_registration_baseline:
     benchmark:
         f"{RESULTS}/benchmarks/evaluate_registration/{{baseline}}_fold_{{fold}}.tsv"
     wildcard_constraints:
-        baseline="identity|classical",
+        baseline=one_of(REG_BASELINES),
     params:
         config_file=CONFIG_FILE,
         dataset=DATASET,
         results=subpath(input.plans, parent=True),
         run_dir=subpath(output[0], ancestor=2),  # RUN/evaluation/summary.json
+        settings=evaluation_settings,
     threads: 2
     resources:
         mem_mb=8000,

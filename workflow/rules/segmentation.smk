@@ -17,12 +17,13 @@ rule train_segmentation:
     benchmark:
         f"{RESULTS}/benchmarks/train_segmentation/{{model}}_fold_{{fold}}.tsv"
     wildcard_constraints:
-        model="|".join(config["segmentation_models"]),
+        model=one_of(SEG_MODELS),
     params:
         config_file=CONFIG_FILE,
         dataset=DATASET,
         results=subpath(input.plans, parent=True),
         run_dir=subpath(output[0], parent=True),
+        settings=training_settings,
     threads: 2
     resources:
         mem_mb=16000,
@@ -31,7 +32,7 @@ rule train_segmentation:
     shell:
         "medpipe train-seg --config {params.config_file} --set dataset={params.dataset}"
         " --set results={params.results} --model {wildcards.model} --fold {wildcards.fold}"
-        " --run-dir {params.run_dir} > {log} 2>&1"
+        " --run-dir {params.run_dir} --restart-if-changed > {log} 2>&1"
 
 
 rule evaluate_segmentation:
@@ -45,7 +46,7 @@ rule evaluate_segmentation:
     benchmark:
         f"{RESULTS}/benchmarks/evaluate_segmentation/{{model}}_fold_{{fold}}.tsv"
     wildcard_constraints:
-        model="|".join(config["segmentation_models"]),
+        model=one_of(SEG_MODELS),
     params:
         config_file=CONFIG_FILE,
         dataset=DATASET,
@@ -66,6 +67,6 @@ rule segmentation_all:
     input:
         expand(
             f"{RESULTS}/runs/{{model}}/fold_{{fold}}/evaluation/summary.json",
-            model=config["segmentation_models"],
+            model=SEG_MODELS,
             fold=config["train_folds"],
         ),
