@@ -441,17 +441,48 @@ def _print_classes(summary: dict) -> None:
         )
 
 
+@app.command()
+def init(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder (nnU-Net v2 raw layout).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Config file to write.")] = Path(
+        "config.yaml"),
+    results: Annotated[Path, typer.Option(help="Folder the workflow writes into.")] = Path(
+        "results"),
+    force: Annotated[bool, typer.Option(help="Replace an existing config file.")] = False,
+) -> None:
+    """Write a complete, commented pipeline config for DATASET: every setting with its
+    default and what it does, every model with its options."""
+    from medpipe.config_template import config_template
+    from medpipe.data.layout import read_spec
+    from medpipe.io import atomic_output
+
+    spec = read_spec(dataset)
+    if output.exists() and not force:
+        raise MedpipeError("exists; pass --force to replace it", output)
+    with atomic_output(output) as staging:
+        staging.write_text(config_template(dataset, spec, results), encoding="utf-8")
+    console.print(f"[green]wrote[/green] {output}; run: snakemake all --profile "
+                  f"configs/profiles/local --configfile {output}")
+
+
 @app.command("config-schema")
 def config_schema(
     output: Annotated[Path, typer.Option("-o", "--output", help="schema.yaml to write.")] = Path(
         "configs/schema.yaml"),
+    reference: Annotated[Path, typer.Option(help="The settings reference (Markdown).")] = Path(
+        "docs/settings.md"),
 ) -> None:
-    """Write the pipeline config's JSON schema (from medpipe's own config types), which the
-    Snakefile validates every config against."""
+    """Write the pipeline config's JSON schema, which the Snakefile validates every config
+    against, and the settings reference, both from medpipe's own config types."""
     from medpipe.config import write_schema
+    from medpipe.config_template import settings_reference
+    from medpipe.io import atomic_output
 
     write_schema(output)
-    console.print(f"[green]wrote[/green] {output}")
+    reference.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(reference) as staging:
+        staging.write_text(settings_reference(), encoding="utf-8")
+    console.print(f"[green]wrote[/green] {output} and {reference}")
 
 
 def _fmt(values: Sequence[float]) -> str:

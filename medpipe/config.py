@@ -33,14 +33,17 @@ class OptimizerConfig(StrictModel):
     """An optimiser and its schedule. In a config every field is an override: the fields
     left out take the model's literature defaults (`medpipe.models`), not the ones here."""
 
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.01, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    momentum: float = Field(0.99, ge=0, lt=1)  # SGD only
-    nesterov: bool = True  # SGD only
-    schedule: Literal["poly", "cosine", "constant"] = "poly"
-    poly_exponent: float = Field(0.9, gt=0)
-    warmup_fraction: float = Field(0.05, ge=0, lt=1)  # of all iterations, cosine only
+    name: Literal["sgd", "adamw"] = Field("sgd", description="the optimiser")
+    lr: float = Field(0.01, gt=0, description="initial learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay")
+    momentum: float = Field(0.99, ge=0, lt=1, description="SGD momentum (SGD only)")
+    nesterov: bool = Field(True, description="Nesterov momentum (SGD only)")
+    schedule: Literal["poly", "cosine", "constant"] = Field(
+        "poly", description="poly: nnU-Net's lr x (1 - t/T)^0.9; cosine: linear warm-up then "
+        "cosine decay; constant")
+    poly_exponent: float = Field(0.9, gt=0, description="exponent of the poly schedule")
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="warm-up share of all "
+                                   "iterations (cosine only)")
 
     def overridden_by(self, *overrides: OptimizerConfig) -> OptimizerConfig:
         """These settings with the fields each of OVERRIDES sets replacing them, in turn."""
@@ -54,19 +57,27 @@ class TrainingConfig(StrictModel):
     """How long and how to train; None means 'take it from the plans'. In a config the
     fields set in `models.<name>.training` replace those of the shared `training`."""
 
-    epochs: int = Field(1000, ge=1)  # nnU-Net's default 1000 x 250
-    iterations_per_epoch: int = Field(250, ge=1)
-    batch_size: int | None = Field(None, ge=1)
-    patch_size: tuple[int, int, int] | None = None
-    oversample_foreground: float = Field(0.33, ge=0, le=1)
-    augment: bool = True
-    val_every: int = Field(50, ge=1)  # epochs between validations (the last always validates)
-    val_overlap: float = Field(0.5, ge=0, lt=1)  # sliding-window overlap
-    amp: bool = True  # bf16 (or fp16 + scaler) autocast on CUDA; ignored on CPU
-    grad_clip: float | None = Field(12.0, gt=0)
-    seed: int = 0
-    num_workers: int = Field(2, ge=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    epochs: int = Field(1000, ge=1, description="epochs (nnU-Net: 1000 x 250 iterations)")
+    iterations_per_epoch: int = Field(250, ge=1, description="optimiser steps per epoch")
+    batch_size: int | None = Field(None, ge=1, description="samples per step; null: the "
+                                   "plans' (segmentation), 1 (registration)")
+    patch_size: tuple[int, int, int] | None = Field(
+        None, description="training patch in voxels (i, j, k); null: the plans', rounded to "
+        "what the net accepts")
+    oversample_foreground: float = Field(0.33, ge=0, le=1, description="share of each batch "
+                                         "centred on a foreground class (nnU-Net's 1/3)")
+    augment: bool = Field(True, description="spatial and intensity augmentation")
+    val_every: int = Field(50, ge=1, description="epochs between validations (the last "
+                           "always validates)")
+    val_overlap: float = Field(0.5, ge=0, lt=1, description="sliding-window overlap in "
+                               "validation")
+    amp: bool = Field(True, description="bf16 (or fp16 + loss scaling) autocast on CUDA; "
+                      "ignored on CPU")
+    grad_clip: float | None = Field(12.0, gt=0, description="gradient norm clip; null: none")
+    seed: int = Field(0, description="seeds the initial weights and every sample")
+    num_workers: int = Field(2, ge=0, description="patch loader processes")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when "
+                                                   "there is a GPU")
     optimizer: OptimizerConfig = Field(
         OptimizerConfig(),
         description="overrides of the model's optimiser defaults (only the fields given)")
@@ -92,45 +103,59 @@ class ClassicalSettings(StrictModel):
     """The classical baseline (`registration.classical`): SimpleITK affine + a deformable
     stage, and the affine pre-alignment of the networks' pairs (`deformable: none`)."""
 
-    deformable: Literal["demons", "bspline", "none"] = "demons"
-    histogram_bins: int = Field(32, ge=2)
+    deformable: Literal["demons", "bspline", "none"] = Field(
+        "demons", description="the stage after the affine: diffeomorphic demons, a Mattes-MI "
+        "B-spline, or none")
+    histogram_bins: int = Field(32, ge=2, description="Mattes mutual information bins")
     # 1.0: every fixed voxel, deterministic. Below 1, random sampling, which SimpleITK does
     # not reproduce from its seed (the demo's pre-alignment moved by up to 10 mm between
     # two identical runs), so it is only for the slower B-spline stage when speed matters
-    sampling_fraction: float = Field(1.0, gt=0, le=1)
-    affine_iterations: int = Field(200, ge=1)
-    bspline_iterations: int = Field(100, ge=1)
-    demons_iterations: int = Field(50, ge=1)
-    demons_sigma: float = Field(1.5, gt=0)  # Gaussian smoothing of the field, voxels
-    bspline_mesh_mm: float = Field(40.0, gt=0)  # control point spacing
-    shrink_factors: tuple[int, ...] = (4, 2, 1)
-    smoothing_sigmas: tuple[float, ...] = (2.0, 1.0, 0.0)  # voxels
-    seed: int = 0
+    sampling_fraction: float = Field(1.0, gt=0, le=1, description="share of fixed voxels "
+                                     "the metric samples (1: all, deterministic)")
+    affine_iterations: int = Field(200, ge=1, description="affine iterations per level")
+    bspline_iterations: int = Field(100, ge=1, description="B-spline iterations per level")
+    demons_iterations: int = Field(50, ge=1, description="demons iterations")
+    demons_sigma: float = Field(1.5, gt=0, description="Gaussian smoothing of the demons "
+                                "field after each update, voxels")
+    bspline_mesh_mm: float = Field(40.0, gt=0, description="B-spline control point spacing")
+    shrink_factors: tuple[int, ...] = Field((4, 2, 1), description="pyramid shrink factors")
+    smoothing_sigmas: tuple[float, ...] = Field((2.0, 1.0, 0.0), description="pyramid "
+                                                "smoothing per level, voxels")
+    seed: int = Field(0, description="seed of the metric's random sampling")
 
 
 class NetworkRegistrationSettings(StrictModel):
     """What a registration network learns from: part of its run's description, so changing
     any of these makes a different run."""
 
-    atlas: str | None = None  # a case id: every case to it; None: subject to subject
-    prealign: Literal["affine", "none"] = "affine"  # SimpleITK affine, as VoxelMorph's data
-    # the networks' grid in mm; None: the plans' spacing. Deformations are smooth, so a
-    # coarser grid costs little accuracy and makes CPU training ~8x cheaper per halving
-    spacing: tuple[float, float, float] | None = None
-    similarity: Literal["lncc", "mse"] = "lncc"
-    lncc_window: int = Field(9, ge=3)  # voxels, VoxelMorph's
-    regularisation: float = Field(1.0, ge=0)  # lambda x diffusion (gradient L2) of the field
-    dice_weight: float = Field(0.0, ge=0)  # > 0: semi-supervised, Dice of warped labels
-    val_pairs: int = Field(6, ge=1)  # validation pairs during training
+    atlas: str | None = Field(None, description="a case id: register every case to it; "
+                              "null: subject to subject")
+    prealign: Literal["affine", "none"] = Field(
+        "affine", description="SimpleITK affine pre-alignment of each pair, as VoxelMorph's "
+        "data")
+    # Deformations are smooth, so a coarser grid costs little accuracy and makes CPU training
+    # ~8x cheaper per halving
+    spacing: tuple[float, float, float] | None = Field(
+        None, description="the networks' grid in mm; null: the plans' spacing")
+    similarity: Literal["lncc", "mse"] = Field("lncc", description="image similarity loss")
+    lncc_window: int = Field(9, ge=3, description="LNCC window, voxels (VoxelMorph's)")
+    regularisation: float = Field(1.0, ge=0, description="weight of the field's diffusion "
+                                  "(gradient L2) penalty")
+    dice_weight: float = Field(0.0, ge=0, description="> 0: semi-supervised, weight of the "
+                               "Dice of warped training labels")
+    val_pairs: int = Field(6, ge=1, description="validation pairs during training")
 
 
 class RegistrationConfig(NetworkRegistrationSettings):
     """What the registration networks learn from and how the methods are compared."""
 
-    models: list[str] = ["voxelmorph", "voxelmorph_diff"]
-    baselines: list[Literal["identity", "classical"]] = ["identity", "classical"]
-    eval_pairs: int = Field(20, ge=1)  # held-out pairs scored by evaluate-reg
-    classical: ClassicalSettings = ClassicalSettings()
+    models: list[str] = Field(["voxelmorph", "voxelmorph_diff"],
+                              description="the registration networks the workflow trains")
+    baselines: list[Literal["identity", "classical"]] = Field(
+        ["identity", "classical"], description="the baselines the workflow scores")
+    eval_pairs: int = Field(20, ge=1, description="held-out pairs scored by evaluate-reg")
+    classical: ClassicalSettings = Field(
+        ClassicalSettings(), description="the SimpleITK baseline and the pre-alignment")
 
     def network_settings(self) -> NetworkRegistrationSettings:
         return NetworkRegistrationSettings(
@@ -138,9 +163,11 @@ class RegistrationConfig(NetworkRegistrationSettings):
 
 
 class TrackingConfig(StrictModel):
-    enabled: bool = True
-    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
-    experiment: str | None = None  # None: the dataset's name
+    enabled: bool = Field(True, description="log runs, metrics, figures and models to MLflow")
+    uri: str | None = Field(None, description="tracking store; null: $MLFLOW_TRACKING_URI, "
+                            "else sqlite:///mlflow.db in the working directory")
+    experiment: str | None = Field(None, description="MLflow experiment; null: the "
+                                   "dataset's name")
 
     def resolved_uri(self) -> str:
         return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
@@ -149,9 +176,11 @@ class TrackingConfig(StrictModel):
 class PipelineConfig(StrictModel):
     dataset: Path = Field(description="dataset folder in the nnU-Net v2 raw layout")
     results: Path = Field(description="folder for every output of the workflow")
-    configuration: Literal["3d_fullres", "3d_lowres"] = "3d_fullres"
-    folds: int = Field(5, ge=2)
-    gpu_memory_gb: float = Field(8, gt=0)
+    configuration: Literal["3d_fullres", "3d_lowres"] = Field(
+        "3d_fullres", description="the plans configuration to preprocess and train with")
+    folds: int = Field(5, ge=2, description="cross-validation folds of the split")
+    gpu_memory_gb: float = Field(8, gt=0, description="GPU memory the plans' patch and batch "
+                                 "size are sized for")
     segmentation_models: list[str] = Field(
         ["nnunet", "unet", "swin_unetr"],
         description="the segmentation models the workflow trains and evaluates")
@@ -163,8 +192,9 @@ class PipelineConfig(StrictModel):
     models: dict[str, ModelEntry] = Field(
         {}, description="per model name, `options` (the net's settings) and `training` "
         "overrides")
-    registration: RegistrationConfig = RegistrationConfig()
-    tracking: TrackingConfig = TrackingConfig()
+    registration: RegistrationConfig = Field(
+        RegistrationConfig(), description="registration networks, baselines and their pairs")
+    tracking: TrackingConfig = Field(TrackingConfig(), description="MLflow tracking")
     container: str | None = Field(
         None, description="an Apptainer image (medpipe.sif, or docker://...) the rules run "
         "in when Snakemake is called with --software-deployment-method apptainer")

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from medpipe.config import SCHEMA_HEADER, config_schema
+from medpipe.config_template import settings_reference
 
 PACKAGE = Path(__file__).resolve().parents[1] / "medpipe"
 REPO = PACKAGE.parent
@@ -27,7 +28,7 @@ FLOORS = {
     "medpipe.preprocessing.properties": 3,
     "medpipe.planning": 4,
     "medpipe.preprocessing": 5,
-    "medpipe.models": 6,
+    "medpipe.models": 6, "medpipe.config_template": 7,
     "medpipe.runs": 7,
     "medpipe.tracking": 8,
     "medpipe.registration": 9,
@@ -112,3 +113,8 @@ def test_the_committed_schema_is_the_one_the_config_types_generate():
     text = (REPO / "configs" / "schema.yaml").read_text(encoding="utf-8")
     assert text.startswith(SCHEMA_HEADER), "regenerate: medpipe config-schema"
     assert yaml.safe_load(text) == config_schema(), "regenerate: medpipe config-schema"
+
+
+def test_the_settings_reference_is_current():
+    text = (REPO / "docs" / "settings.md").read_text(encoding="utf-8")
+    assert text == settings_reference(), "regenerate: medpipe config-schema"

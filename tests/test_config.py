@@ -50,3 +50,36 @@ def test_a_bad_nested_setting_is_refused_when_the_config_is_read(tmp_path, secti
     with pytest.raises(MedpipeError, match=message) as caught:
         load_config(path)
     assert str(path) in str(caught.value)
+
+
+def test_init_writes_a_complete_commented_config_that_reads_back_as_the_defaults(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import make_dataset
+
+    from medpipe.config import PipelineConfig
+
+    dataset = make_dataset(tmp_path / "raw", n_cases=2, n_channels=2, file_ending=".nrrd")
+    out = tmp_path / "config.yaml"
+    command = [sys.executable, "-m", "medpipe.cli", "init", str(dataset), "-o", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    assert "channels 0: MR0, 1: MR1" in text and ".nrrd" in text
+    assert "# epochs (nnU-Net: 1000 x 250 iterations)" in text
+    assert "  swin_unetr:\n    options: {feature_size: 24," in text  # the model's own options
+    config = load_config(out)
+    expected = PipelineConfig(dataset=dataset, results="results")
+    assert config.model_dump(exclude={"models"}) == expected.model_dump(exclude={"models"})
+    assert set(config.models) == {"nnunet", "unet", "swin_unetr", "voxelmorph",
+                                  "voxelmorph_diff"}
+    for model in config.models:  # the written options and training are each model's defaults
+        assert config.model_options(model) == model_spec(model).options()
+        assert config.training_for(model) == expected.training_for(model)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "--force" in again.stderr  # nothing is overwritten
+    assert out.read_text() == text
+    missing = subprocess.run([*command[:4], str(tmp_path), "-o", str(tmp_path / "x.yaml")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "dataset.json" in missing.stderr

@@ -68,6 +68,25 @@ def test_dry_run_shows_the_dag(workdir):
     assert re.search(r"compare\s+1\n", demo.stdout)
 
 
+def test_any_subset_of_models_plans_only_its_jobs(workdir):
+    (workdir / "config.yaml").write_text(yaml.safe_dump({
+        "dataset": "raw", "results": "results", "segmentation_models": ["unet"],
+        "train_folds": [0], "registration": {"models": [], "baselines": []}}))
+    seg = run([*snakemake(workdir, "all"), "-n"])
+    assert seg.returncode == 0, seg.stderr[-2000:]
+    assert re.search(r"train_segmentation\s+1\n", seg.stdout)
+    assert "registration" not in seg.stdout.split("Job stats:")[1].split("Reasons")[0]
+    (workdir / "config.yaml").write_text(yaml.safe_dump({
+        "dataset": "raw", "results": "results", "segmentation_models": [],
+        "train_folds": [0], "registration": {"models": ["voxelmorph"],
+                                             "baselines": ["identity"]}}))
+    reg = run([*snakemake(workdir, "all"), "-n"])
+    assert reg.returncode == 0, reg.stderr[-2000:]
+    assert re.search(r"train_registration\s+1\n", reg.stdout)
+    assert re.search(r"evaluate_registration_baseline\s+1\n", reg.stdout)
+    assert "train_segmentation" not in reg.stdout
+
+
 def test_lint_is_clean_and_the_config_must_be_given(workdir):
     lint = run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory",
                 str(workdir), "--configfile", str(workdir / "config.yaml"), "--lint"])
@@ -196,3 +215,13 @@ def test_whole_workflow_end_to_end_killed_during_training_and_resumed(workdir):
     assert html.returncode == 0, html.stderr[-3000:]
     page = (workdir / "workflow.html").read_text(encoding="utf-8", errors="replace")
     assert "report.html" in page and "Comparison" in page
+
+    # a changed setting of one model reruns that model's training and what follows, only
+    config["models"]["unet"]["training"] = {"epochs": 3}
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    dry = run([*snakemake(workdir, "all"), "-n"])
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert re.search(r"train_segmentation\s+1\n", dry.stdout), dry.stdout[-2000:]
+    assert re.search(r"output: \S*runs/unet/fold_0/training\.json", dry.stdout)
+    assert not re.search(r"output: \S*runs/nnunet/fold_0/training\.json", dry.stdout)
+    assert "train_registration" not in dry.stdout
