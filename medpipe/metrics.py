@@ -41,21 +41,25 @@ def hd95_mm(prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[flo
 def segmentation_metrics(
     prediction: np.ndarray,
     reference: np.ndarray,
-    classes: Mapping[str, int],
+    classes: Mapping[str, int | Sequence[int]],
     spacing: Sequence[float],
 ) -> dict[str, dict[str, float]]:
     """Per class: dice, hd95 (mm), volumes (ml) and their difference (prediction - reference).
 
     PREDICTION and REFERENCE are label maps on the same grid of voxel SPACING (mm, array
-    axis order); CLASSES maps a class name to its label value (background excluded). Dice is
-    counted exactly in integers; one class at a time keeps memory at two boolean masks.
+    axis order); CLASSES maps a class name to its label value, or a region's name to the
+    values it covers (background excluded). Dice is counted exactly in integers; one class
+    at a time keeps memory at two boolean masks.
     """
     if prediction.shape != reference.shape:
         raise ValueError(f"prediction {prediction.shape} and reference {reference.shape} differ")
     voxel_ml = float(np.prod(spacing)) / 1000.0
     result = {}
     for name, value in classes.items():
-        predicted, expected = prediction == value, reference == value
+        if isinstance(value, int | np.integer):
+            predicted, expected = prediction == value, reference == value
+        else:  # a region: the union of its label values
+            predicted, expected = np.isin(prediction, value), np.isin(reference, value)
         n_pred, n_ref = int(predicted.sum()), int(expected.sum())
         overlap = int(np.count_nonzero(predicted & expected))
         result[name] = {
@@ -78,6 +82,17 @@ def dice_per_class(
     scores = []
     for value in range(1, n_classes):
         p, r = prediction == value, reference == value
+        denominator = p.sum() + r.sum()
+        overlap = 2.0 * (p & r).sum()
+        scores.append(overlap / denominator if denominator else torch.tensor(math.nan))
+    return torch.stack([s.double() for s in scores])
+
+
+def dice_per_region(prediction: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Dice of each region for (R, ...) boolean masks (validation of region-based nets); NaN
+    where a region is in neither."""
+    scores = []
+    for p, r in zip(prediction, reference, strict=True):
         denominator = p.sum() + r.sum()
         overlap = 2.0 * (p & r).sum()
         scores.append(overlap / denominator if denominator else torch.tensor(math.nan))

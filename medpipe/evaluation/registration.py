@@ -84,8 +84,9 @@ def evaluate_registration(
     ids = sorted({case_id for pair in pairs for case_id in pair})
     cases = {c.case_id: c for c in load_registration_cases(config.preprocessed_dir, ids)}
     dataset = load_dataset(config.dataset)
-    classes = {name: value for name, value in plans.labels.items()
-               if isinstance(value, int) and value != 0}
+    scheme = plans.label_scheme  # regions are scored as regions: the union of their labels
+    classes = {name: values if scheme.regions else values[0]
+               for name, values in scheme.classes.items()}
     rows, per_pair = [], []
     out = folder.evaluation
     for index, (moving_id, fixed_id) in enumerate(pairs):

@@ -49,7 +49,9 @@ def evaluate_segmentation(
         raise MedpipeError(
             f"run folder holds {spec.task} model {spec.model} fold {spec.fold}, not "
             f"segmentation model {model} fold {fold}", folder.path)
-    classes = {name: value for value, name in spec.class_names.items()}
+    scheme = spec.label_scheme
+    classes = {name: values if scheme.regions else values[0]
+               for name, values in scheme.classes.items()}
     dataset = load_dataset(config.dataset)
     rows, seconds = [], []
     for case_id in spec.val_cases:
@@ -58,9 +60,10 @@ def evaluate_segmentation(
         probabilities = predict_probabilities(
             network, case.data, spec.patch_size, torch_device,
             mirror_axes=(0, 1, 2) if mirror else (),
-            dtype=autocast_dtype(torch_device, True),
+            dtype=autocast_dtype(torch_device, True), sigmoid=scheme.regions,
         )
-        predicted = restore_label_from_probabilities(probabilities.numpy(), case.properties)
+        predicted = restore_label_from_probabilities(probabilities.numpy(), case.properties,
+                                                     scheme)
         seconds.append(time.perf_counter() - start)
         write_image(predicted, folder.validation / f"{case_id}{dataset.spec.file_ending}")
         reference = read_image(dataset.case(case_id).label)

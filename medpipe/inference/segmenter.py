@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medpipe.data.labels import REGION_THRESHOLD, LabelScheme
 from medpipe.device import autocast_dtype, pick_device
 from medpipe.errors import MedpipeError
 from medpipe.inference.images import ScanLike, as_kind, load_channels, stack_channels
@@ -60,6 +61,11 @@ class Segmenter:
     def channels(self) -> int:
         return self.spec.in_channels
 
+    @property
+    def labels_scheme(self) -> LabelScheme:
+        """Plain labels (softmax, argmax) or regions (sigmoid, thresholds)."""
+        return self.spec.label_scheme
+
     def predict(self, scan: ScanLike | Sequence[ScanLike], probabilities: bool = False,
                 mirror: bool = False) -> Any:
         """Labels on SCAN's grid, as the kind passed in (a path gives a `Volume`); with
@@ -85,20 +91,26 @@ class Segmenter:
             probs = predict_probabilities(
                 network, data, self.spec.patch_size, self.device,
                 mirror_axes=(0, 1, 2) if mirror else (), dtype=self.dtype,
+                sigmoid=self.labels_scheme.regions,
             )
             total = probs if total is None else total + probs
         mean = (total / len(self.networks)).numpy()
         if not probabilities:
-            labels = restore_label_from_probabilities(mean, properties)
+            labels = restore_label_from_probabilities(mean, properties, self.labels_scheme)
             if target:
                 labels = reorient(labels, orientation(original.geometry))
             return original.with_array(labels.array), None
-        maps = restore_probability_maps(mean, properties)
+        scheme = self.labels_scheme
+        maps = restore_probability_maps(mean, properties, background=not scheme.regions)
         if target:
             maps = reorient(maps, orientation(original.geometry))
-        dtype = np.uint8 if maps.array.shape[-1] < 256 else np.int16
-        labels = original.with_array(np.argmax(maps.array, axis=-1).astype(dtype))
-        return labels, original.with_array(maps.array)
+        if scheme.regions:
+            masks = np.moveaxis(maps.array > REGION_THRESHOLD, -1, 0)
+            label = scheme.labels_from_regions(list(masks))
+        else:
+            dtype = np.uint8 if maps.array.shape[-1] < 256 else np.int16
+            label = np.argmax(maps.array, axis=-1).astype(dtype)
+        return original.with_array(label), original.with_array(maps.array)
 
     def predict_files(self, inputs: Sequence[ScanLike | Sequence[ScanLike]],
                       outputs: Sequence[str | Path], mirror: bool = False,

@@ -33,8 +33,10 @@ def predict_probabilities(
     mirror_axes: Sequence[int] = (),
     batch_size: int = 1,
     dtype: torch.dtype | None = None,
+    sigmoid: bool = False,
 ) -> torch.Tensor:
-    """Softmax (K, X, Y, Z) on the CPU for one preprocessed image (C, X, Y, Z)."""
+    """Softmax (K, X, Y, Z) on the CPU for one preprocessed image (C, X, Y, Z); with SIGMOID,
+    each channel's own probability (region-based nets, whose channels overlap)."""
     model.eval()
     inputs = torch.as_tensor(image, dtype=torch.float32)[None].to(device)
 
@@ -64,7 +66,8 @@ def predict_probabilities(
                 padding_mode="constant",
                 cval=0.0,
             )
-            probabilities = torch.softmax(logits.float(), dim=1)
+            logits = logits.float()
+            probabilities = torch.sigmoid(logits) if sigmoid else torch.softmax(logits, dim=1)
             if dims:
                 probabilities = torch.flip(probabilities, dims)
             total = probabilities if total is None else total + probabilities

@@ -112,6 +112,7 @@ def plan_experiment(fingerprint: dict, gpu_memory_gb: float = REFERENCE_GPU_GB) 
             "foreground_intensity_properties_per_channel"
         ],
         "labels": spec["labels"],
+        "regions_class_order": spec.get("regions_class_order"),
         "channel_names": spec["channel_names"],
         "gpu_memory_target_gb": gpu_memory_gb,
         "data_hash": fingerprint.get("data_hash"),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from medpipe.data.labels import LabelScheme
 from medpipe.errors import MedpipeError
 from medpipe.io import write_json
 
@@ -78,6 +79,7 @@ class Plans(_Frozen):
     configurations: dict[str, PlanConfiguration]
     foreground_intensity_properties_per_channel: dict[str, IntensityProperties]
     labels: dict[str, int | tuple[int, ...]]
+    regions_class_order: tuple[int, ...] | None = None  # set: region-based labels
     channel_names: dict[str, str]
     gpu_memory_target_gb: float
     data_hash: str | None
@@ -88,8 +90,12 @@ class Plans(_Frozen):
         return len(self.channel_names)
 
     @property
+    def label_scheme(self) -> LabelScheme:
+        return LabelScheme.from_labels(self.labels, self.regions_class_order)
+
+    @property
     def out_channels(self) -> int:
-        return len(self.labels)
+        return self.label_scheme.out_channels
 
     def configuration(self, name: str) -> PlanConfiguration:
         """The configuration NAME, or an error listing the ones these plans have."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medpipe.data.labels import REGION_THRESHOLD, LabelScheme
 from medpipe.data.layout import Case, read_case
 from medpipe.errors import DatasetError
 from medpipe.io import Geometry, Volume, atomic_output
@@ -96,9 +97,11 @@ def restore_label(label: np.ndarray, properties: CaseProperties) -> Volume:
     return _uncrop(restored, properties)
 
 
-def restore_label_from_probabilities(probabilities: np.ndarray,
-                                     properties: CaseProperties) -> Volume:
-    """Labels on the raw grid from class probabilities (K, X, Y, Z) in preprocessed space.
+def restore_label_from_probabilities(probabilities: np.ndarray, properties: CaseProperties,
+                                     labels: LabelScheme | None = None) -> Volume:
+    """Labels on the raw grid from class probabilities (K, X, Y, Z) in preprocessed space
+    (or, for a region-based LABELS scheme, from region probabilities, each thresholded on the
+    raw grid and written in `regions_class_order`).
 
     As nnU-Net exports predictions: the probabilities are resampled (linearly, the coarse
     axis by nearest neighbour) and the argmax taken on the raw grid, which keeps thin
@@ -107,6 +110,10 @@ def restore_label_from_probabilities(probabilities: np.ndarray,
     the full grid are never held at once: with 100 classes a 512x512x300 CT would need 31 GB
     for them.
     """
+    if labels is not None and labels.regions:
+        masks = [resized > REGION_THRESHOLD
+                 for resized in _cropped_probability_maps(probabilities, properties)]
+        return _uncrop(labels.labels_from_regions(masks), properties)
     label = best = None
     for k, resized in enumerate(_cropped_probability_maps(probabilities, properties)):
         if label is None:
@@ -119,11 +126,14 @@ def restore_label_from_probabilities(probabilities: np.ndarray,
     return _uncrop(label, properties)  # outside the crop box the scan was empty: background
 
 
-def restore_probability_maps(probabilities: np.ndarray, properties: CaseProperties) -> Volume:
+def restore_probability_maps(probabilities: np.ndarray, properties: CaseProperties,
+                             background: bool = True) -> Volume:
     """Class probabilities on the raw grid, as a vector volume (X, Y, Z, K); outside the
-    crop box the scan was empty, so background has probability 1 there."""
+    crop box the scan was empty, so background (the first channel, unless BACKGROUND is
+    False as for region probabilities) has probability 1 there."""
     full = np.zeros((*properties.shape_before_cropping, len(probabilities)), np.float32)
-    full[..., 0] = 1.0
+    if background:
+        full[..., 0] = 1.0
     slicer = properties.crop_slices
     for k, resized in enumerate(_cropped_probability_maps(probabilities, properties)):
         full[(*slicer, k)] = resized  # into place, one class at a time: no stacked copy

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, computed_field
 
 from medpipe.config import ClassicalSettings, NetworkRegistrationSettings, TrainingConfig
+from medpipe.data.labels import LabelScheme
 from medpipe.errors import MedpipeError
 from medpipe.io import write_json
 from medpipe.planning.plans import ArchitectureKwargs
@@ -42,6 +43,7 @@ class RunSpec(BaseModel):
     options: dict[str, Any]  # the model's options (validated by its options type)
     configuration: str  # the plans configuration the data was prepared with
     labels: dict[str, int | tuple[int, ...]]
+    regions_class_order: tuple[int, ...] | None = None  # set: region-based labels
     channel_names: dict[str, str]
     dataset_name: str
     data_hash: str | None
@@ -63,10 +65,17 @@ class RunSpec(BaseModel):
         return len(self.channel_names)
 
     @property
+    def label_scheme(self) -> LabelScheme:
+        return LabelScheme.from_labels(self.labels, self.regions_class_order)
+
+    @property
     def class_names(self) -> dict[int, str]:
-        """Foreground label value -> name (region labels, lists of values, are left out)."""
-        return {value: name for name, value in self.labels.items()
-                if isinstance(value, int) and value != 0}
+        """What the task's per-class scores are numbered by -> name: the label value of
+        each foreground class, or the 1-based channel of each region."""
+        scheme = self.label_scheme
+        if scheme.regions:
+            return scheme.channel_names
+        return {values[0]: name for name, values in scheme.classes.items()}
 
     @property
     def model_options(self) -> ModelOptions:

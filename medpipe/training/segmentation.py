@@ -16,9 +16,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from medpipe.config import PipelineConfig, TrainingConfig
+from medpipe.data.labels import REGION_THRESHOLD, LabelScheme
 from medpipe.device import pick_device
 from medpipe.figures import plot_segmentation_overlay
-from medpipe.metrics import dice_per_class
+from medpipe.metrics import dice_per_class, dice_per_region
 from medpipe.models import NetworkShape, build_model, fit_patch_size, model_spec
 from medpipe.models.sliding_window import predict_probabilities
 from medpipe.planning.plans import Plans, read_plans
@@ -39,7 +40,7 @@ class SegmentationTask:
         self,
         dataset: PatchDataset,
         validation_cases: Sequence[PreprocessedCase],
-        n_classes: int,
+        labels: LabelScheme,
         batch_dice: bool = False,
         overlap: float = 0.5,
         num_workers: int = 0,
@@ -47,16 +48,22 @@ class SegmentationTask:
     ) -> None:
         self.dataset = dataset
         self.validation_cases = list(validation_cases)
-        self.n_classes = n_classes
+        self.labels = labels
+        self.n_classes = labels.out_channels
         self.overlap = overlap
         self.num_workers = num_workers
         self.pin_memory = pin_memory
-        # nnU-Net's loss: soft Dice without background (smooth 1e-5) + cross-entropy, 1:1
-        dice_ce = DiceCELoss(
-            include_background=False, to_onehot_y=True, softmax=True, batch=batch_dice,
-            smooth_nr=1e-5, smooth_dr=1e-5,
-        )
-        self.loss_function = dice_ce
+        # nnU-Net's losses, 1:1 and smooth 1e-5: soft Dice without background + cross-entropy
+        # over softmax classes; for regions soft Dice per region + binary cross-entropy on
+        # sigmoid outputs (MONAI's DiceCELoss switches to BCE-with-logits with sigmoid)
+        if labels.regions:
+            self.loss_function = DiceCELoss(sigmoid=True, batch=batch_dice, smooth_nr=1e-5,
+                                            smooth_dr=1e-5)
+        else:
+            self.loss_function = DiceCELoss(
+                include_background=False, to_onehot_y=True, softmax=True, batch=batch_dice,
+                smooth_nr=1e-5, smooth_dr=1e-5,
+            )
         self.deep_loss: DeepSupervisionLoss | None = None
         self.example: dict[str, Any] | None = None  # last validation example, for figures
 
@@ -67,9 +74,17 @@ class SegmentationTask:
             num_workers=self.num_workers, pin_memory=self.pin_memory,
         )
 
+    def targets(self, label: torch.Tensor) -> torch.Tensor:
+        """What the loss compares with: the label map, or (B, R, ...) region masks."""
+        if not self.labels.regions:
+            return label
+        masks = [torch.isin(label[:, 0], torch.tensor(values, device=label.device))
+                 for values in self.labels.values]
+        return torch.stack(masks, dim=1).float()
+
     def loss(self, model: nn.Module, batch: dict, device: torch.device):
         image = batch["image"].to(device, non_blocking=True)
-        label = batch["label"].to(device, non_blocking=True)
+        label = self.targets(batch["label"].to(device, non_blocking=True))
         output = model(image)
         if output.dim() == image.dim() + 1:  # DynUNet's deep supervision: (B, heads, C, ...)
             heads = list(output.unbind(1))
@@ -91,10 +106,17 @@ class SegmentationTask:
         for index, case in enumerate(self.validation_cases):
             probabilities = predict_probabilities(
                 model, case.data, self.dataset.patch_size, device, overlap=self.overlap,
-                batch_size=self.dataset.batch_size,
+                batch_size=self.dataset.batch_size, sigmoid=self.labels.regions,
             )
-            prediction = probabilities.argmax(0)
-            per_case.append(dice_per_class(prediction, torch.from_numpy(case.seg), self.n_classes))
+            if self.labels.regions:
+                regions = probabilities > REGION_THRESHOLD
+                prediction = torch.from_numpy(self.labels.labels_from_regions(regions.numpy()))
+                per_case.append(dice_per_region(
+                    regions, torch.from_numpy(self.labels.region_masks(case.seg))))
+            else:
+                prediction = probabilities.argmax(0)
+                per_case.append(dice_per_class(prediction, torch.from_numpy(case.seg),
+                                               self.n_classes))
             if index == 0:
                 self.example = {
                     "case_id": case.case_id, "image": case.data[0], "reference": case.seg,
@@ -111,8 +133,9 @@ class SegmentationTask:
         if self.example is None:
             return []
         example = self.example
+        n_colours = max(self.labels.regions_class_order or (self.n_classes - 1,)) + 1
         return [plot_segmentation_overlay(
-            example["image"], example["reference"], example["prediction"], self.n_classes,
+            example["image"], example["reference"], example["prediction"], n_colours,
             folder / "validation_overlay.png", title=example["case_id"],
         )]
 
@@ -130,7 +153,7 @@ def describe_run(config: PipelineConfig, plans: Plans, model: str, fold: int,
                            config.model_options(model))
     return SegmentationRunSpec(
         **common_fields(config, plans, model, fold, training),
-        out_channels=shape.out_channels,
+        out_channels=plans.out_channels,
         architecture=architecture,
         patch_size=patch,
         batch_size=training.batch_size or plan.batch_size,
@@ -175,7 +198,7 @@ def segmentation_setup(config: PipelineConfig, model: str, fold: int,
     )
     task = SegmentationTask(
         dataset, load_labelled_cases(config.preprocessed_dir, spec.val_cases),
-        n_classes=spec.out_channels, batch_dice=spec.batch_dice,
+        labels=spec.label_scheme, batch_dice=spec.batch_dice,
         overlap=training.val_overlap, num_workers=training.num_workers,
         pin_memory=device.type == "cuda",
     )
