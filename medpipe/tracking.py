@@ -256,6 +256,11 @@ def finished_runs(uri: str, experiment: str) -> list[TrackedRun]:
     files and of an example figure."""
     from mlflow import MlflowClient
 
+    store = sqlite_file(uri)
+    if store is not None and not store.is_file():  # MLflow would create an empty one here
+        raise MedpipeError("no MLflow store here (relative sqlite paths are read from the "
+                           "working directory; run from where training ran, or set "
+                           "tracking.uri)", store)
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -316,6 +321,12 @@ def log_parent_run(uri: str, experiment: str, children: list[str], files: list[P
         client.set_tag(child, "mlflow.parentRunId", parent.info.run_id)
     tracker.finish("FINISHED")
     return parent.info.run_id
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI, else None."""
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix):]) if uri.startswith(prefix) else None
 
 
 def read_run_file(folder: RunFolder) -> dict | None:

@@ -46,3 +46,10 @@ def test_every_command_and_option_has_help():
         for param in command.params:
             assert (getattr(param, "help", None) or "").strip(" ."), \
                 f"{name} {param.name} has no help text"
+
+
+def test_compare_without_a_store_says_so_and_creates_none(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "medpipe.cli", "compare", "--experiment",
+                             "x"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2 and "no MLflow store here" in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()
