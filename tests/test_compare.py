@@ -54,7 +54,7 @@ def test_verdict_needs_the_interval_and_the_rank_test():
     assert _verdict(noise).startswith("no difference between swin and unet is shown")
 
 
-def test_compare_builds_the_report_from_mlflow_runs(tiny_pipeline, tmp_path):
+def test_compare_builds_the_report_from_mlflow_runs(tiny_pipeline, tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     settings = [f"tracking.uri={uri}", "tracking.experiment=compare_test", "training.epochs=1",
                 "training.iterations_per_epoch=2", "registration.atlas=brain_001",
@@ -103,3 +103,20 @@ def test_compare_builds_the_report_from_mlflow_runs(tiny_pipeline, tmp_path):
     assert len(children) == 4
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
     assert {"report/report.html", "report/report.md"} <= artifacts
+    # every trained fold is a registered version; the comparison points `champion` at the
+    # segmentation run with the best evaluated Dice, and that URI loads
+    name = "medpipe-demo-brain-segmentation"
+    versions = {v.tags.get("model") or client.get_run(v.run_id).data.tags["model"]: v
+                for v in client.search_model_versions(f"name = '{name}'")}
+    assert set(versions) == {"unet", "nnunet"}
+    registered = client.get_registered_model(name)
+    assert {"unet_fold_0", "nnunet_fold_0", "champion"} <= set(registered.aliases)
+    scores = {r.data.tags["model"]: r.data.metrics["eval_mean_dice"] for r in runs
+              if r.data.tags.get("task") == "segmentation"}
+    winner = max(scores, key=scores.get)
+    assert str(registered.aliases["champion"]) == str(versions[winner].version)
+    assert f"models:/{name}@champion is {winner} fold 0" in result.stdout
+    from medpipe import load_segmenter
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert load_segmenter(f"models:/{name}@champion", device="cpu").spec.model == winner

@@ -1,6 +1,6 @@
-"""Region-based labels as nnU-Net trains them (BraTS-style nested regions), on an NRRD
-dataset: one sigmoid output per region, scored per region, labels rebuilt from the regions
-in `regions_class_order`."""
+"""Region-based labels as nnU-Net trains them (BraTS-style nested regions), on a
+two-channel NRRD dataset: one sigmoid output per region, scored per region, labels rebuilt
+from the regions in `regions_class_order`."""
 
 from __future__ import annotations
 
@@ -39,16 +39,23 @@ def test_regions_turn_back_into_labels_in_their_order():
 
 @pytest.fixture(scope="module")
 def region_pipeline(tmp_path_factory):
-    """The tiny demo brains rewritten as NRRD with nested regions, planned, preprocessed."""
+    """The tiny demo brains rewritten as two-channel NRRD with nested regions, planned and
+    preprocessed."""
     root = tmp_path_factory.mktemp("regions")
     demo = build_demo_dataset(root / "demo", DemoSettings(cases=5, test_cases=0, spacing=6.0,
                                                           seed=3))
     raw = root / "raw"
     for path in sorted(demo.rglob("*.nii.gz")):
         target = raw / path.relative_to(demo).parent / path.name.replace(".nii.gz", ".nrrd")
-        write_image(read_image(path), target)
+        volume = read_image(path)
+        write_image(volume, target)
+        if target.name.endswith("_0000.nrrd"):  # a second channel: a T2-like inversion
+            inverted = volume.with_array(np.where(volume.array > 0, volume.array.max()
+                                                  - volume.array, 0).astype(np.float32))
+            write_image(inverted, target.with_name(target.name.replace("_0000", "_0001")))
     spec = json.loads((demo / "dataset.json").read_text())
-    spec.update(labels=REGIONS, regions_class_order=[1, 2, 3], file_ending=".nrrd")
+    spec.update(labels=REGIONS, regions_class_order=[1, 2, 3], file_ending=".nrrd",
+                channel_names={"0": "T1", "1": "T2"})
     (raw / "dataset.json").write_text(json.dumps(spec))
     results = root / "results"
     plans = plan_experiment(fingerprint_dataset(raw), 8)
@@ -90,9 +97,10 @@ def test_region_training_evaluation_and_inference(region_pipeline, tmp_path):
 
     from medpipe import load_segmenter
 
-    scan = raw / "imagesTr" / f"{rows[0]['case_id']}_0000.nrrd"
+    scan = [raw / "imagesTr" / f"{rows[0]['case_id']}_{c:04d}.nrrd" for c in (0, 1)]
     labels, probabilities = load_segmenter(run_dir, device="cpu").predict(scan,
                                                                             probabilities=True)
+    assert labels.shape == read_image(scan[0]).shape
     assert probabilities.array.shape == (*labels.shape, 3)  # one channel per region
     masks = torch.from_numpy(probabilities.array > 0.5).movedim(-1, 0).numpy()
     scheme = LabelScheme.from_labels(REGIONS, [1, 2, 3])

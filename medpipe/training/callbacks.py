@@ -27,7 +27,8 @@ class ProgressPrinter(Callback):
         self.progress: Progress | None = None
         self.task_id = None
         self.score = float("nan")
-        self.epoch_start = time.perf_counter()
+        self.epoch_start = self.train_start = time.perf_counter()
+        self.first_epoch = 0
 
     def on_train_start(self, trainer: Trainer) -> None:
         settings = trainer.settings
@@ -49,7 +50,8 @@ class ProgressPrinter(Callback):
         )
         if trainer.epoch:
             self.console.print(f"{self.title}: resuming after epoch {trainer.epoch}")
-        self.epoch_start = time.perf_counter()
+        self.epoch_start = self.train_start = time.perf_counter()
+        self.first_epoch = trainer.epoch
 
     def on_iteration_end(self, trainer: Trainer, iteration: int, loss: float) -> None:
         elapsed = time.perf_counter() - self.epoch_start
@@ -67,11 +69,21 @@ class ProgressPrinter(Callback):
                 f"{rate:.1f} {trainer.task.unit}/s")
         if "val_score" in metrics:
             line += f" val {metrics['val_score']:.4f}"
+        elapsed = time.perf_counter() - self.train_start
+        done = trainer.epoch - self.first_epoch
+        left = (trainer.settings.epochs - trainer.epoch) * elapsed / max(done, 1)
+        line += f" | {_clock(elapsed)} elapsed, {_clock(left)} left"
         self.console.print(line, highlight=False)
         self.epoch_start = time.perf_counter()
 
     def on_train_end(self, trainer: Trainer) -> None:
         self.progress.stop()
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}"
 
 
 class TrackingCallback(Callback):
