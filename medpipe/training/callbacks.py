@@ -23,7 +23,7 @@ class ProgressPrinter(Callback):
 
     def __init__(self, title: str, console: Console | None = None) -> None:
         self.title = title
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, soft_wrap=True)
         self.progress: Progress | None = None
         self.task_id = None
         self.score = float("nan")
