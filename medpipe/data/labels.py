@@ -66,3 +66,21 @@ class LabelScheme:
         for mask, value in zip(masks, self.regions_class_order, strict=True):
             label[mask] = value
         return label
+
+
+class HasLabels:
+    """For typed artifacts that carry a dataset's `labels`, `regions_class_order` and
+    `channel_names` (the plans, a run description): what the network takes and predicts."""
+
+    labels: Mapping[str, int | Sequence[int]]
+    regions_class_order: Sequence[int] | None
+    channel_names: Mapping[str, str]
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def label_scheme(self) -> LabelScheme:
+        return LabelScheme.from_labels(self.labels, self.regions_class_order)
+

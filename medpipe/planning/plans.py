@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from medpipe.data.labels import LabelScheme
+from medpipe.data.labels import HasLabels
 from medpipe.errors import MedpipeError
 from medpipe.io import write_json
 
@@ -70,7 +70,7 @@ class IntensityProperties(_Frozen):
     name: str | None = None
 
 
-class Plans(_Frozen):
+class Plans(_Frozen, HasLabels):
     dataset_name: str
     plans_name: str
     axes: str
@@ -84,14 +84,6 @@ class Plans(_Frozen):
     gpu_memory_target_gb: float
     data_hash: str | None
     experiment_planner_used: str
-
-    @property
-    def in_channels(self) -> int:
-        return len(self.channel_names)
-
-    @property
-    def label_scheme(self) -> LabelScheme:
-        return LabelScheme.from_labels(self.labels, self.regions_class_order)
 
     @property
     def out_channels(self) -> int:

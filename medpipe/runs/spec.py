@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, computed_field
 
 from medpipe.config import ClassicalSettings, NetworkRegistrationSettings, TrainingConfig
-from medpipe.data.labels import LabelScheme
+from medpipe.data.labels import HasLabels
 from medpipe.errors import MedpipeError
 from medpipe.io import write_json
 from medpipe.planning.plans import ArchitectureKwargs
@@ -33,7 +33,7 @@ Triplet = tuple[int, int, int]
 NOT_HASHED_TRAINING = {"num_workers", "device", "val_every"}
 
 
-class RunSpec(BaseModel):
+class RunSpec(BaseModel, HasLabels):
     """What every run records: the model, its data and fold, and how it was trained."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -59,14 +59,6 @@ class RunSpec(BaseModel):
         stable = self.model_dump(mode="json", exclude={
             "run_hash": True, "training": dict.fromkeys(NOT_HASHED_TRAINING, True)})
         return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]
-
-    @property
-    def in_channels(self) -> int:
-        return len(self.channel_names)
-
-    @property
-    def label_scheme(self) -> LabelScheme:
-        return LabelScheme.from_labels(self.labels, self.regions_class_order)
 
     @property
     def class_names(self) -> dict[int, str]:
