@@ -146,9 +146,6 @@ class MlflowTracker:
     def register_model(self, model_id: str, name: str, alias: str) -> int:
         """Register the logged model MODEL_ID as a new version of NAME, with ALIAS pointing
         at it (moved from an older version); the version is tagged on the run."""
-        import mlflow
-
-        mlflow.set_registry_uri(self.client.tracking_uri)
         if not self.client.search_registered_models(f"name = '{name}'"):
             self.client.create_registered_model(name)
         version = self.client.create_model_version(
@@ -201,7 +198,7 @@ def open_tracker(
     except ImportError:
         raise MedpipeError("tracking is on but mlflow is not installed") from None
     uri = config.resolved_uri()
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     known = read_run_file(folder)
     if known and known.get("tracking_uri") == uri:
         try:
@@ -261,7 +258,7 @@ def finished_runs(uri: str, experiment: str) -> list[TrackedRun]:
         raise MedpipeError("no MLflow store here (relative sqlite paths are read from the "
                            "working directory; run from where training ran, or set "
                            "tracking.uri)", store)
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise MedpipeError(f"no MLflow experiment {experiment!r} in {uri}")
@@ -308,7 +305,7 @@ def log_parent_run(uri: str, experiment: str, children: list[str], files: list[P
     """A run holding the comparison report, with the compared runs nested under it."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     parent = client.create_run(experiment_id, run_name="comparison",
                                tags={tracked.TASK: tracked.COMPARISON,

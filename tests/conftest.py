@@ -21,6 +21,21 @@ TINY_MODELS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def mlflow_environment():
+    """`mlflow.set_tracking_uri` writes MLFLOW_TRACKING_URI into os.environ, where every later
+    test's subprocesses would find it (a dead test server, say): restore it after each test."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory):
     """A real preprocessed dataset (5 demo brains at 6 mm, planned and preprocessed by

@@ -12,10 +12,12 @@ import typer
 from medpipe import __version__
 from medpipe.cli import app
 
+TEXT = {"encoding": "utf-8", "errors": "replace"}  # whatever the locale
+
 
 def medpipe(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "medpipe.cli", *args], capture_output=True,
-                          text=True, timeout=120)
+                          **TEXT, timeout=120)
 
 
 def test_version():
@@ -50,6 +52,6 @@ def test_every_command_and_option_has_help():
 
 def test_compare_without_a_store_says_so_and_creates_none(tmp_path):
     result = subprocess.run([sys.executable, "-m", "medpipe.cli", "compare", "--experiment",
-                             "x"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                             "x"], capture_output=True, **TEXT, timeout=120, cwd=tmp_path)
     assert result.returncode == 2 and "no MLflow store here" in result.stderr
     assert not (tmp_path / "mlflow.db").exists()

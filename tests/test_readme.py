@@ -18,6 +18,8 @@ import yaml
 
 from medpipe.data.demo import DemoSettings, build_demo_dataset
 
+TEXT = {"encoding": "utf-8", "errors": "replace"}  # whatever the locale
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 README = (REPO / "README.md").read_text(encoding="utf-8")
@@ -49,7 +51,7 @@ def test_the_readme_shows_each_kind_of_command():
 @cache
 def help_text(subcommand: str) -> str:
     result = subprocess.run([str(BIN / "medpipe"), subcommand, "--help"], capture_output=True,
-                            text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+                            **TEXT, timeout=120, env={**os.environ, "COLUMNS": "200"})
     assert result.returncode == 0, f"medpipe {subcommand}: {result.stderr[-500:]}"
     return result.stdout
 
@@ -92,7 +94,7 @@ def test_snakemake_commands_plan_their_dag(command, workdir):
     if "-n" not in words:
         words.append("-n")
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    result = subprocess.run(words, cwd=workdir, capture_output=True, text=True, timeout=300,
+    result = subprocess.run(words, cwd=workdir, capture_output=True, **TEXT, timeout=300,
                             env=env)
     assert result.returncode == 0, f"{command}\n{result.stdout[-1500:]}{result.stderr[-1500:]}"
     assert "Job stats" in result.stdout or "Nothing to be done" in result.stdout
@@ -104,5 +106,5 @@ def test_python_snippets_name_only_what_they_define(index, tmp_path):
     snippet.write_text(blocks("python")[index], encoding="utf-8")
     compile(snippet.read_text(), str(snippet), "exec")
     result = subprocess.run([str(BIN / "ruff"), "check", "--isolated", "--select", "F821",
-                             str(snippet)], capture_output=True, text=True, timeout=60)
+                             str(snippet)], capture_output=True, **TEXT, timeout=60)
     assert result.returncode == 0, result.stdout

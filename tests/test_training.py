@@ -32,7 +32,7 @@ def fixed_batch_loss(root, run_dir, weights: str | None) -> float:
     config = load_config(root / "config.yaml")
     cases = load_labelled_cases(config.preprocessed_dir, spec.train_cases)
     dataset = PatchDataset(cases, spec.patch_size, 2, 1, seed=99)
-    task = SegmentationTask(dataset, [], spec.out_channels)
+    task = SegmentationTask(dataset, [], spec.label_scheme)
     if weights is None:
         torch.manual_seed(spec.training.seed)  # as training initialises
         shape = NetworkShape(spec.in_channels, spec.out_channels, spec.architecture)
