@@ -218,10 +218,11 @@ def test_logged_model_loads_from_the_registry_by_alias(tiny_pipeline, tmp_path, 
                          [f"tracking.uri={uri}", "training.epochs=1",
                           "training.iterations_per_epoch=1"])
     run_dir = train_segmentation(config, "unet", 0, tmp_path / "unet", progress=False)
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     run_id = __import__("json").loads((run_dir / "mlflow_run.json").read_text())["run_id"]
     model_id = client.get_run(run_id).data.tags["model_id"]
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)  # an earlier test's load may have left another store set
     version = mlflow.register_model(f"models:/{model_id}", "brain_tissue_unet")
     client.set_registered_model_alias("brain_tissue_unet", "champion", version.version)
 
