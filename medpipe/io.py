@@ -400,7 +400,11 @@ def atomic_output(path: Path) -> Iterator[Path]:
 
 @contextmanager
 def atomic_folder(folder: Path) -> Iterator[Path]:
-    """Yield a staging folder that replaces `folder` only once it is complete."""
+    """Yield a staging folder that replaces `folder` only once it is complete; a file of that
+    name is never replaced by a folder."""
+    if folder.exists() and not folder.is_dir():
+        raise ImageWriteError("exists and is a file; a path without an image suffix is "
+                              "written as a DICOM series folder", folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     umask = os.umask(0)

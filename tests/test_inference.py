@@ -266,3 +266,16 @@ def test_logged_registration_model_runs_through_pyfunc(tiny_pipeline, tmp_path, 
     np.testing.assert_allclose(read_image(tmp_path / "out" / "warped.nii.gz").array,
                                direct.warped.array, rtol=1e-4, atol=1e-4)
     assert read_image(tmp_path / "out" / "field.nii.gz").array.shape[-1] == 3
+
+
+def test_predictions_never_overwrite_an_input(tmp_path):
+    from medpipe.inference.files import plan_predictions
+
+    scan = write_image(Volume(np.zeros((4, 4, 4), np.float32), Geometry((1, 1, 1), (0, 0, 0))),
+                       tmp_path / "scans" / "brain.nii.gz")
+    with pytest.raises(MedpipeError, match="overwrite an input"):
+        plan_predictions(scan, scan, 1)  # -o equal to -i
+    with pytest.raises(MedpipeError, match="overwrite an input"):
+        plan_predictions(scan.parent, scan.parent, 1)  # brain.nii.gz -> brain.nii.gz
+    assert plan_predictions(scan.parent, tmp_path / "out", 1) == [
+        ([scan], tmp_path / "out" / "brain.nii.gz")]

@@ -178,3 +178,13 @@ def test_nifti_writes_are_byte_reproducible(tmp_path):
     second = write_image(volume, tmp_path / "b.nii.gz").read_bytes()
     assert first == second
     assert gzip.decompress(first)  # a valid gzip stream, not a stub
+
+
+def test_a_file_is_never_replaced_by_a_dicom_folder(tmp_path):
+    target = tmp_path / "NAME"
+    target.write_text("a user's notes")
+    volume = Volume(np.zeros((4, 4, 3), np.int16), Geometry((1, 1, 1), (0, 0, 0)))
+    with pytest.raises(ImageWriteError, match="is a file"):
+        write_image(volume, target)  # no image suffix: a DICOM series folder is asked for
+    assert target.read_text() == "a user's notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["NAME"]  # nothing moved aside

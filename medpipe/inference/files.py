@@ -16,7 +16,16 @@ CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 def plan_predictions(source: Path, target: Path, channels: int,
                      ) -> list[tuple[list[Path], Path]]:
     """(channel files, output file) per case; every problem is found before any is run."""
-    source, target = Path(source), Path(target)
+    jobs = _jobs(Path(source), Path(target), channels)
+    inputs = {path.resolve() for files, _ in jobs for path in files}
+    for _, output in jobs:
+        if output.resolve() in inputs:
+            raise MedpipeError("the prediction would overwrite an input scan; choose another "
+                               "output", output)
+    return jobs
+
+
+def _jobs(source: Path, target: Path, channels: int) -> list[tuple[list[Path], Path]]:
     if not source.exists():
         raise MedpipeError("input not found", source)
     if source.is_file() or _is_dicom_folder(source):
