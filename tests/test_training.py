@@ -129,3 +129,33 @@ def test_cli_errors_name_the_problem(tiny_pipeline, tmp_path):
     assert result.returncode == 2 and "epochs" in result.stderr
     result = run_cli("train-seg", "--config", config, "--model", "unet", "--fold", "7")
     assert result.returncode == 2 and "fold 7" in result.stderr
+
+
+def test_a_diverging_loss_stops_training_before_the_step(tmp_path):
+    """A NaN loss (a NaN voxel in a case, say) is an error naming where it happened, and the
+    weights are not updated with it."""
+    from medpipe.errors import MedpipeError
+    from medpipe.training.engine import EngineSettings, Trainer
+
+    class NaNTask:
+        unit = "patches"
+
+        def batches(self, epoch):
+            return [torch.ones(1, 1, 4, 4, 4)] * 3
+
+        def loss(self, model, batch, device):
+            return model(batch).mean() * torch.tensor(float("nan")), 1
+
+        def validate(self, model, device):
+            return {"score": 0.0}
+
+    net = torch.nn.Conv3d(1, 1, 1)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    trainer = Trainer(net, NaNTask(), optimizer, torch.optim.lr_scheduler.ConstantLR(optimizer),
+                      EngineSettings(epochs=1, iterations_per_epoch=3, val_every=1),
+                      tmp_path / "checkpoints")
+    with pytest.raises(MedpipeError, match="training diverged: the loss is nan at epoch 1, "
+                                           "iteration 1"):
+        trainer.fit()
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())

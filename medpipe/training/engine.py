@@ -26,6 +26,7 @@ from torch import nn
 
 from medpipe import tracked
 from medpipe.device import autocast, autocast_dtype, peak_memory_mb
+from medpipe.errors import MedpipeError
 from medpipe.runs.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 
 
@@ -200,6 +201,12 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             with self._autocast():
                 loss, count = self.task.loss(self.model, batch, device)
+            if not torch.isfinite(loss.detach()):  # before the step: weights stay usable
+                raise MedpipeError(
+                    f"training diverged: the loss is {float(loss)} at epoch {self.epoch + 1}, "
+                    f"iteration {iteration + 1}; the last checkpoint is from before it (check "
+                    "the data with `medpipe verify`, or lower the learning rate)",
+                    self.checkpoint_dir)
             self.scaler.scale(loss).backward()
             if self.settings.grad_clip:
                 self.scaler.unscale_(self.optimizer)

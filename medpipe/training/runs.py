@@ -128,8 +128,11 @@ def fit_run(config: PipelineConfig, setup: RunSetup, progress: bool = True) -> P
     trainer.resume()
     try:
         trainer.fit()
-    except BaseException:
+    except (KeyboardInterrupt, SystemExit):
         tracker.finish("KILLED")
+        raise
+    except BaseException:
+        tracker.finish("FAILED")
         raise
     write_json(trainer.summary(), folder.training_summary)
     return folder.path
