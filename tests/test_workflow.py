@@ -115,7 +115,7 @@ def test_slurm_profile_sends_training_to_the_gpu_partition(workdir):
     command[command.index("--profile") + 1] = str(REPO / "configs" / "profiles" / "slurm")
     result = run([*command, "-n"])
     assert result.returncode == 0, result.stderr
-    jobs = re.split(r"\n(?=rule )", result.stdout)
+    jobs = re.split(r"\n(?=rule )", re.sub(r"\n {4}", "\n", result.stdout))  # grouped: indented
     training = [j for j in jobs if j.startswith(("rule train_segmentation",
                                                  "rule train_registration"))]
     assert training, result.stdout[-2000:]
@@ -124,6 +124,8 @@ def test_slurm_profile_sends_training_to_the_gpu_partition(workdir):
     preprocessing = [j for j in jobs if j.startswith("rule preprocess_case")]
     assert preprocessing and all("gpu=" not in j and "slurm_partition=cpu" in j
                                  for j in preprocessing)
+    # the cheap per-case jobs go to the cluster together, as one sbatch job
+    assert "Group job preprocess" in result.stdout
     # the job count line of the DAG: 5 cases, all 3 segmentation models and 4 registration
     # methods on the 5 default folds
     assert re.search(r"train_segmentation\s+15\n", result.stdout)
