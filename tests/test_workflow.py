@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,9 +73,13 @@ def test_any_subset_of_models_plans_only_its_jobs(workdir):
     (workdir / "config.yaml").write_text(yaml.safe_dump({
         "dataset": "raw", "results": "results", "segmentation_models": ["unet"],
         "train_folds": [0], "registration": {"models": [], "baselines": []}}))
+    test_images = workdir / "raw" / "imagesTs"
+    test_images.mkdir()
+    shutil.copy(next((workdir / "raw" / "imagesTr").iterdir()), test_images / "new_0000.nii.gz")
     seg = run([*snakemake(workdir, "all"), "-n"])
     assert seg.returncode == 0, seg.stderr[-2000:]
     assert re.search(r"train_segmentation\s+1\n", seg.stdout)
+    assert re.search(r"predict_test_cases\s+1\n", seg.stdout)  # the test images, predicted
     assert "registration" not in seg.stdout.split("Job stats:")[1].split("Reasons")[0]
     (workdir / "config.yaml").write_text(yaml.safe_dump({
         "dataset": "raw", "results": "results", "segmentation_models": [],

@@ -1,4 +1,5 @@
-# Train each segmentation model on each fold, then score it on the fold's validation cases.
+# Train each segmentation model on each fold, then score it on the fold's validation cases
+# and predict the dataset's test images (imagesTs), when it has some.
 # Training resumes from its last checkpoint when re-run after a crash: the rule's output is
 # the summary written at the very end, so Snakemake never deletes the checkpoints.
 # Every command is told its results folder (the one holding plans.json) and its run folder
@@ -63,10 +64,39 @@ rule evaluate_segmentation:
         " --run-dir {params.run_dir} > {log} 2>&1"
 
 
+rule predict_test_cases:
+    input:
+        training=f"{RESULTS}/runs/{{model}}/fold_{{fold}}/training.json",
+    output:
+        directory(f"{RESULTS}/runs/{{model}}/fold_{{fold}}/test_predictions"),
+    log:
+        f"{RESULTS}/logs/predict_test_cases/{{model}}_fold_{{fold}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/predict_test_cases/{{model}}_fold_{{fold}}.tsv"
+    wildcard_constraints:
+        model=one_of(SEG_MODELS),
+    params:
+        images=f"{DATASET}/imagesTs",
+        run_dir=subpath(input.training, parent=True),
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=1,
+    shell:
+        "medpipe predict --model {params.run_dir} -i {params.images} -o {output}"
+        " > {log} 2>&1"
+
+
 rule segmentation_all:
     input:
         expand(
             f"{RESULTS}/runs/{{model}}/fold_{{fold}}/evaluation/summary.json",
             model=SEG_MODELS,
+            fold=config["train_folds"],
+        ),
+        expand(
+            f"{RESULTS}/runs/{{model}}/fold_{{fold}}/test_predictions",
+            model=SEG_MODELS if TEST_CASES else [],
             fold=config["train_folds"],
         ),
