@@ -40,6 +40,7 @@ include: "workflow/rules/common.smk"
 CASES = glob_wildcards(f"{DATASET}/labelsTr/{{case}}{dataset_file_ending(DATASET)}").case
 TEST_CASES = glob_wildcards(
     f"{DATASET}/imagesTs/{{case}}_0000{dataset_file_ending(DATASET)}").case
+TEST_LABELS = glob_wildcards(f"{DATASET}/labelsTs/{{case}}{dataset_file_ending(DATASET)}").case
 
 
 include: "workflow/rules/data.smk"

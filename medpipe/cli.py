@@ -277,6 +277,27 @@ def evaluate_seg(
                   f"{summary['cases']} case(s)")
 
 
+@app.command("evaluate-folder")
+def evaluate_folder_command(
+    references: Annotated[Path, typer.Argument(help="Folder of reference label maps.")],
+    predictions: Annotated[Path, typer.Argument(help="Folder of predicted label maps.")],
+    dataset: Annotated[Path, typer.Option(
+        help="Dataset folder whose dataset.json names the labels and file ending.")],
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="Folder for cases.csv and summary.json (default: "
+        "PREDICTIONS/evaluation).")] = None,
+) -> None:
+    """Score a folder of predictions against references (Dice, HD95, volumes per class or
+    region), as nnU-Net's nnUNetv2_evaluate_folder: files pair by name."""
+    from medpipe.evaluation.folder import evaluate_folder
+
+    summary = evaluate_folder(references, predictions, dataset,
+                              output or predictions / "evaluation")
+    _print_classes(summary)
+    console.print(f"[green]mean Dice[/green] {summary['mean_dice']['mean']:.3f} over "
+                  f"{summary['cases']} case(s)")
+
+
 @app.command("train-reg")
 def train_reg(
     config: ConfigOption,

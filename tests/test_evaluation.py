@@ -70,3 +70,38 @@ def test_csv_and_summary_agree_with_simpleitk_on_the_written_files(evaluated):
     for name in labels:
         dices = [float(r["dice"]) for r in rows if r["class"] == name]
         assert summary["classes"][name]["dice"]["mean"] == pytest.approx(np.nanmean(dices))
+
+
+def test_evaluate_folder_scores_any_predictions_against_references(tmp_path):
+    """The test-set scoring: files pair by name, Dice per class against the references,
+    and a missing or misplaced prediction is an error naming it."""
+    from helpers import make_dataset
+
+    from medpipe.io import write_image
+
+    root = make_dataset(tmp_path / "raw", n_cases=1, n_test=2)
+    predictions = tmp_path / "predictions"
+    for reference in sorted((root / "labelsTs").iterdir()):
+        volume = read_image(reference)
+        changed = volume.array.copy()
+        changed[changed == 2] = 0  # class "two" lost, class "one" kept
+        write_image(volume.with_array(changed), predictions / reference.name)
+    result = subprocess.run(
+        [sys.executable, "-m", "medpipe.cli", "evaluate-folder", str(root / "labelsTs"),
+         str(predictions), "--dataset", str(root)], capture_output=True, encoding="utf-8",
+        timeout=120)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((predictions / "evaluation" / "summary.json").read_text())
+    assert summary["cases"] == 2
+    assert summary["classes"]["one"]["dice"]["mean"] == pytest.approx(1.0)
+    assert summary["classes"]["two"]["dice"]["mean"] == pytest.approx(0.0)
+    rows = list(csv.DictReader((predictions / "evaluation" / "cases.csv").open()))
+    assert [r["case_id"] for r in rows] == ["case_001", "case_001", "case_002", "case_002"]
+
+    (predictions / "case_002.nii.gz").unlink()
+    missing = subprocess.run(
+        [sys.executable, "-m", "medpipe.cli", "evaluate-folder", str(root / "labelsTs"),
+         str(predictions), "--dataset", str(root)], capture_output=True, encoding="utf-8",
+        timeout=120)
+    assert missing.returncode == 2 and "no prediction for 1 reference(s): case_002" in \
+        missing.stderr

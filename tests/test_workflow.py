@@ -80,6 +80,12 @@ def test_any_subset_of_models_plans_only_its_jobs(workdir):
     assert seg.returncode == 0, seg.stderr[-2000:]
     assert re.search(r"train_segmentation\s+1\n", seg.stdout)
     assert re.search(r"predict_test_cases\s+1\n", seg.stdout)  # the test images, predicted
+    assert "evaluate_test_cases" not in seg.stdout  # no labelsTs: nothing to score against
+    (workdir / "raw" / "labelsTs").mkdir()
+    shutil.copy(next((workdir / "raw" / "labelsTr").iterdir()),
+                workdir / "raw" / "labelsTs" / "new.nii.gz")
+    scored = run([*snakemake(workdir, "all"), "-n"])
+    assert re.search(r"evaluate_test_cases\s+1\n", scored.stdout), scored.stdout[-1500:]
     assert "registration" not in seg.stdout.split("Job stats:")[1].split("Reasons")[0]
     (workdir / "config.yaml").write_text(yaml.safe_dump({
         "dataset": "raw", "results": "results", "segmentation_models": [],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,7 @@ def evaluate_segmentation(
             rows.append({"case_id": case_id, "class": name, **values,
                          "seconds": seconds[-1]})
     summary = _summary(rows, classes, seconds, spec, checkpoint, mirror, torch_device)
-    _write_csv(rows, folder.cases_table)
+    write_cases_table(rows, folder.cases_table)
     write_json(summary, folder.evaluation_summary)
     _log(config, folder, spec, summary)
     return summary
@@ -82,32 +83,41 @@ def evaluate_segmentation(
 
 def _summary(rows, classes, seconds, spec: SegmentationRunSpec, checkpoint, mirror,
              device) -> dict[str, Any]:
-    per_class = {
-        name: {metric: summarise([r[metric] for r in rows if r["class"] == name])
-               for metric in METRICS}
-        for name in classes
-    }
-    case_means = []
-    for case_id in spec.val_cases:
-        dices = [r["dice"] for r in rows if r["case_id"] == case_id]
-        case_means.append(summarise(dices)["mean"])
     return {
         "model": spec.model,
         "fold": spec.fold,
         "checkpoint": checkpoint,
         "mirroring": mirror,
         "device": str(device),
-        "cases": len(spec.val_cases),
-        "classes": per_class,
-        "mean_dice": summarise(case_means),
-        "mean_hd95": summarise([per_class[n]["hd95"]["mean"] for n in classes]),
+        **summarise_cases(rows, classes, spec.val_cases),
         "seconds_per_case": summarise(seconds),
     }
 
 
-def _write_csv(rows: list[dict], path: Path) -> None:
+def summarise_cases(rows: list[dict], classes: Mapping[str, Any],
+                    case_ids: Sequence[str]) -> dict[str, Any]:
+    """Per class each metric's mean/std over cases, and the mean over classes of each case's
+    Dice and of the classes' HD95: what every segmentation summary holds."""
+    per_class = {
+        name: {metric: summarise([r[metric] for r in rows if r["class"] == name])
+               for metric in METRICS}
+        for name in classes
+    }
+    case_means = [summarise([r["dice"] for r in rows if r["case_id"] == case_id])["mean"]
+                  for case_id in case_ids]
+    return {
+        "cases": len(case_ids),
+        "classes": per_class,
+        "mean_dice": summarise(case_means),
+        "mean_hd95": summarise([per_class[n]["hd95"]["mean"] for n in classes]),
+    }
+
+
+def write_cases_table(rows: list[dict], path: Path) -> None:
+    """cases.csv: one row per case and class (with the seconds per case when measured)."""
+    timed = ["seconds"] if rows and "seconds" in rows[0] else []
     with atomic_output(path) as staging, staging.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["case_id", "class", *METRICS, "seconds"])
+        writer = csv.DictWriter(f, fieldnames=["case_id", "class", *METRICS, *timed])
         writer.writeheader()
         writer.writerows(rows)
 

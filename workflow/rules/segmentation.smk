@@ -1,5 +1,6 @@
 # Train each segmentation model on each fold, then score it on the fold's validation cases
-# and predict the dataset's test images (imagesTs), when it has some.
+# and predict the dataset's test images (imagesTs), when it has some, scored against labelsTs
+# where those exist.
 # Training resumes from its last checkpoint when re-run after a crash: the rule's output is
 # the summary written at the very end, so Snakemake never deletes the checkpoints.
 # Every command is told its results folder (the one holding plans.json) and its run folder
@@ -88,6 +89,27 @@ rule predict_test_cases:
         " > {log} 2>&1"
 
 
+rule evaluate_test_cases:
+    input:
+        f"{RESULTS}/runs/{{model}}/fold_{{fold}}/test_predictions",
+    output:
+        f"{RESULTS}/runs/{{model}}/fold_{{fold}}/test_evaluation/summary.json",
+    log:
+        f"{RESULTS}/logs/evaluate_test_cases/{{model}}_fold_{{fold}}.log",
+    wildcard_constraints:
+        model=one_of(SEG_MODELS),
+    params:
+        references=f"{DATASET}/labelsTs",
+        dataset=DATASET,
+        folder=subpath(output[0], parent=True),
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "medpipe evaluate-folder {params.references} {input} --dataset {params.dataset}"
+        " -o {params.folder} > {log} 2>&1"
+
+
 rule segmentation_all:
     input:
         expand(
@@ -98,5 +120,10 @@ rule segmentation_all:
         expand(
             f"{RESULTS}/runs/{{model}}/fold_{{fold}}/test_predictions",
             model=SEG_MODELS if TEST_CASES else [],
+            fold=config["train_folds"],
+        ),
+        expand(
+            f"{RESULTS}/runs/{{model}}/fold_{{fold}}/test_evaluation/summary.json",
+            model=SEG_MODELS if TEST_CASES and TEST_LABELS else [],
             fold=config["train_folds"],
         ),
