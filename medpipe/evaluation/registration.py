@@ -30,6 +30,7 @@ from medpipe.figures import plot_registration
 from medpipe.io import Volume, atomic_output, read_image, write_json
 from medpipe.metrics import deformation_metrics, segmentation_metrics, summarise
 from medpipe.planning.plans import Plans, read_plans
+from medpipe.progress import report_step
 from medpipe.registration.classical import displacement_field, register_classical
 from medpipe.registration.fields import field_to_ddf, identity_field, warp_with_field
 from medpipe.registration.network import NetworkRegistration
@@ -89,6 +90,7 @@ def evaluate_registration(
                for name, values in scheme.classes.items()}
     rows, per_pair = [], []
     out = folder.evaluation
+    started = time.perf_counter()
     for index, (moving_id, fixed_id) in enumerate(pairs):
         fixed_image = read_image(dataset.case(fixed_id).images[0])
         start = time.perf_counter()
@@ -106,6 +108,7 @@ def evaluate_registration(
         for name, values in scores.items():
             rows.append({"moving": moving_id, "fixed": fixed_id, "class": name,
                          "dice": values["dice"], "hd95": values["hd95"], **pair_scores})
+        report_step(f"{method} fold {fold}: pair", index + 1, len(pairs), started)
         if index == 0:
             moving_image = read_image(dataset.case(moving_id).images[0])
             warped = warp_with_field(moving_image, field)

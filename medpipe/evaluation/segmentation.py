@@ -24,6 +24,7 @@ from medpipe.io import atomic_output, read_image, write_image, write_json
 from medpipe.metrics import segmentation_metrics, summarise
 from medpipe.models.sliding_window import predict_probabilities
 from medpipe.preprocessing import load_preprocessed, restore_label_from_probabilities
+from medpipe.progress import report_step
 from medpipe.runs.folder import RunFolder
 from medpipe.runs.loading import load_trained
 from medpipe.runs.spec import SegmentationRunSpec
@@ -55,7 +56,8 @@ def evaluate_segmentation(
                for name, values in scheme.classes.items()}
     dataset = load_dataset(config.dataset)
     rows, seconds = [], []
-    for case_id in spec.val_cases:
+    started = time.perf_counter()
+    for index, case_id in enumerate(spec.val_cases, start=1):
         case = load_preprocessed(config.preprocessed_dir, case_id)
         start = time.perf_counter()
         probabilities = predict_probabilities(
@@ -74,6 +76,7 @@ def evaluate_segmentation(
         for name, values in scores.items():
             rows.append({"case_id": case_id, "class": name, **values,
                          "seconds": seconds[-1]})
+        report_step(f"{spec.run_name}: case", index, len(spec.val_cases), started)
     summary = _summary(rows, classes, seconds, spec, checkpoint, mirror, torch_device)
     write_cases_table(rows, folder.cases_table)
     write_json(summary, folder.evaluation_summary)

@@ -11,6 +11,7 @@ from medpipe import tracked
 from medpipe.device import device_name
 from medpipe.figures import plot_learning_curve
 from medpipe.planning.plans import PlanConfiguration
+from medpipe.progress import timing
 from medpipe.runs.folder import RunFolder
 from medpipe.runs.spec import RunSpec
 from medpipe.tracking import Tracker, flatten, registered_name
@@ -69,21 +70,14 @@ class ProgressPrinter(Callback):
                 f"{rate:.1f} {trainer.task.unit}/s")
         if "val_score" in metrics:
             line += f" val {metrics['val_score']:.4f}"
-        elapsed = time.perf_counter() - self.train_start
-        done = trainer.epoch - self.first_epoch
-        left = (trainer.settings.epochs - trainer.epoch) * elapsed / max(done, 1)
-        line += f" | {_clock(elapsed)} elapsed, {_clock(left)} left"
+        line += " | " + timing(trainer.epoch - self.first_epoch,
+                               trainer.settings.epochs - self.first_epoch,
+                               time.perf_counter() - self.train_start)
         self.console.print(line, highlight=False)
         self.epoch_start = time.perf_counter()
 
     def on_train_end(self, trainer: Trainer) -> None:
         self.progress.stop()
-
-
-def _clock(seconds: float) -> str:
-    minutes, seconds = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{seconds:02d}"
 
 
 class TrackingCallback(Callback):
