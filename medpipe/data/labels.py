@@ -55,6 +55,13 @@ class LabelScheme:
         """Name -> label values it covers: what is scored, per class or region."""
         return dict(zip(self.names, self.values, strict=True))
 
+    @property
+    def scored_classes(self) -> dict[str, int | tuple[int, ...]]:
+        """What `metrics.segmentation_metrics` scores: a class's label value, or the values
+        a region covers (scored as their union)."""
+        return {name: values if self.regions else values[0]
+                for name, values in self.classes.items()}
+
     def region_masks(self, label: np.ndarray) -> np.ndarray:
         """(R, ...) boolean masks of each region in a label map."""
         return np.stack([np.isin(label, values) for values in self.values])

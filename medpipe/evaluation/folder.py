@@ -26,9 +26,7 @@ def evaluate_folder(references: Path, predictions: Path, dataset: Path,
     """Score PREDICTIONS against REFERENCES (label maps named CASE + file ending) with the
     labels of DATASET's dataset.json; write OUTPUT/cases.csv and OUTPUT/summary.json."""
     spec = read_spec(dataset)
-    scheme = LabelScheme.from_labels(spec.labels, spec.regions_class_order)
-    classes = {name: values if scheme.regions else values[0]
-               for name, values in scheme.classes.items()}
+    classes = LabelScheme.from_labels(spec.labels, spec.regions_class_order).scored_classes
     ending = spec.file_ending
     cases = sorted(p.name[: -len(ending)] for p in Path(references).glob(f"*{ending}"))
     if not cases:

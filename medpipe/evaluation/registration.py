@@ -85,9 +85,7 @@ def evaluate_registration(
     ids = sorted({case_id for pair in pairs for case_id in pair})
     cases = {c.case_id: c for c in load_registration_cases(config.preprocessed_dir, ids)}
     dataset = load_dataset(config.dataset)
-    scheme = plans.label_scheme  # regions are scored as regions: the union of their labels
-    classes = {name: values if scheme.regions else values[0]
-               for name, values in scheme.classes.items()}
+    classes = plans.label_scheme.scored_classes  # a region: the union of its labels
     rows, per_pair = [], []
     out = folder.evaluation
     started = time.perf_counter()

@@ -52,8 +52,7 @@ def evaluate_segmentation(
             f"run folder holds {spec.task} model {spec.model} fold {spec.fold}, not "
             f"segmentation model {model} fold {fold}", folder.path)
     scheme = spec.label_scheme
-    classes = {name: values if scheme.regions else values[0]
-               for name, values in scheme.classes.items()}
+    classes = scheme.scored_classes
     dataset = load_dataset(config.dataset)
     rows, seconds = [], []
     started = time.perf_counter()
