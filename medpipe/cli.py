@@ -6,6 +6,7 @@ traceback; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -411,34 +412,37 @@ def compare(
         "compare"),
     tracking_uri: Annotated[
         str | None, typer.Option(help="MLflow store (default: the config's, else "
-                                      "$MLFLOW_TRACKING_URI or sqlite:///mlflow.db].")
+                                      "$MLFLOW_TRACKING_URI).")
     ] = None,
     config: Annotated[Path | None, typer.Option(
-        "--config", help="Pipeline config: where its runs were tracked.")] = None,
+        "--config", help="Pipeline config: where its runs were tracked (by default "
+        "RESULTS/mlflow.db).")] = None,
     overrides: SetOption = None,
 ) -> None:
     """Compare every finished model of an experiment: tables, paired statistics, figures;
     report.md + report.html, logged to a parent MLflow run."""
     from medpipe import tracked
-    from medpipe.config import TrackingConfig, load_config
+    from medpipe.config import load_config
     from medpipe.report.compare import build_report, champions
     from medpipe.tracking import finished_runs, log_parent_run, set_champion
 
-    tracking = TrackingConfig()
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if config is not None:
         pipeline = load_config(config, overrides)
-        tracking = pipeline.tracking
-        if not tracking.enabled:
+        store = pipeline.tracking_store
+        if store is None:
             raise MedpipeError("tracking is off in this config: the report is built from "
                                "MLflow runs", config)
-        if experiment is None and tracking.experiment is None:
+        uri = tracking_uri or store.uri
+        if experiment is None:
             from medpipe.planning import read_plans
 
-            experiment = read_plans(pipeline.plans_file).dataset_name
-    experiment = experiment or tracking.experiment
+            experiment = store.experiment or read_plans(pipeline.plans_file).dataset_name
     if experiment is None:
         raise MedpipeError("name the experiment (--experiment) or give the --config")
-    uri = tracking_uri or tracking.resolved_uri()
+    if not uri:
+        raise MedpipeError("say where the runs were tracked: --config, --tracking-uri or "
+                           "$MLFLOW_TRACKING_URI")
     runs = finished_runs(uri, experiment)
     summary = build_report(runs, output)
     files = [output / "report.html", output / "report.md", output / "summary.json",

@@ -10,6 +10,7 @@ literature optimiser, `training`, `models.<name>.training`, `--set key=value` ov
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -22,7 +23,8 @@ from medpipe.runs.folder import RunFolder
 if TYPE_CHECKING:
     from medpipe.models import ModelOptions
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_STORE = "mlflow.db"  # the default tracking store's file, in the results folder
+DEFAULT_ARTIFACTS = "mlruns"  # where the default store keeps its experiments' artifacts
 
 
 class StrictModel(BaseModel):
@@ -162,15 +164,38 @@ class RegistrationConfig(NetworkRegistrationSettings):
             **self.model_dump(include=set(NetworkRegistrationSettings.model_fields)))
 
 
+@dataclass(frozen=True)
+class TrackingStore:
+    """Where a workflow's runs are logged. The default store belongs to the results it
+    describes (RESULTS/mlflow.db, artifacts in RESULTS/mlruns), so every command finds it
+    from the config alone, whatever folder it runs in; MLflow's own default artifact folder
+    (./mlruns) would follow the working directory instead."""
+
+    uri: str
+    artifact_root: Path | None  # None: the store's own (a server's, a URI's choice)
+    experiment: str | None  # None: the dataset's name
+
+    def experiment_for(self, dataset: str) -> str:
+        return self.experiment or dataset
+
+
 class TrackingConfig(StrictModel):
     enabled: bool = Field(True, description="log runs, metrics, figures and models to MLflow")
     uri: str | None = Field(None, description="tracking store; null: $MLFLOW_TRACKING_URI, "
-                            "else sqlite:///mlflow.db in the working directory")
+                            "else sqlite RESULTS/mlflow.db (artifacts in RESULTS/mlruns)")
     experiment: str | None = Field(None, description="MLflow experiment; null: the "
                                    "dataset's name")
 
-    def resolved_uri(self) -> str:
-        return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    def store(self, results: Path) -> TrackingStore | None:
+        """The store runs of RESULTS log to; None when tracking is off."""
+        if not self.enabled:
+            return None
+        uri = self.uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if uri:
+            return TrackingStore(uri, None, self.experiment)
+        results = results.absolute()
+        return TrackingStore(f"sqlite:///{results / DEFAULT_STORE}",
+                             results / DEFAULT_ARTIFACTS, self.experiment)
 
 
 class PipelineConfig(StrictModel):
@@ -198,6 +223,11 @@ class PipelineConfig(StrictModel):
     container: str | None = Field(
         None, description="an Apptainer image (medpipe.sif, or docker://...) the rules run "
         "in when Snakemake is called with --software-deployment-method apptainer")
+
+    @property
+    def tracking_store(self) -> TrackingStore | None:
+        """Where this workflow's runs are logged (None: tracking off)."""
+        return self.tracking.store(self.results)
 
     @property
     def plans_file(self) -> Path:

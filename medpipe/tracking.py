@@ -3,7 +3,7 @@
 Training and evaluation call a small `Tracker` interface; `NullTracker` lets them run with
 tracking off. `MlflowTracker` uses `MlflowClient` with an explicit run id (no global
 "active run"), so a resumed training and a later evaluation log into the same run.
-The default store is `sqlite:///mlflow.db` in the working directory; any tracking URI (a
+The default store is RESULTS/mlflow.db (`config.TrackingStore`); any tracking URI (a
 `mlflow server`, say) comes from the config or `MLFLOW_TRACKING_URI`.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import tempfile
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from medpipe import tracked
-from medpipe.config import TrackingConfig
+from medpipe.config import TrackingStore
 from medpipe.errors import MedpipeError
 from medpipe.io import write_json
 from medpipe.runs.folder import RunFolder
@@ -183,21 +184,24 @@ def set_champion(uri: str, name: str, version: int) -> None:
 
 
 def open_tracker(
-    config: TrackingConfig,
-    experiment: str,
+    store: TrackingStore | None,
+    dataset: str,
     run_name: str,
     folder: RunFolder,
     tags: Mapping[str, str] | None = None,
 ) -> Tracker:
     """The tracker for the run kept in FOLDER: reopened if that folder already logged to
-    this store (a resumed training, an evaluation), else a new run in EXPERIMENT."""
-    if not config.enabled:
+    this store (a resumed training, an evaluation), else a new run in the store's
+    experiment (by default DATASET's). No STORE: tracking is off."""
+    if store is None:
         return NullTracker()
     try:
         from mlflow import MlflowClient
     except ImportError:
         raise MedpipeError("tracking is on but mlflow is not installed") from None
-    uri = config.resolved_uri()
+    uri = store.uri
+    if store.artifact_root is not None:
+        store.artifact_root.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     known = read_run_file(folder)
     if known and known.get("tracking_uri") == uri:
@@ -206,9 +210,10 @@ def open_tracker(
             return MlflowTracker(client, known["run_id"], resumed=True)
         except Exception:  # the store was reset since: start afresh below
             pass
-    name = config.experiment or experiment
+    name = store.experiment_for(dataset)
     found = client.get_experiment_by_name(name)
-    experiment_id = found.experiment_id if found else client.create_experiment(name)
+    experiment_id = found.experiment_id if found else client.create_experiment(
+        name, artifact_location=store.artifact_root and store.artifact_root.as_uri())
     run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
     write_json(
         {"tracking_uri": uri, "experiment_id": experiment_id, "run_id": run.info.run_id},
@@ -222,7 +227,12 @@ def download_model(uri: str, tracking_uri: str | None = None) -> Path:
     `models:/name/version`), downloaded to a local cache folder."""
     import mlflow
 
-    tracking_uri = tracking_uri or TrackingConfig().resolved_uri()
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not tracking_uri:
+        raise MedpipeError(f"{uri} names a model in an MLflow store: say which one with "
+                           "MLFLOW_TRACKING_URI (a workflow's default store is "
+                           "sqlite:///RESULTS/mlflow.db)")
+    check_store(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     try:
@@ -253,11 +263,7 @@ def finished_runs(uri: str, experiment: str) -> list[TrackedRun]:
     files and of an example figure."""
     from mlflow import MlflowClient
 
-    store = sqlite_file(uri)
-    if store is not None and not store.is_file():  # MLflow would create an empty one here
-        raise MedpipeError("no MLflow store here (relative sqlite paths are read from the "
-                           "working directory; run from where training ran, or set "
-                           "tracking.uri)", store)
+    check_store(uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -318,6 +324,15 @@ def log_parent_run(uri: str, experiment: str, children: list[str], files: list[P
         client.set_tag(child, "mlflow.parentRunId", parent.info.run_id)
     tracker.finish("FINISHED")
     return parent.info.run_id
+
+
+def check_store(uri: str) -> None:
+    """Refuse a `sqlite:///` store that does not exist (MLflow would create an empty one
+    there and then find nothing in it)."""
+    store = sqlite_file(uri)
+    if store is not None and not store.is_file():
+        raise MedpipeError("no MLflow store here (a relative sqlite path is read from the "
+                           "working directory)", store)
 
 
 def sqlite_file(uri: str) -> Path | None:

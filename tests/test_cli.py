@@ -3,6 +3,7 @@ where help is, and help for every option."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -51,7 +52,12 @@ def test_every_command_and_option_has_help():
 
 
 def test_compare_without_a_store_says_so_and_creates_none(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "medpipe.cli", "compare", "--experiment",
-                             "x"], capture_output=True, **TEXT, timeout=120, cwd=tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    compare = [sys.executable, "-m", "medpipe.cli", "compare", "--experiment", "x"]
+    result = subprocess.run(compare, capture_output=True, **TEXT, timeout=120, cwd=tmp_path,
+                            env=env)
+    assert result.returncode == 2 and "say where the runs were tracked" in result.stderr
+    result = subprocess.run([*compare, "--tracking-uri", "sqlite:///mlflow.db"],
+                            capture_output=True, **TEXT, timeout=120, cwd=tmp_path, env=env)
     assert result.returncode == 2 and "no MLflow store here" in result.stderr
     assert not (tmp_path / "mlflow.db").exists()

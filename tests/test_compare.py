@@ -81,7 +81,7 @@ def test_compare_builds_the_report_from_mlflow_runs(tiny_pipeline, tmp_path, mon
     assert examples == ["example_registration_classical.png",
                         "example_registration_identity.png",
                         "example_segmentation_nnunet.png", "example_segmentation_unet.png"]
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment = client.get_experiment_by_name("compare_test")
     runs = client.search_runs([experiment.experiment_id])
     # the paired comparison carries each model's cost relative to the other's, from MLflow

@@ -4,10 +4,12 @@ layering of training settings (model defaults < shared `training` < `models.<nam
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
-from medpipe.config import load_config
+from medpipe.config import PipelineConfig, TrackingConfig, load_config
 from medpipe.errors import MedpipeError
 from medpipe.models import model_spec
 
@@ -83,3 +85,24 @@ def test_init_writes_a_complete_commented_config_that_reads_back_as_the_defaults
     missing = subprocess.run([*command[:4], str(tmp_path), "-o", str(tmp_path / "x.yaml")],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "dataset.json" in missing.stderr
+
+
+def test_the_default_store_belongs_to_the_results_not_the_working_directory(tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    config = PipelineConfig(dataset=Path("raw"), results=Path("out/results"))
+    store = config.tracking_store
+    assert store.uri == f"sqlite:///{tmp_path / 'out' / 'results' / 'mlflow.db'}"
+    assert store.artifact_root == tmp_path / "out" / "results" / "mlruns"
+    assert store.experiment_for("Dataset001") == "Dataset001"
+    # a URI named in the config or the environment is taken as it is, artifacts and all
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://host:5000")
+    assert config.tracking_store.uri == "http://host:5000"
+    assert config.tracking_store.artifact_root is None
+    named = config.model_copy(update={"tracking": TrackingConfig(uri="sqlite:///a.db",
+                                                                 experiment="e")})
+    assert (named.tracking_store.uri, named.tracking_store.experiment_for("D")) == (
+        "sqlite:///a.db", "e")
+    off = config.model_copy(update={"tracking": TrackingConfig(enabled=False)})
+    assert off.tracking_store is None

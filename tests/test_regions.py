@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,14 +41,9 @@ def test_regions_turn_back_into_labels_in_their_order():
     assert not plain.regions and plain.out_channels == 3
 
 
-@pytest.fixture(scope="module")
-def region_pipeline(tmp_path_factory):
-    """The tiny demo brains rewritten as two-channel NRRD with nested regions, planned and
-    preprocessed."""
-    root = tmp_path_factory.mktemp("regions")
-    demo = build_demo_dataset(root / "demo", DemoSettings(cases=5, test_cases=0, spacing=6.0,
-                                                          seed=3))
-    raw = root / "raw"
+def write_region_dataset(demo: Path, raw: Path) -> None:
+    """DEMO (the demo brains, NIfTI) rewritten into RAW as two-channel NRRD with nested
+    regions: a dataset in another format with BraTS-style labels."""
     for path in sorted(demo.rglob("*.nii.gz")):
         target = raw / path.relative_to(demo).parent / path.name.replace(".nii.gz", ".nrrd")
         volume = read_image(path)
@@ -57,6 +56,17 @@ def region_pipeline(tmp_path_factory):
     spec.update(labels=REGIONS, regions_class_order=[1, 2, 3], file_ending=".nrrd",
                 channel_names={"0": "T1", "1": "T2"})
     (raw / "dataset.json").write_text(json.dumps(spec))
+
+
+@pytest.fixture(scope="module")
+def region_pipeline(tmp_path_factory):
+    """The tiny demo brains rewritten as two-channel NRRD with nested regions, planned and
+    preprocessed."""
+    root = tmp_path_factory.mktemp("regions")
+    demo = build_demo_dataset(root / "demo", DemoSettings(cases=5, test_cases=0, spacing=6.0,
+                                                          seed=3))
+    raw = root / "raw"
+    write_region_dataset(demo, raw)
     results = root / "results"
     plans = plan_experiment(fingerprint_dataset(raw), 8)
     stages = plans.configuration("3d_fullres").architecture.arch_kwargs.n_stages
@@ -105,3 +115,52 @@ def test_region_training_evaluation_and_inference(region_pipeline, tmp_path):
     masks = torch.from_numpy(probabilities.array > 0.5).movedim(-1, 0).numpy()
     scheme = LabelScheme.from_labels(REGIONS, [1, 2, 3])
     np.testing.assert_array_equal(labels.array, scheme.labels_from_regions(list(masks)))
+
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.slow
+def test_a_users_region_dataset_goes_from_init_to_report_and_test_predictions(tmp_path):
+    """As a new user: `medpipe init` on their own NRRD region dataset, the written config
+    edited to one small segmentation model and no registration, then `snakemake all`: the
+    report, the test set's predictions and their scores, and no traceback in any log."""
+    demo = build_demo_dataset(tmp_path / "demo", DemoSettings(cases=4, test_cases=2,
+                                                              spacing=6.0, seed=4))
+    write_region_dataset(demo, tmp_path / "raw")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{BIN}:{env['PATH']}"
+
+    def run(*command: str) -> subprocess.CompletedProcess:
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True,
+                                encoding="utf-8", errors="replace", timeout=1200)
+        assert result.returncode == 0, f"{command}: {result.stderr[-3000:]}"
+        assert "Traceback" not in result.stdout + result.stderr
+        return result
+
+    run(str(BIN / "medpipe"), "init", "raw", "-o", "config.yaml")
+    text = (tmp_path / "config.yaml").read_text(encoding="utf-8")
+    config = yaml.safe_load(text)
+    config.update(segmentation_models=["unet"], train_folds=[0], folds=2)
+    config["registration"].update(models=[], baselines=[])
+    config["training"].update(epochs=2, iterations_per_epoch=2, batch_size=2, val_every=1,
+                              num_workers=0, patch_size=[32, 32, 32])
+    config["models"]["unet"]["options"].update(channels=[8, 16, 32], strides=[2, 2],
+                                               num_res_units=1)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    run(str(BIN / "snakemake"), "all", "-s", str(REPO / "Snakefile"), "--directory",
+        str(tmp_path), "--profile", str(REPO / "configs" / "profiles" / "local"),
+        "--configfile", "config.yaml", "--cores", "2")
+
+    results = tmp_path / "results"
+    report = (results / "compare" / "report.md").read_text(encoding="utf-8")
+    assert "| unet |" in report and "white_matter" in report
+    run_dir = results / "runs" / "unet" / "fold_0"
+    test_ids = sorted(p.name[: -len(".nrrd")] for p in (tmp_path / "raw" / "labelsTs").iterdir())
+    assert sorted(p.name for p in (run_dir / "test_predictions").glob("*.nrrd")) == [
+        f"{case}.nrrd" for case in test_ids]
+    scored = json.loads((run_dir / "test_evaluation" / "summary.json").read_text())
+    assert list(scored["classes"]) == ["brain", "tissue", "white_matter"]
+    for log in (results / "logs").rglob("*.log"):
+        assert "Traceback" not in log.read_text(encoding="utf-8", errors="replace"), log

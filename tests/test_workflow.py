@@ -185,7 +185,7 @@ TINY_WORKFLOW = {
                                     "num_res_units": 1}}},
     "registration": {"models": ["voxelmorph"], "eval_pairs": 2,
                      "classical": {"demons_iterations": 5}},
-    "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "workflow_test"},
+    "tracking": {"experiment": "workflow_test"},  # the default store: RESULTS/mlflow.db
 }
 
 
@@ -196,6 +196,7 @@ def test_whole_workflow_end_to_end_killed_during_training_and_resumed(workdir):
     config = {"dataset": "raw", "results": "results", **TINY_WORKFLOW}
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
     runs = workdir / "results" / "runs"
     logs = workdir / "results" / "logs"
     first_log = workdir / "first_run.log"
@@ -228,6 +229,10 @@ def test_whole_workflow_end_to_end_killed_during_training_and_resumed(workdir):
     assert html.returncode == 0, html.stderr[-3000:]
     page = (workdir / "workflow.html").read_text(encoding="utf-8", errors="replace")
     assert "report.html" in page and "Comparison" in page
+    # the store and its artifacts belong to the results, none in the working directory
+    assert (workdir / "results" / "mlflow.db").is_file()
+    assert list((workdir / "results" / "mlruns").rglob("best.pt"))
+    assert not (workdir / "mlflow.db").exists() and not (workdir / "mlruns").exists()
 
     # a changed setting of one model reruns that model's training and what follows, only
     config["models"]["unet"]["training"] = {"epochs": 3}

@@ -173,7 +173,7 @@ def _log(config: PipelineConfig, folder: RunFolder, method: str, fold: int, plan
     from medpipe.tracking import git_commit, open_tracker
 
     tracker = open_tracker(
-        config.tracking, plans.dataset_name, f"{method}_fold_{fold}", folder,
+        config.tracking_store, plans.dataset_name, f"{method}_fold_{fold}", folder,
         tags={tracked.MODEL: method, tracked.FOLD: str(fold), tracked.TASK: "registration"},
     )
     if baseline and not tracker.resumed:  # a baseline: its run starts here

@@ -128,7 +128,7 @@ def _log(config: PipelineConfig, folder: RunFolder, spec: SegmentationRunSpec,
          summary: dict) -> None:
     from medpipe.tracking import open_tracker
 
-    tracker = open_tracker(config.tracking, spec.dataset_name, spec.run_name, folder)
+    tracker = open_tracker(config.tracking_store, spec.dataset_name, spec.run_name, folder)
     metrics = {tracked.EVAL_MEAN_DICE: summary["mean_dice"]["mean"],
                tracked.EVAL_MEAN_HD95: summary["mean_hd95"]["mean"],
                tracked.EVAL_SECONDS_PER_CASE: summary["seconds_per_case"]["mean"]}

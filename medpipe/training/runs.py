@@ -117,7 +117,7 @@ def fit_run(config: PipelineConfig, setup: RunSetup, progress: bool = True) -> P
     write the summary."""
     spec, folder = setup.spec, setup.folder
     tracker = open_tracker(
-        config.tracking, spec.dataset_name, spec.run_name, folder,
+        config.tracking_store, spec.dataset_name, spec.run_name, folder,
         tags={"model": spec.model, "fold": str(spec.fold), "task": spec.task},
     )
     callbacks = [TrackingCallback(tracker, folder, spec,
