@@ -49,7 +49,7 @@ demo: setup
 	@echo "Demo dataset: $(DEMO_DIR)/raw (preview: $(DEMO_DIR)/raw/preview.png)"
 	@echo "Workflow outputs: $(DEMO_DIR)/results (plans.json, preprocessed/, runs/MODEL/fold_0/evaluation/)"
 	@echo "Report: $(DEMO_DIR)/results/compare/report.html"
-	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///demo/results/mlflow.db"
+	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(DEMO_DIR)/results/mlflow.db"
 
 # The benchmarks' quick mode (bench/README.md); nnU-Net's environment for its own predictor
 bench: setup $(NNUNET_VENV)/.installed
