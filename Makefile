@@ -8,6 +8,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 NNUNET_VENV ?= .venv-nnunet
+ANTS_VENV ?= .venv-ants
+ANTS := MEDPIPE_ANTS_PYTHON="$(CURDIR)/$(ANTS_VENV)/bin/python"
 PY := $(VENV)/bin/python
 TORCH_CPU_SPEC ?= torch==2.13.0
 TORCH_CPU_INDEX ?=
@@ -15,7 +17,7 @@ TORCH_GPU_SPEC ?= torch>=2.4
 DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo bench clean-demo
+.PHONY: setup ants-env test lint demo bench clean-demo
 
 setup: $(VENV)/.installed
 
@@ -36,15 +38,25 @@ $(NNUNET_VENV)/.installed:
 	$(NNUNET_VENV)/bin/python -m pip install --progress-bar off "nnunetv2>=2.5"
 	touch $@
 
+# ANTsPy for the ANTs SyN baseline (`registration.baselines: [ants]`), in its own environment:
+# antspyx 0.6.3 pins numpy<2.4, older than medpipe's. medpipe talks to it through a worker
+# process (medpipe/registration/ants_worker.py).
+ants-env: $(ANTS_VENV)/.installed
+
+$(ANTS_VENV)/.installed:
+	test -x $(ANTS_VENV)/bin/python || $(PYTHON) -m venv $(ANTS_VENV)
+	$(ANTS_VENV)/bin/python -m pip install --progress-bar off "antspyx==0.6.3"
+	touch $@
+
 lint: setup
 	$(VENV)/bin/ruff check .
 
-test: lint $(NNUNET_VENV)/.installed
-	MEDPIPE_NNUNET_BIN="$(CURDIR)/$(NNUNET_VENV)/bin" $(PY) -m pytest $(PYTEST_ARGS)
+test: lint $(NNUNET_VENV)/.installed $(ANTS_VENV)/.installed
+	$(ANTS) MEDPIPE_NNUNET_BIN="$(CURDIR)/$(NNUNET_VENV)/bin" $(PY) -m pytest $(PYTEST_ARGS)
 
-demo: setup
+demo: setup $(ANTS_VENV)/.installed
 	$(VENV)/bin/medpipe demo-data $(DEMO_DIR)/raw --cases 12 --test-cases 2 --seed 0
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/snakemake all --profile configs/profiles/local \
+	$(ANTS) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/snakemake all --profile configs/profiles/local \
 		--configfile configs/demo.yaml --config dataset=$(DEMO_DIR)/raw results=$(DEMO_DIR)/results
 	@echo "Demo dataset: $(DEMO_DIR)/raw (preview: $(DEMO_DIR)/raw/preview.png)"
 	@echo "Workflow outputs: $(DEMO_DIR)/results (plans.json, preprocessed/, runs/MODEL/fold_0/evaluation/)"
@@ -52,8 +64,8 @@ demo: setup
 	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(DEMO_DIR)/results/mlflow.db"
 
 # The benchmarks' quick mode (bench/README.md); nnU-Net's environment for its own predictor
-bench: setup $(NNUNET_VENV)/.installed
-	MEDPIPE_NNUNET_BIN="$(CURDIR)/$(NNUNET_VENV)/bin" $(PY) bench/run_all.py --quick
+bench: setup $(NNUNET_VENV)/.installed $(ANTS_VENV)/.installed
+	$(ANTS) MEDPIPE_NNUNET_BIN="$(CURDIR)/$(NNUNET_VENV)/bin" $(PY) bench/run_all.py --quick
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

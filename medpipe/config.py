@@ -126,6 +126,20 @@ class ClassicalSettings(StrictModel):
     seed: int = Field(0, description="seed of the metric's random sampling")
 
 
+class AntsSettings(StrictModel):
+    """The ANTs baseline (`registration.ants`): ANTsPy's `ants.registration`."""
+
+    transform: str = Field("SyN", description="ANTsPy's type_of_transform: SyN (affine + "
+                           "SyN, Mattes MI; ANTsPy's default), SyNCC, antsRegistrationSyN[s], "
+                           "antsRegistrationSyNQuick[s], ...")
+    # with 2 threads a pair's Dice varied by up to 0.009 over 3 identical runs; single-
+    # threaded runs were identical (measured on the demo, antspyx 0.6.3)
+    deterministic: bool = Field(True, description="one thread and a fixed seed, so a "
+                                "result is reproduced exactly (ANTs with several threads is "
+                                "not); false: all threads, faster")
+    seed: int = Field(0, description="ANTs' random seed (its metric sampling)")
+
+
 class NetworkRegistrationSettings(StrictModel):
     """What a registration network learns from: part of its run's description, so changing
     any of these makes a different run."""
@@ -153,11 +167,13 @@ class RegistrationConfig(NetworkRegistrationSettings):
 
     models: list[str] = Field(["voxelmorph", "voxelmorph_diff"],
                               description="the registration networks the workflow trains")
-    baselines: list[Literal["identity", "classical"]] = Field(
-        ["identity", "classical"], description="the baselines the workflow scores")
+    baselines: list[Literal["identity", "classical", "ants"]] = Field(
+        ["identity", "classical"], description="the baselines the workflow scores (ants: "
+        "ANTs SyN, needs ANTsPy, see `make ants-env`)")
     eval_pairs: int = Field(20, ge=1, description="held-out pairs scored by evaluate-reg")
     classical: ClassicalSettings = Field(
         ClassicalSettings(), description="the SimpleITK baseline and the pre-alignment")
+    ants: AntsSettings = Field(AntsSettings(), description="the ANTs baseline")
 
     def network_settings(self) -> NetworkRegistrationSettings:
         return NetworkRegistrationSettings(

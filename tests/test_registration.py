@@ -7,6 +7,7 @@ import csv
 import json
 import subprocess
 import sys
+from contextlib import ExitStack
 
 import numpy as np
 import pytest
@@ -195,6 +196,81 @@ def test_classical_beats_identity_on_the_same_pairs(trained, tmp_path):
     identity = evaluate_registration(config, "identity", 0, tmp_path / "identity")
     classical = evaluate_registration(config, "classical", 0, tmp_path / "classical")
     assert classical["mean_dice"]["mean"] > identity["mean_dice"]["mean"] + 0.05
+
+
+@pytest.fixture(scope="module")
+def brains_3mm(tmp_path_factory):
+    """Two demo brains at 3 mm: ANTsPy's SyN pyramid (shrink 4, fixed) needs more voxels
+    than the 6 mm tiny brains have."""
+    from medpipe.data.demo import DemoSettings, build_demo_dataset
+
+    return build_demo_dataset(tmp_path_factory.mktemp("brains3") / "raw",
+                              DemoSettings(cases=2, test_cases=0, spacing=3.0, seed=2))
+
+
+def test_ants_scores_above_identity_through_the_same_field_and_labels(brains_3mm):
+    from medpipe.evaluation.registration import _baseline
+    from medpipe.io import read_image
+    from medpipe.metrics import segmentation_metrics
+    from medpipe.registration.fields import warp_with_field
+
+    def case(case_id):
+        image = read_image(brains_3mm / "imagesTr" / f"{case_id}_0000.nii.gz")
+        labels = read_image(brains_3mm / "labelsTr" / f"{case_id}.nii.gz")
+        return RegistrationCase(case_id, image.array[None], labels.array, image.geometry), labels
+
+    (moving, moving_labels), (fixed, fixed_labels) = case("brain_000"), case("brain_001")
+    settings = RegistrationConfig()
+    dice = {}
+    with ExitStack() as resources:
+        for method in ("identity", "ants"):
+            field = _baseline(method, settings, resources)(moving, fixed, fixed_labels)
+            warped = warp_with_field(moving_labels, field, labels=True)
+            scores = segmentation_metrics(warped.array, fixed_labels.array,
+                                          {"CSF": 1, "GM": 2, "WM": 3}, fixed_labels.spacing)
+            dice[method] = np.mean([s["dice"] for s in scores.values()])
+    assert dice["ants"] > dice["identity"] + 0.1, dice
+
+
+ANTS_APPLY = """
+import sys, ants, numpy as np
+ants.config.set_ants_deterministic(True)
+fixed, moving = ants.image_read(sys.argv[1]), ants.image_read(sys.argv[2])
+result = ants.registration(fixed, moving, type_of_transform="SyN", random_seed=0)
+np.save(sys.argv[3], ants.apply_transforms(fixed, moving, result["fwdtransforms"]).numpy())
+"""
+
+
+def test_the_ants_field_warps_as_ants_itself_and_is_reproduced(brains_3mm, tmp_path):
+    """ANTs' transforms read back into one field: resampling through it gives exactly what
+    `ants.apply_transforms` gives (run by ANTsPy itself), and deterministic runs agree."""
+    from medpipe.io import read_image
+    from medpipe.registration.ants_baseline import AntsRegistration, ants_python
+    from medpipe.registration.classical import displacement_field
+    from medpipe.registration.fields import warp_with_field
+
+    images = brains_3mm / "imagesTr"
+    fixed_path, moving_path = images / "brain_001_0000.nii.gz", images / "brain_000_0000.nii.gz"
+    fixed, moving = read_image(fixed_path), read_image(moving_path)
+    with AntsRegistration() as ants:
+        fields = [displacement_field(ants(fixed, moving), fixed) for _ in range(2)]
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(fields[0]),
+                                  sitk.GetArrayFromImage(fields[1]))
+    script = tmp_path / "apply.py"
+    script.write_text(ANTS_APPLY)
+    subprocess.run([str(ants_python()), str(script), str(fixed_path), str(moving_path),
+                    str(tmp_path / "ants.npy")], check=True, timeout=300)
+    ours = warp_with_field(moving, fields[0]).array
+    np.testing.assert_allclose(ours, np.load(tmp_path / "ants.npy"), atol=1e-4)
+
+
+def test_a_missing_ants_environment_is_named(monkeypatch, tmp_path):
+    from medpipe.registration.ants_baseline import AntsRegistration
+
+    monkeypatch.setenv("MEDPIPE_ANTS_PYTHON", str(tmp_path / "nowhere" / "python"))
+    with pytest.raises((MedpipeError, OSError)) as error:
+        AntsRegistration()
+    assert "nowhere" in str(error.value)
 
 
 def test_subject_to_subject_needs_two_validation_cases(tiny_pipeline, tmp_path):

@@ -2,11 +2,13 @@
 
 A method turns a (moving, fixed) pair of preprocessed cases into an ITK displacement field
 on the fixed case's *raw* grid (see `registration.fields`): identity (a zero field), the
-classical SimpleITK baseline, or a trained network (pre-alignment + predicted field,
-composed in `compose_field`). The moving raw label map is then warped through that field
-with nearest-neighbour interpolation and compared with the fixed raw labels: Dice and HD95
-(mm) per label; the field gives folding (% of voxels with det J <= 0) and SDlogJ. Seconds
-per pair count everything from the two preprocessed images to the field.
+classical SimpleITK baseline, ANTs SyN (`registration.ants_baseline`), or a trained network
+(pre-alignment + predicted field, composed in `compose_field`). The moving raw label map is
+then warped through that field, every method's the same way (each label's mask linearly
+interpolated, then the most likely label: `fields.warp_labels`), and compared with the fixed
+raw labels: Dice and HD95 (mm) per label; the field gives folding (% of voxels with
+det J <= 0) and SDlogJ. Seconds per pair count everything from the two preprocessed images
+to the field.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import csv
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from medpipe import tracked
-from medpipe.config import ClassicalSettings, PipelineConfig
+from medpipe.config import PipelineConfig, RegistrationConfig
 from medpipe.data.layout import load_dataset
 from medpipe.data.splits import fold_case_ids
 from medpipe.device import pick_device
@@ -31,6 +34,7 @@ from medpipe.io import Volume, atomic_output, read_image, write_json
 from medpipe.metrics import deformation_metrics, segmentation_metrics, summarise
 from medpipe.planning.plans import Plans, read_plans
 from medpipe.progress import report_step
+from medpipe.registration.ants_baseline import AntsRegistration
 from medpipe.registration.classical import displacement_field, register_classical
 from medpipe.registration.fields import field_to_ddf, identity_field, warp_with_field
 from medpipe.registration.network import NetworkRegistration
@@ -43,7 +47,7 @@ from medpipe.runs.folder import RunFolder
 from medpipe.runs.loading import load_trained
 from medpipe.runs.spec import RegistrationRunSpec
 
-BASELINES = ("identity", "classical")
+BASELINES = ("identity", "classical", "ants")
 PAIR_METRICS = ("folding_percent", "sdlogj", "jacobian_min", "jacobian_mean", "seconds")
 
 # (moving case, fixed case, fixed raw Volume) -> ITK field on the fixed raw grid
@@ -58,16 +62,24 @@ def evaluate_registration(
     checkpoint: str = "best",
     device: str = "auto",
 ) -> dict[str, Any]:
-    """Score METHOD (identity, classical, or a trained network's name) on FOLD's held-out
-    pairs; write `evaluation/pairs.csv`, `evaluation/summary.json` and a figure in the run
-    folder and log them to its MLflow run. Returns the summary."""
+    """Score METHOD (a baseline: identity, classical, ants; or a trained network's name) on
+    FOLD's held-out pairs; write `evaluation/pairs.csv`, `evaluation/summary.json` and a
+    figure in the run folder and log them to its MLflow run. Returns the summary."""
     folder = RunFolder(run_dir) if run_dir else config.run_folder(method, fold)
     plans = read_plans(config.plans_file)
     _, val_ids = fold_case_ids(config.splits_file, fold)
-    settings = config.registration
     torch_device = pick_device(device)
+    with ExitStack() as resources:
+        return _evaluate(config, method, fold, folder, plans, val_ids, torch_device, checkpoint,
+                         resources)
+
+
+def _evaluate(config: PipelineConfig, method: str, fold: int, folder: RunFolder, plans: Plans,
+              val_ids: list[str], torch_device, checkpoint: str,
+              resources: ExitStack) -> dict[str, Any]:
+    settings = config.registration
     if method in BASELINES:
-        register = _baseline(method, settings.classical)
+        register = _baseline(method, settings, resources)
         atlas, spec = settings.atlas, None
     else:
         network, spec = load_trained(folder, checkpoint, torch_device)
@@ -126,15 +138,21 @@ def evaluate_registration(
 # --------------------------------------------------------------------------- methods
 
 
-def _baseline(method: str, settings: ClassicalSettings) -> Method:
+def _baseline(method: str, settings: RegistrationConfig, resources: ExitStack) -> Method:
+    """A baseline as a Method; one that holds a process (ANTs' worker) is closed with
+    RESOURCES."""
     if method == "identity":
         return lambda moving, fixed, target: identity_field(target.geometry, target.shape)
+    if method == "ants":
+        register = resources.enter_context(AntsRegistration(settings.ants))
+    else:
+        def register(fixed: Volume, moving: Volume) -> sitk.Transform:
+            return register_classical(fixed, moving, settings.classical)
 
-    def classical(moving: RegistrationCase, fixed: RegistrationCase, target: Volume):
-        transform = register_classical(fixed.volume(), moving.volume(), settings)
-        return displacement_field(transform, target)
+    def baseline(moving: RegistrationCase, fixed: RegistrationCase, target: Volume):
+        return displacement_field(register(fixed.volume(), moving.volume()), target)
 
-    return classical
+    return baseline
 
 
 def _on_grid(moving: Volume, fixed: Volume) -> np.ndarray:
@@ -177,9 +195,10 @@ def _log(config: PipelineConfig, folder: RunFolder, method: str, fold: int, plan
         tags={tracked.MODEL: method, tracked.FOLD: str(fold), tracked.TASK: "registration"},
     )
     if baseline and not tracker.resumed:  # a baseline: its run starts here
-        classical = config.registration.classical.model_dump(mode="json")
-        tracker.log_params({"method": method, "fold": fold,
-                            **{f"classical.{k}": v for k, v in classical.items()}})
+        section, settings = (("ants", config.registration.ants) if method == "ants"
+                             else ("classical", config.registration.classical))
+        tracker.log_params({"method": method, "fold": fold, **{
+            f"{section}.{k}": v for k, v in settings.model_dump(mode="json").items()}})
         tracker.set_tags({tracked.GIT_COMMIT: git_commit(), tracked.DEVICE: summary["device"]})
     metrics = {tracked.EVAL_MEAN_DICE: summary["mean_dice"]["mean"],
                tracked.EVAL_MEAN_HD95: summary["mean_hd95"]["mean"]}

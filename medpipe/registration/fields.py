@@ -94,9 +94,13 @@ def compose_field(
 
 
 def warp_with_field(moving: Volume, field: sitk.Image, labels: bool = False) -> Volume:
-    """MOVING resampled onto the field's grid through it (see `resample`)."""
+    """MOVING resampled onto the field's grid through it (`resample`, or `warp_labels`
+    for a label map)."""
     transform = sitk.DisplacementFieldTransform(sitk.Image(field))  # it consumes its input
-    return resample(moving, transform, from_sitk(field).geometry, field.GetSize(), labels)
+    geometry, shape = from_sitk(field).geometry, field.GetSize()
+    if labels:
+        return warp_labels(moving, transform, geometry, shape)
+    return resample(moving, transform, geometry, shape)
 
 
 def resample(moving: Volume, transform: sitk.Transform, geometry: Geometry,
@@ -112,6 +116,28 @@ def resample(moving: Volume, transform: sitk.Transform, geometry: Geometry,
         sitk.sitkNearestNeighbor if labels else sitk.sitkLinear, 0.0,
     )
     return from_sitk(warped)
+
+
+def warp_labels(moving: Volume, transform: sitk.Transform, geometry: Geometry,
+                shape: tuple[int, ...]) -> Volume:
+    """A label map through TRANSFORM, the one way every method's labels are warped: each
+    label's mask interpolated linearly, then per voxel the label of the largest value (what
+    ANTs' `genericLabel` interpolator approximates). Nearest neighbour would move Dice by
+    0.01-0.03 against it on the demo brains, so mixing the two would score the interpolator,
+    not the registration. Points outside the moving image are background (0)."""
+    values = np.unique(moving.array)
+    best = np.zeros(tuple(int(n) for n in shape[:3]), dtype=moving.array.dtype)
+    best_weight = np.zeros(best.shape, dtype=np.float32)
+    for value in values:
+        mask = moving.with_array((moving.array == value).astype(np.float32))
+        weight = resample(mask, transform, geometry, shape).array
+        if value == 0:
+            best_weight = weight
+            continue
+        better = weight > best_weight
+        best[better] = value
+        best_weight = np.where(better, weight, best_weight)
+    return Volume(best, geometry)
 
 
 def affine_matrix(transform: sitk.Transform) -> np.ndarray:

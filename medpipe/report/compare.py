@@ -5,9 +5,9 @@ Segmentation: per model, Dice per class (mean +- std over folds), HD95, and the 
 worth it? For each pair of models, the paired difference in per-case mean Dice on the same
 validation cases: mean, a bootstrap 95% interval (10,000 resamples, seeded) and the
 Wilcoxon signed-rank p-value (scipy), next to what each costs. Registration: identity, the
-classical baseline and each network on the same held-out pairs. Written as `report.md` and
-a self-contained `report.html` (figures inlined), and logged to a parent MLflow run under
-which the compared runs are nested.
+classical baselines (SimpleITK, ANTs SyN) and each network on the same held-out pairs.
+Written as `report.md` and a self-contained `report.html` (figures inlined), and logged to a
+parent MLflow run under which the compared runs are nested.
 """
 
 from __future__ import annotations
@@ -117,9 +117,9 @@ def _registration_table(runs: Sequence[TrackedRun]) -> list[dict[str, Any]]:
     for run in runs:
         if tracked.EVAL_MEAN_DICE in run.metrics:
             by_method[run.tags[tracked.MODEL]].append(run)
-    order = {"identity": 0, "classical": 1}
+    order = {"identity": 0, "classical": 1, "ants": 2}
     rows = []
-    for method, folds in sorted(by_method.items(), key=lambda kv: (order.get(kv[0], 2), kv[0])):
+    for method, folds in sorted(by_method.items(), key=lambda kv: (order.get(kv[0], 3), kv[0])):
         row = {"method": method, "folds": len(folds)}
         for key, metric in (("mean_dice", tracked.EVAL_MEAN_DICE),
                             ("hd95_mm", tracked.EVAL_MEAN_HD95),

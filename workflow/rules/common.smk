@@ -39,4 +39,5 @@ def training_settings(wildcards):
 def evaluation_settings(wildcards):
     """What a registration evaluation depends on besides the trained network."""
     return json.dumps({k: config["registration"][k] for k in ("atlas", "eval_pairs",
-                                                              "classical")}, sort_keys=True)
+                                                              "classical", "ants")},
+                      sort_keys=True)

@@ -1,5 +1,5 @@
 # Train each registration network on each fold; score the networks and the baselines
-# (identity, classical SimpleITK) on the fold's held-out pairs. Like segmentation, training
+# (identity, classical SimpleITK, ANTs SyN) on the fold's held-out pairs. Like segmentation, training
 # resumes from its last checkpoint: the rule's output is the summary written at the end.
 # The model lists (REG_MODELS, REG_BASELINES, set in the Snakefile) default to the schema's
 # (medpipe.config.RegistrationConfig).
