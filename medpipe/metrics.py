@@ -124,12 +124,20 @@ def jacobian_determinant(ddf: np.ndarray) -> np.ndarray:
 
 def deformation_metrics(ddf: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:
     """Folding (% of voxels with det J <= 0) and SDlogJ (std of log det J, clipped to
-    [1e-9, 1e9] as Learn2Reg does so folded voxels count instead of vanishing), over MASK."""
+    [1e-9, 1e9] so folded voxels count instead of vanishing), over MASK; and
+    `sdlogj_learn2reg`, SDlogJ as the Learn2Reg evaluator computes it (labelled apart: it
+    drops a 2-voxel border and takes std(log(clip(det J + 3))), the +3 being that
+    evaluator's own; the two are not interchangeable)."""
     det = jacobian_determinant(ddf)
-    values = det[mask.astype(bool)] if mask is not None else det.ravel()
+    inside = mask.astype(bool) if mask is not None else np.ones(det.shape, bool)
+    values = det[inside]
+    border = (slice(2, -2),) * 3
+    learn2reg = det[border][inside[border]]
     return {
         "folding_percent": float(100.0 * np.mean(values <= 0)),
         "sdlogj": float(np.std(np.log(np.clip(values, 1e-9, 1e9)))),
+        "sdlogj_learn2reg": float(np.std(np.log(np.clip(learn2reg + 3, 1e-9, 1e9))))
+        if learn2reg.size else math.nan,
         "jacobian_min": float(values.min()),
         "jacobian_mean": float(values.mean()),
     }

@@ -39,6 +39,10 @@ EVAL_SECONDS_PER_CASE = "eval_seconds_per_case"
 EVAL_SECONDS_PER_PAIR = "eval_seconds_per_pair"
 EVAL_FOLDING_PERCENT = "eval_folding_percent"
 EVAL_SDLOGJ = "eval_sdlogj"
+# Learn2Reg's definitions, labelled as theirs (see `metrics.deformation_metrics`)
+EVAL_SDLOGJ_LEARN2REG = "eval_sdlogj_learn2reg"
+EVAL_DICE30 = "eval_dice30"
+EVAL_MEAN_HD95_VOXELS = "eval_mean_hd95_voxels"
 
 # ------------------------------------------------------------------ artifacts
 EVALUATION_FOLDER = "evaluation"

@@ -179,3 +179,24 @@ def test_labels_are_warped_by_their_interpolated_masks_as_an_independent_computa
     transform = sitk.DisplacementFieldTransform(ddf_to_field(ddf, GEOMETRY))
     nearest = resample(Volume(labels, GEOMETRY), transform, GEOMETRY, SHAPE, labels=True)
     assert not np.array_equal(nearest.array, warped.array)
+
+
+def test_learn2reg_sdlogj_as_their_evaluator_computes_it():
+    """Learn2Reg's SDlogJ, rebuilt from its recipe: [-0.5, 0, 0.5] correlation per axis,
+    identity added, a 2-voxel border dropped, std(log(clip(det + 3)))."""
+    from scipy.ndimage import correlate
+
+    ddf = smooth_ddf(amplitude=6.0).astype(np.float64)
+    kernel = np.array([-0.5, 0.0, 0.5])
+    grad = np.empty((3, 3, *ddf.shape[1:]))
+    for axis in range(3):
+        shape = [1, 1, 1]
+        shape[axis] = 3
+        for c in range(3):
+            grad[c, axis] = correlate(ddf[c], kernel.reshape(shape), mode="constant")
+    grad += np.eye(3)[:, :, None, None, None]
+    det = np.linalg.det(np.moveaxis(grad, (0, 1), (-2, -1)))[2:-2, 2:-2, 2:-2]
+    expected = np.std(np.log(np.clip(det + 3, 1e-9, 1e9)))
+    metrics = deformation_metrics(ddf)
+    assert metrics["sdlogj_learn2reg"] == pytest.approx(expected, rel=1e-9)
+    assert metrics["sdlogj_learn2reg"] != pytest.approx(metrics["sdlogj"], rel=0.1)

@@ -134,7 +134,8 @@ def test_deformation_metrics_known_answers():
 
     zero = np.zeros((3, 10, 10, 10))
     assert deformation_metrics(zero) == {
-        "folding_percent": 0.0, "sdlogj": 0.0, "jacobian_min": 1.0, "jacobian_mean": 1.0
+        "folding_percent": 0.0, "sdlogj": 0.0, "sdlogj_learn2reg": 0.0, "jacobian_min": 1.0,
+        "jacobian_mean": 1.0,
     }
     scaling = np.zeros((3, 10, 10, 10))
     scaling[0] = 0.5 * np.arange(10)[:, None, None]  # x -> 1.5 x: det J = 1.5 everywhere

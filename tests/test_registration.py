@@ -183,6 +183,10 @@ def test_every_method_is_scored_on_the_fixed_raw_grid(trained, tiny_pipeline, me
     dice = [float(r["dice"]) for r in rows]
     assert all(0 <= d <= 1 for d in dice)
     assert summary["mean_dice"]["mean"] == pytest.approx(np.mean(dice))
+    # Learn2Reg's HD95 in voxels: on the isotropic 6 mm tiny brains, exactly mm / 6
+    for row in rows:
+        assert float(row["hd95_voxels"]) * 6.0 == pytest.approx(float(row["hd95"]), nan_ok=True)
+    assert summary["dice30"] == pytest.approx(summary["mean_dice"]["mean"])  # one pair
     if method == "identity":
         assert summary["folding_percent"]["mean"] == 0 and summary["sdlogj"]["mean"] == 0
     else:

@@ -31,7 +31,7 @@ from medpipe.device import pick_device
 from medpipe.errors import MedpipeError
 from medpipe.figures import plot_registration
 from medpipe.io import Volume, atomic_output, read_image, write_json
-from medpipe.metrics import deformation_metrics, segmentation_metrics, summarise
+from medpipe.metrics import deformation_metrics, hd95_mm, segmentation_metrics, summarise
 from medpipe.planning.plans import Plans, read_plans
 from medpipe.progress import report_step
 from medpipe.registration.ants_baseline import AntsRegistration
@@ -48,7 +48,8 @@ from medpipe.runs.loading import load_trained
 from medpipe.runs.spec import RegistrationRunSpec
 
 BASELINES = ("identity", "classical", "ants")
-PAIR_METRICS = ("folding_percent", "sdlogj", "jacobian_min", "jacobian_mean", "seconds")
+PAIR_METRICS = ("folding_percent", "sdlogj", "sdlogj_learn2reg", "jacobian_min",
+                "jacobian_mean", "seconds")
 
 # (moving case, fixed case, fixed raw Volume) -> ITK field on the fixed raw grid
 Method = Callable[[RegistrationCase, RegistrationCase, Volume], sitk.Image]
@@ -111,13 +112,17 @@ def _evaluate(config: PipelineConfig, method: str, fold: int, folder: RunFolder,
         warped_labels = warp_with_field(moving_labels, field, labels=True)
         scores = segmentation_metrics(warped_labels.array, fixed_labels.array, classes,
                                       fixed_labels.spacing)
+        for name, value in classes.items():  # Learn2Reg's HD95 is in voxels of its grids
+            scores[name]["hd95_voxels"] = hd95_voxels(warped_labels.array, fixed_labels.array,
+                                                      value)
         ddf = field_to_ddf(field)
         pair_scores = {**deformation_metrics(ddf), "seconds": seconds}
         per_pair.append({"moving": moving_id, "fixed": fixed_id, **pair_scores,
                          "mean_dice": float(np.nanmean([s["dice"] for s in scores.values()]))})
         for name, values in scores.items():
             rows.append({"moving": moving_id, "fixed": fixed_id, "class": name,
-                         "dice": values["dice"], "hd95": values["hd95"], **pair_scores})
+                         "dice": values["dice"], "hd95": values["hd95"],
+                         "hd95_voxels": values["hd95_voxels"], **pair_scores})
         report_step(f"{method} fold {fold}: pair", index + 1, len(pairs), started)
         if index == 0:
             moving_image = read_image(dataset.case(moving_id).images[0])
@@ -171,16 +176,34 @@ def _summary(method, fold, classes, rows, per_pair, device, checkpoint) -> dict[
         "device": str(device),
         "pairs": len(per_pair),
         "classes": {name: {metric: summarise([r[metric] for r in rows if r["class"] == name])
-                           for metric in ("dice", "hd95")} for name in classes},
+                           for metric in ("dice", "hd95", "hd95_voxels")}
+                    for name in classes},
         "mean_dice": summarise([p["mean_dice"] for p in per_pair]),
+        # Learn2Reg's "DSC30": the 30th percentile over pairs of the pair's mean Dice
+        "dice30": _percentile([p["mean_dice"] for p in per_pair], 30),
+        "mean_hd95_voxels": summarise([r["hd95_voxels"] for r in rows]),
         "mean_hd95": summarise([r["hd95"] for r in rows]),
         **{metric: summarise([p[metric] for p in per_pair]) for metric in PAIR_METRICS},
     }
 
 
+def _percentile(values: list[float], q: float) -> float:
+    finite = [v for v in values if not np.isnan(v)]
+    return float(np.percentile(finite, q)) if finite else float("nan")
+
+
+def hd95_voxels(prediction: np.ndarray, reference: np.ndarray, value) -> float:
+    """HD95 of one class (a label value, or a region's values) in voxels, as Learn2Reg
+    reports it beside medpipe's HD95 in mm."""
+    if isinstance(value, int | np.integer):
+        return hd95_mm(prediction == value, reference == value, (1.0, 1.0, 1.0))
+    return hd95_mm(np.isin(prediction, value), np.isin(reference, value), (1.0, 1.0, 1.0))
+
+
 def _write_csv(rows: list[dict], path: Path) -> None:
     with atomic_output(path) as staging, staging.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=["moving", "fixed", "class", "dice", "hd95",
+                                               "hd95_voxels",
                                                *PAIR_METRICS])
         writer.writeheader()
         writer.writerows(rows)
@@ -201,13 +224,15 @@ def _log(config: PipelineConfig, folder: RunFolder, method: str, fold: int, plan
             f"{section}.{k}": v for k, v in settings.model_dump(mode="json").items()}})
         tracker.set_tags({tracked.GIT_COMMIT: git_commit(), tracked.DEVICE: summary["device"]})
     metrics = {tracked.EVAL_MEAN_DICE: summary["mean_dice"]["mean"],
-               tracked.EVAL_MEAN_HD95: summary["mean_hd95"]["mean"]}
+               tracked.EVAL_MEAN_HD95: summary["mean_hd95"]["mean"],
+               tracked.EVAL_DICE30: summary["dice30"],
+               tracked.EVAL_MEAN_HD95_VOXELS: summary["mean_hd95_voxels"]["mean"]}
     for metric in PAIR_METRICS:
         name = (tracked.EVAL_SECONDS_PER_PAIR if metric == "seconds"
                 else tracked.eval_metric(metric))
         metrics[name] = summary[metric]["mean"]
     for name, values in summary["classes"].items():
-        for metric in ("dice", "hd95"):
+        for metric in ("dice", "hd95", "hd95_voxels"):
             metrics[tracked.eval_class_metric(metric, name)] = values[metric]["mean"]
     tracker.log_metrics(metrics)
     for path in sorted(folder.evaluation.iterdir()):

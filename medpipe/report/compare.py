@@ -125,6 +125,9 @@ def _registration_table(runs: Sequence[TrackedRun]) -> list[dict[str, Any]]:
                             ("hd95_mm", tracked.EVAL_MEAN_HD95),
                             ("folding_percent", tracked.EVAL_FOLDING_PERCENT),
                             ("sdlogj", tracked.EVAL_SDLOGJ),
+                            ("dice30_learn2reg", tracked.EVAL_DICE30),
+                            ("hd95_voxels_learn2reg", tracked.EVAL_MEAN_HD95_VOXELS),
+                            ("sdlogj_learn2reg", tracked.EVAL_SDLOGJ_LEARN2REG),
                             ("seconds_per_pair", tracked.EVAL_SECONDS_PER_PAIR)):
             row[key] = _metric_mean(folds, metric)
         rows.append(row)
