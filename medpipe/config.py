@@ -146,9 +146,11 @@ class NetworkRegistrationSettings(StrictModel):
 
     atlas: str | None = Field(None, description="a case id: register every case to it; "
                               "null: subject to subject")
-    prealign: Literal["affine", "none"] = Field(
-        "affine", description="SimpleITK affine pre-alignment of each pair, as VoxelMorph's "
-        "data")
+    prealign: Literal["affine", "moments", "none"] = Field(
+        "affine", description="global alignment before the network: affine (an iterative "
+        "SimpleITK affine registration per pair, as VoxelMorph's data), moments (the "
+        "centres of mass matched, milliseconds: a pair is then registered by forward passes "
+        "only), none")
     # Deformations are smooth, so a coarser grid costs little accuracy and makes CPU training
     # ~8x cheaper per halving
     spacing: tuple[float, float, float] | None = Field(

@@ -312,3 +312,27 @@ def test_cli_train_and_evaluate(tiny_pipeline, tmp_path):
     assert wrong.returncode != 0
     assert "unet" in wrong.stderr and "registration" in wrong.stderr
     assert "Traceback" not in wrong.stderr
+
+
+def test_moments_prealignment_matches_the_centres_of_mass_and_composes_exactly():
+    from scipy.ndimage import center_of_mass, shift
+
+    from medpipe.registration.pairs import moments_matrix, pair_matrix, prealign
+
+    geometry = Geometry(spacing=(2.0, 1.5, 3.0), origin=(10.0, -5.0, 7.0),
+                        direction=(0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    base = textured_image((24, 20, 16), seed=3) - 1.0  # negative background, as normalised
+    cases = [RegistrationCase(f"c{k}", shift(base, offset, order=1, mode="nearest")[None],
+                              np.zeros(base.shape, np.int64), geometry)
+             for k, offset in enumerate([(0, 0, 0), (2, -1, 1), (-1, 3, -2)])]
+    for moving, fixed in [(cases[1], cases[0]), (cases[2], cases[1])]:
+        matrix = moments_matrix(moving, fixed)
+        expected = [np.asarray(center_of_mass(c.image[0] - c.image[0].min()))
+                    for c in (moving, fixed)]
+        linear = geometry.affine_lps[:3, :3]
+        np.testing.assert_allclose(matrix[:3, 3], linear @ (expected[0] - expected[1]),
+                                   atol=1e-5)  # scipy sums in float32
+        np.testing.assert_array_equal(matrix[:3, :3], np.eye(3))
+    matrices = prealign(cases, cases[0], mode="moments")
+    np.testing.assert_allclose(pair_matrix(matrices, "c2", "c1"),
+                               moments_matrix(cases[2], cases[1]), atol=1e-9)

@@ -84,21 +84,45 @@ def padded_shape(shapes: Sequence[Sequence[int]], divisor: Sequence[int]) -> tup
 
 
 def prealign(cases: Sequence[RegistrationCase], reference: RegistrationCase,
-             settings: ClassicalSettings | None = None) -> dict[str, list[list[float]]]:
-    """Per case, the 4x4 LPS affine taking reference points into the case (identity for
-    the reference itself), from a SimpleITK affine registration on the first channel.
-    Run it at the preprocessed spacing: on a coarse grid its multi-resolution pyramid
-    runs out of voxels (at 6 mm it made the demo pairs worse than no alignment)."""
+             settings: ClassicalSettings | None = None,
+             mode: str = "affine") -> dict[str, list[list[float]]]:
+    """Per case, the 4x4 LPS matrix taking reference points into the case (identity for
+    the reference itself): a SimpleITK affine registration on the first channel (MODE
+    "affine"), or the translation matching the centres of mass ("moments"). Run the affine
+    at the preprocessed spacing: on a coarse grid its multi-resolution pyramid runs out of
+    voxels (at 6 mm it made the demo pairs worse than no alignment)."""
     settings = settings or ClassicalSettings(deformable="none")
     matrices = {}
     for case in cases:
         if case.case_id == reference.case_id:
             matrix = np.eye(4)
+        elif mode == "moments":
+            matrix = moments_matrix(case, reference)
         else:
             matrix = affine_matrix(register_classical(reference.volume(), case.volume(),
                                                       settings))
         matrices[case.case_id] = matrix.tolist()
     return matrices
+
+
+def centre_of_mass(case: RegistrationCase) -> np.ndarray:
+    """The intensity-weighted centre of the first channel (LPS mm), the image shifted to
+    start at 0 (normalised scans are negative in the background)."""
+    image = case.image[0].astype(np.float64)
+    weights = image - image.min()
+    index = [np.sum(weights.sum(axis=tuple(a for a in range(3) if a != axis))
+                    * np.arange(n)) for axis, n in enumerate(image.shape)]
+    index = np.asarray(index) / max(weights.sum(), 1e-12)
+    return (case.geometry.affine_lps @ np.append(index, 1.0))[:3]
+
+
+def moments_matrix(moving: RegistrationCase, fixed: RegistrationCase) -> np.ndarray:
+    """Fixed points -> moving points: the translation that puts the fixed centre of mass
+    on the moving one (ITK's MOMENTS initialiser, as a matrix); exact under composition, so
+    per-case matrices to a reference give every pair's."""
+    matrix = np.eye(4)
+    matrix[:3, 3] = centre_of_mass(moving) - centre_of_mass(fixed)
+    return matrix
 
 
 def pair_matrix(matrices: dict[str, list] | None, moving: str, fixed: str) -> np.ndarray:

@@ -239,7 +239,7 @@ def prealignment(folder: RunFolder, spec: RegistrationRunSpec,
     if stored is not None:
         return stored
     reference = next(c for c in cases if c.case_id == spec.reference_case)
-    matrices = prealign(cases, reference, spec.classical)
+    matrices = prealign(cases, reference, spec.classical, spec.registration.prealign)
     write_json({"run_hash": spec.run_hash, "reference": reference.case_id,
                 "matrices": matrices}, folder.prealignment_file)
     return matrices
