@@ -1,18 +1,23 @@
 """Registration: seconds per pair, peak memory and Dice of the warped labels for identity,
-the classical SimpleITK registration (affine + demons, medpipe's defaults) and each network
+the classical SimpleITK registration (affine + demons, medpipe's defaults), ANTs SyN
+(ANTsPy's default `SyN`, deterministic single thread, and with both threads) and each network
 (`load_registrator(...).register`: pre-alignment, the network on its grid, the field
 composed onto the fixed scan's grid), at the demo's 3 mm and at MNI's 1 mm (197x233x189).
 
 The same pairs for every method, raw scans in, the field on the fixed grid out, the moving
-labels warped through it (nearest neighbour) and compared with the fixed labels (mean Dice
-over CSF, grey and white matter). Peak memory: resident memory sampled during each pair,
+labels warped through it (`fields.warp_labels`, one way for every method) and compared with
+the fixed labels (mean Dice over CSF, grey and white matter). ANTs' worker process is
+started before the clock (its ~2 s of imports are paid once per evaluation, not per pair).
+Peak memory: resident memory sampled during each pair,
 each in a fresh process (the network loaded in it).
 Writes bench/results/registration_speed.json.
 
     python bench/registration_speed.py [--quick] [--runs demo/results/runs]
 
-Networks come from --runs (trained, e.g. by `make demo`); without it they are trained for
-one step on the bench's data, and only their time is meaningful (their Dice is left out).
+Networks come from --runs (trained, e.g. by `make demo`: every NAME/fold_0 holding a
+registration network is a row, so a network trained with `registration.prealign=moments`
+into its own folder is measured beside the others); without it they are trained for one step
+on the bench's data, and only their time is meaningful (their Dice is left out).
 """
 
 from __future__ import annotations
@@ -37,11 +42,16 @@ def measure(method: str, moving: str, fixed: str, moving_labels: str, fixed_labe
     from medpipe.registration.classical import displacement_field, register_classical
     from medpipe.registration.fields import identity_field, warp_with_field
 
-    registrator = None
+    registrator = ants = None
     if run is not None:
         from medpipe import load_registrator
 
         registrator = load_registrator(run, device="auto")
+    elif method.startswith("ants"):
+        from medpipe.config import AntsSettings
+        from medpipe.registration.ants_baseline import AntsRegistration
+
+        ants = AntsRegistration(AntsSettings(deterministic=method == "ants"))
     start = time.perf_counter()
     if registrator is not None:  # paths in: the field comes back as a Volume
         field = to_sitk(registrator.register(moving, fixed).field)
@@ -50,9 +60,13 @@ def measure(method: str, moving: str, fixed: str, moving_labels: str, fixed_labe
         if method == "classical":
             field = displacement_field(register_classical(fixed_volume, moving_volume),
                                        fixed_volume)
+        elif ants is not None:
+            field = displacement_field(ants(fixed_volume, moving_volume), fixed_volume)
         else:
             field = identity_field(fixed_volume.geometry, fixed_volume.shape)
     seconds = time.perf_counter() - start
+    if ants is not None:
+        ants.close()
     if run is not None and not trained:
         return {"seconds": seconds, "mean_dice": None}  # an untrained network: time only
     warped = warp_with_field(read_image(moving_labels), field, labels=True).array
@@ -72,8 +86,11 @@ def main() -> None:
              "1 mm MNI (197x233x189)": demo_pipeline(cases=2, spacing=1.0, name="mni_1mm",
                                                      preprocess=False)}
     trained = args.runs is not None
+    networks = list(NETWORKS)
     if args.runs:
         runs = args.runs
+        networks = sorted(p.parent.name for p in runs.glob("*/fold_0/training.json")
+                          if _is_registration(p.parent))
     else:
         from medpipe.training.registration import train_registration
 
@@ -84,8 +101,8 @@ def main() -> None:
         labels = sorted((root / "raw" / "labelsTr").glob("*.nii.gz"))
         n_pairs = 1 if args.quick or grid.startswith("1 mm") else 3
         pairs = [(i + 1, i) for i in range(n_pairs)]
-        for method in ("identity", "classical", *NETWORKS):
-            run = str(runs / method / "fold_0") if method in NETWORKS else None
+        for method in ("identity", "classical", "ants", "ants_2_threads", *networks):
+            run = str(runs / method / "fold_0") if method in networks else None
             results = [in_fresh_process(measured, measure, method, str(images[m]),
                                         str(images[f]), str(labels[m]), str(labels[f]), run,
                                         trained)
@@ -99,18 +116,27 @@ def main() -> None:
                          "per_pair": results})
             table.append([grid, method, seconds, dice, peak])
             print(rows[-1], flush=True)
-    for grid in grids:  # classical time / network time, per grid
+    for grid in grids:  # classical and ANTs time / network time, per grid
         by_method = {r["method"]: r["seconds_per_pair"] for r in rows if r["grid"] == grid}
-        for network in NETWORKS:
-            ratio = by_method["classical"] / by_method[network]
-            rows.append({"grid": grid, "ratio": f"classical / {network}", "value": ratio})
-            table.append([grid, f"time ratio classical / {network}", ratio, None, None])
+        for network in networks:
+            for baseline in ("classical", "ants", "ants_2_threads"):
+                ratio = by_method[baseline] / by_method[network]
+                rows.append({"grid": grid, "ratio": f"{baseline} / {network}", "value": ratio})
+                table.append([grid, f"time ratio {baseline} / {network}", ratio, None, None])
     write_results("registration_speed", {"quick": args.quick, "trained_networks": trained,
                                          "runs": str(runs), "rows": rows},
                   ["grid", "method", "s / pair", "mean Dice", "MB"], table,
                   notes="Seconds from the two scans on disk to the field on the fixed grid "
                         "(pre-alignment included for the networks); Dice of the moving labels "
-                        "warped by that field against the fixed labels.")
+                        "warped by that field against the fixed labels. ants: ANTsPy SyN, "
+                        "deterministic (1 thread); ants_2_threads: the same with 2 threads.")
+
+
+def _is_registration(folder: Path) -> bool:
+    from medpipe.runs.folder import RunFolder
+    from medpipe.runs.spec import read_run_spec
+
+    return read_run_spec(RunFolder(folder)).task == "registration"
 
 
 if __name__ == "__main__":
