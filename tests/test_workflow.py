@@ -58,14 +58,14 @@ def test_dry_run_shows_the_dag(workdir):
     for rule in ("verify_dataset", "split_dataset", "extract_fingerprint", "plan_experiment"):
         assert rule in result.stdout
     assert re.search(r"preprocess_case\s+5\n", result.stdout)
-    # the demo's config (one fold, three segmentation models, two networks, two baselines)
+    # the demo's config (one fold, three segmentation models, two networks, three baselines)
     command = snakemake(workdir, "all")
     command[command.index("--configfile") + 1] = str(REPO / "configs" / "demo.yaml")
     demo = run([*command, "--config", "dataset=raw", "results=results", "-n"])
     assert demo.returncode == 0, demo.stderr[-2000:]
     assert re.search(r"train_segmentation\s+3\n", demo.stdout)
     assert re.search(r"train_registration\s+2\n", demo.stdout)
-    assert re.search(r"evaluate_registration_baseline\s+2\n", demo.stdout)
+    assert re.search(r"evaluate_registration_baseline\s+3\n", demo.stdout)
     assert re.search(r"compare\s+1\n", demo.stdout)
 
 
