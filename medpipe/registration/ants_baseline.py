@@ -22,6 +22,7 @@ import tempfile
 from importlib.util import find_spec
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
 from medpipe.config import AntsSettings
@@ -73,8 +74,13 @@ class AntsRegistration:
         self._pairs += 1
         folder = Path(self.folder.name) / f"pair_{self._pairs}"
         folder.mkdir()
-        write_image(fixed, folder / "fixed.nii.gz")
-        write_image(moving, folder / "moving.nii.gz")
+        # ANTsPy starts from the centres of mass: with the negative background of a
+        # normalised scan they land anywhere (the registration then fails, "all samples
+        # map outside moving image buffer"), so both images start at 0; mutual information
+        # does not see the shift
+        for volume, name in ((fixed, "fixed"), (moving, "moving")):
+            shifted = (volume.array - volume.array.min()).astype(np.float32)
+            write_image(volume.with_array(shifted), folder / f"{name}.nii.gz")
         request = {"fixed": str(folder / "fixed.nii.gz"), "moving": str(folder / "moving.nii.gz"),
                    "prefix": str(folder / "out_"), "transform": self.settings.transform,
                    "seed": self.settings.seed}
