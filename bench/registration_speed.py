@@ -89,7 +89,7 @@ def main() -> None:
     networks = list(NETWORKS)
     if args.runs:
         runs = args.runs
-        networks = sorted(p.parent.name for p in runs.glob("*/fold_0/training.json")
+        networks = sorted(p.parent.parent.name for p in runs.glob("*/fold_0/training.json")
                           if _is_registration(p.parent))
     else:
         from medpipe.training.registration import train_registration
