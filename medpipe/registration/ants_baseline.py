@@ -36,7 +36,11 @@ ENVIRONMENT = Path(__file__).resolve().parents[2] / ".venv-ants"
 def ants_python() -> Path:
     """The Python that runs ANTsPy (see the module's docstring for the order)."""
     if os.environ.get("MEDPIPE_ANTS_PYTHON"):
-        return Path(os.environ["MEDPIPE_ANTS_PYTHON"])
+        python = Path(os.environ["MEDPIPE_ANTS_PYTHON"])
+        if not python.is_file():
+            raise MedpipeError("MEDPIPE_ANTS_PYTHON names no Python (`make ants-env` builds "
+                               ".venv-ants with ANTsPy)", python)
+        return python
     if (ENVIRONMENT / "bin" / "python").is_file():
         return ENVIRONMENT / "bin" / "python"
     if find_spec("ants") is not None:
