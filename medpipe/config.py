@@ -133,7 +133,8 @@ class AntsSettings(StrictModel):
                            "SyN, Mattes MI; ANTsPy's default), SyNCC, antsRegistrationSyN[s], "
                            "antsRegistrationSyNQuick[s], ...")
     # with 2 threads a pair's Dice varied by up to 0.009 over 3 identical runs; single-
-    # threaded runs were identical (measured on the demo, antspyx 0.6.3)
+    # threaded runs were identical (measured on the demo, antspyx 0.6.3; a test checks that
+    # two deterministic runs give the same field)
     deterministic: bool = Field(True, description="one thread and a fixed seed, so a "
                                 "result is reproduced exactly (ANTs with several threads is "
                                 "not); false: all threads, faster")
