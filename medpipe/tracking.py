@@ -135,13 +135,21 @@ class MlflowTracker:
                     (folder.checkpoint_file("best"), files.checkpoint_file("best")),
                     (folder.checkpoint_metadata("best"), files.checkpoint_metadata("best"))):
                 shutil.copy2(source, target)
-            mlflow.set_tracking_uri(self.client.tracking_uri)
-            with mlflow.start_run(run_id=self.run_id):
-                info = mlflow.pyfunc.log_model(
-                    name="model", python_model=str(code), artifacts={"run": str(files.path)},
-                    signature=signature, code_paths=[str(Path(__file__).parent)],
-                    pip_requirements=model_requirements(),
-                )
+            saved = os.environ.get("MLFLOW_TRACKING_URI")
+            mlflow.set_tracking_uri(self.client.tracking_uri)  # also writes os.environ
+            try:
+                with mlflow.start_run(run_id=self.run_id):
+                    info = mlflow.pyfunc.log_model(
+                        name="model", python_model=str(code),
+                        artifacts={"run": str(files.path)}, signature=signature,
+                        code_paths=[str(Path(__file__).parent)],
+                        pip_requirements=model_requirements(),
+                    )
+            finally:  # a later subprocess of this process must not inherit this store
+                if saved is None:
+                    os.environ.pop("MLFLOW_TRACKING_URI", None)
+                else:
+                    os.environ["MLFLOW_TRACKING_URI"] = saved
         return info.model_id
 
     def register_model(self, model_id: str, name: str, alias: str) -> int:

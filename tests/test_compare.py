@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -60,9 +61,12 @@ def test_compare_builds_the_report_from_mlflow_runs(tiny_pipeline, tmp_path, mon
                 "training.iterations_per_epoch=2", "registration.atlas=brain_001",
                 "registration.classical.demons_iterations=5"]
     config = load_config(tiny_pipeline / "config.yaml", settings)
+    environment = os.environ.get("MLFLOW_TRACKING_URI")
     for model in ("unet", "nnunet"):
         run_dir = train_segmentation(config, model, 0, tmp_path / model, progress=False)
         evaluate_segmentation(config, model, 0, run_dir, device="cpu")
+    # logging a model leaves no store behind in the environment for later subprocesses
+    assert os.environ.get("MLFLOW_TRACKING_URI") == environment
     for method in ("identity", "classical"):
         evaluate_registration(config, method, 0, tmp_path / method, device="cpu")
 

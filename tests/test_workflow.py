@@ -46,7 +46,9 @@ def workdir(tmp_path):
 
 
 def run(command: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    # the workflow's own store (RESULTS/mlflow.db), not one an earlier test left in the env
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{BIN}:{os.environ['PATH']}"
     return subprocess.run(
         command, capture_output=True, encoding="utf-8", errors="replace", timeout=600, env=env
     )
