@@ -31,7 +31,7 @@ from medpipe.device import pick_device
 from medpipe.errors import MedpipeError
 from medpipe.figures import plot_registration
 from medpipe.io import Volume, atomic_output, read_image, write_json
-from medpipe.metrics import deformation_metrics, hd95_mm, segmentation_metrics, summarise
+from medpipe.metrics import deformation_metrics, segmentation_metrics, summarise
 from medpipe.planning.plans import Plans, read_plans
 from medpipe.progress import report_step
 from medpipe.registration.ants_baseline import AntsRegistration
@@ -112,9 +112,11 @@ def _evaluate(config: PipelineConfig, method: str, fold: int, folder: RunFolder,
         warped_labels = warp_with_field(moving_labels, field, labels=True)
         scores = segmentation_metrics(warped_labels.array, fixed_labels.array, classes,
                                       fixed_labels.spacing)
-        for name, value in classes.items():  # Learn2Reg's HD95 is in voxels of its grids
-            scores[name]["hd95_voxels"] = hd95_voxels(warped_labels.array, fixed_labels.array,
-                                                      value)
+        # Learn2Reg's HD95 is in voxels of its grids: the same metrics at unit spacing
+        in_voxels = segmentation_metrics(warped_labels.array, fixed_labels.array, classes,
+                                         (1.0, 1.0, 1.0))
+        for name in classes:
+            scores[name]["hd95_voxels"] = in_voxels[name]["hd95"]
         ddf = field_to_ddf(field)
         pair_scores = {**deformation_metrics(ddf), "seconds": seconds}
         per_pair.append({"moving": moving_id, "fixed": fixed_id, **pair_scores,
@@ -180,24 +182,11 @@ def _summary(method, fold, classes, rows, per_pair, device, checkpoint) -> dict[
                     for name in classes},
         "mean_dice": summarise([p["mean_dice"] for p in per_pair]),
         # Learn2Reg's "DSC30": the 30th percentile over pairs of the pair's mean Dice
-        "dice30": _percentile([p["mean_dice"] for p in per_pair], 30),
+        "dice30": float(np.nanpercentile([p["mean_dice"] for p in per_pair], 30)),
         "mean_hd95_voxels": summarise([r["hd95_voxels"] for r in rows]),
         "mean_hd95": summarise([r["hd95"] for r in rows]),
         **{metric: summarise([p[metric] for p in per_pair]) for metric in PAIR_METRICS},
     }
-
-
-def _percentile(values: list[float], q: float) -> float:
-    finite = [v for v in values if not np.isnan(v)]
-    return float(np.percentile(finite, q)) if finite else float("nan")
-
-
-def hd95_voxels(prediction: np.ndarray, reference: np.ndarray, value) -> float:
-    """HD95 of one class (a label value, or a region's values) in voxels, as Learn2Reg
-    reports it beside medpipe's HD95 in mm."""
-    if isinstance(value, int | np.integer):
-        return hd95_mm(prediction == value, reference == value, (1.0, 1.0, 1.0))
-    return hd95_mm(np.isin(prediction, value), np.isin(reference, value), (1.0, 1.0, 1.0))
 
 
 def _write_csv(rows: list[dict], path: Path) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.ndimage import affine_transform, zoom
+from scipy.ndimage import affine_transform, center_of_mass, zoom
 
 from medpipe.config import ClassicalSettings
 from medpipe.errors import DatasetError
@@ -109,10 +109,7 @@ def centre_of_mass(case: RegistrationCase) -> np.ndarray:
     """The intensity-weighted centre of the first channel (LPS mm), the image shifted to
     start at 0 (normalised scans are negative in the background)."""
     image = case.image[0].astype(np.float64)
-    weights = image - image.min()
-    index = [np.sum(weights.sum(axis=tuple(a for a in range(3) if a != axis))
-                    * np.arange(n)) for axis, n in enumerate(image.shape)]
-    index = np.asarray(index) / max(weights.sum(), 1e-12)
+    index = np.asarray(center_of_mass(image - image.min()))
     return (case.geometry.affine_lps @ np.append(index, 1.0))[:3]
 
 
