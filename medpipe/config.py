@@ -73,8 +73,8 @@ class TrainingConfig(StrictModel):
                            "always validates)")
     val_overlap: float = Field(0.5, ge=0, lt=1, description="sliding-window overlap in "
                                "validation")
-    amp: bool = Field(True, description="bf16 (or fp16 + loss scaling) autocast on CUDA; "
-                      "ignored on CPU")
+    amp: bool = Field(True, description="mixed precision: bf16 (or fp16 + loss scaling) "
+                      "autocast on CUDA, bf16 on a CPU with native bf16 (AVX-512 BF16/AMX)")
     grad_clip: float | None = Field(12.0, gt=0, description="gradient norm clip; null: none")
     seed: int = Field(0, description="seeds the initial weights and every sample")
     num_workers: int = Field(2, ge=0, description="patch loader processes")
@@ -141,6 +141,19 @@ class AntsSettings(StrictModel):
     seed: int = Field(0, description="ANTs' random seed (its metric sampling)")
 
 
+class InstanceOptimisationSettings(StrictModel):
+    """Instance optimisation (`registration.instance_optimisation`): a network's field
+    refined per pair at inference by a few Adam steps on the training loss's image terms
+    (similarity + diffusion; no labels), as the top Learn2Reg entries and uniGradICON's IO
+    do. Scored as its own method, NETWORK_io, with its own time."""
+
+    steps: int = Field(0, ge=0, description="Adam steps per pair; 0: no instance-optimised "
+                       "rows (the workflow scores NETWORK_io beside each network when > 0)")
+    lr: float = Field(0.1, gt=0, description="Adam's step size, voxels of the network's grid")
+    regularisation: float | None = Field(None, ge=0, description="diffusion weight; null: "
+                                         "the network's training weight")
+
+
 class NetworkRegistrationSettings(StrictModel):
     """What a registration network learns from: part of its run's description, so changing
     any of these makes a different run."""
@@ -177,6 +190,9 @@ class RegistrationConfig(NetworkRegistrationSettings):
     classical: ClassicalSettings = Field(
         ClassicalSettings(), description="the SimpleITK baseline and the pre-alignment")
     ants: AntsSettings = Field(AntsSettings(), description="the ANTs baseline")
+    instance_optimisation: InstanceOptimisationSettings = Field(
+        InstanceOptimisationSettings(), description="per-pair refinement of each network's "
+        "field, scored as NETWORK_io")
 
     def network_settings(self) -> NetworkRegistrationSettings:
         return NetworkRegistrationSettings(

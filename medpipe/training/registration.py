@@ -77,11 +77,27 @@ class RegistrationLoss(nn.Module):
 
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor, ddf: torch.Tensor,
                 moving_labels: torch.Tensor, fixed_labels: torch.Tensor) -> torch.Tensor:
-        # similarity in fp32: LNCC divides small variances, which bf16 cannot hold
-        loss = self.similarity(warped.float(), fixed.float())
-        loss = loss + self.regularisation * self.smoothness(ddf.float())
+        # in fp32 with autocast off (casting the inputs is not enough: autocast would run
+        # LNCC's box-filter convolutions in bf16 again): LNCC divides local variances that
+        # bf16 cannot hold; under bf16 it diverged to -1e6 within 200 pairs
+        with torch.autocast(warped.device.type, enabled=False):
+            return self._loss(warped.float(), fixed.float(), ddf.float(), moving_labels,
+                              fixed_labels)
+
+    def image_terms(self, warped: torch.Tensor, fixed: torch.Tensor, ddf: torch.Tensor,
+                    regularisation: float | None = None) -> torch.Tensor:
+        """Similarity + weighted diffusion, in fp32 (what instance optimisation minimises:
+        no labels at inference)."""
+        weight = self.regularisation if regularisation is None else regularisation
+        with torch.autocast(warped.device.type, enabled=False):
+            warped, ddf = warped.float(), ddf.float()
+            return self.similarity(warped, fixed.float()) + weight * self.smoothness(ddf)
+
+    def _loss(self, warped: torch.Tensor, fixed: torch.Tensor, ddf: torch.Tensor,
+              moving_labels: torch.Tensor, fixed_labels: torch.Tensor) -> torch.Tensor:
+        loss = self.image_terms(warped, fixed, ddf)
         if self.dice_weight > 0:
-            moved = self.warp_labels(one_hot(moving_labels, self.n_classes), ddf.float())
+            moved = self.warp_labels(one_hot(moving_labels, self.n_classes), ddf)
             loss = loss + self.dice_weight * self.dice(moved, one_hot(fixed_labels,
                                                                       self.n_classes))
         return loss
