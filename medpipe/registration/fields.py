@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
-from scipy.ndimage import map_coordinates
+import torch
+import torch.nn.functional as F
 
 from medpipe.io import Geometry, Volume, from_sitk, to_sitk
 
@@ -66,31 +67,60 @@ def physical_points(geometry: Geometry, shape: tuple[int, ...]) -> np.ndarray:
 def compose_field(
     target: Geometry,
     target_shape: tuple[int, int, int],
-    ddf: np.ndarray | None = None,
+    ddf: np.ndarray | torch.Tensor | None = None,
     source: Geometry | None = None,
     prealign: np.ndarray | None = None,
 ) -> sitk.Image:
     """The ITK field on TARGET's grid of `prealign o (id + ddf)`.
 
     DDF is a voxel field predicted on SOURCE's grid (the fixed image as the network saw it:
-    cropped, resampled, padded); it is interpolated (trilinear) at TARGET's voxel centres.
-    PREALIGN is a 4x4 matrix in LPS mm taking fixed points into the moving image (the
-    affine pre-alignment), applied after the deformable part, as the moving image was
-    pre-aligned before the network saw it. Either part may be absent.
+    cropped, resampled, padded); it is interpolated (trilinear, the border value beyond the
+    grid) at TARGET's voxel centres. PREALIGN is a 4x4 matrix in LPS mm taking fixed points
+    into the moving image (the affine pre-alignment), applied after the deformable part, as
+    the moving image was pre-aligned before the network saw it. Either part may be absent.
+
+    In torch (`grid_sample`) rather than scipy's `map_coordinates`: on a 1 mm brain grid
+    (197 x 233 x 189) it is what a network's registration spends most of its time on, and
+    torch's runs on every core.
     """
-    points = physical_points(target, target_shape)
-    moved = points.copy()
+    shape = tuple(int(n) for n in target_shape[:3])
+    index = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape],
+                                       indexing="ij"))
+    affine = torch.from_numpy(target.affine_lps)
+    points = torch.einsum("rc,c...->r...", affine[:3, :3], index)
+    points += affine[:3, 3, None, None, None]
+    moved = points.clone()
     if ddf is not None:
         source = source or target
-        index = np.einsum("rc,c...->r...", np.linalg.inv(source.affine_lps)[:3, :3], points)
-        index += np.linalg.inv(source.affine_lps)[:3, 3, None, None, None]
-        sampled = np.stack([map_coordinates(ddf[c], index, order=1, mode="nearest")
-                            for c in range(3)])
-        moved += voxels_to_mm(sampled, source)
+        moved += torch.from_numpy(voxels_to_mm(sample_ddf(ddf, source, target, shape), source))
     if prealign is not None:
-        moved = np.einsum("rc,c...->r...", prealign[:3, :3], moved)
-        moved += prealign[:3, 3, None, None, None]
-    return to_itk_field(moved - points, target)
+        matrix = torch.from_numpy(np.asarray(prealign, dtype=np.float64))
+        moved = torch.einsum("rc,c...->r...", matrix[:3, :3], moved)
+        moved += matrix[:3, 3, None, None, None]
+    return to_itk_field((moved - points).numpy(), target)
+
+
+def sample_ddf(ddf: np.ndarray | torch.Tensor, source: Geometry, target: Geometry,
+               shape: tuple[int, int, int]) -> np.ndarray:
+    """DDF (3, X, Y, Z on SOURCE's grid) trilinearly interpolated at the voxel centres of
+    TARGET's grid of SHAPE; beyond SOURCE's grid the nearest border value (scipy's
+    `mode="nearest"`)."""
+    ddf = torch.as_tensor(ddf, dtype=torch.float32)
+    # target voxel index -> source voxel index, then grid_sample's [-1, 1] (align_corners)
+    to_source = np.linalg.inv(source.affine_lps) @ target.affine_lps
+    size = np.asarray(ddf.shape[1:], dtype=np.float64)
+    normalise = np.diag([*(2.0 / np.maximum(size - 1, 1)), 1.0])
+    normalise[:3, 3] = -1.0
+    matrix = normalise @ to_source
+    # grid_sample reads the last grid axis as (W, H, D) = our (Z, Y, X): reverse the rows
+    linear = torch.from_numpy(matrix[2::-1, :3].astype(np.float32))
+    offset = torch.from_numpy(matrix[2::-1, 3].astype(np.float32))
+    axes = [torch.arange(n, dtype=torch.float32) for n in shape]
+    grid = (axes[0][:, None, None, None] * linear[:, 0] + axes[1][None, :, None, None]
+            * linear[:, 1] + axes[2][None, None, :, None] * linear[:, 2] + offset)
+    sampled = F.grid_sample(ddf[None], grid[None], mode="bilinear", padding_mode="border",
+                            align_corners=True)
+    return sampled[0].double().numpy()
 
 
 def warp_with_field(moving: Volume, field: sitk.Image, labels: bool = False) -> Volume:
