@@ -328,12 +328,16 @@ def train_reg(
 def evaluate_reg(
     config: ConfigOption,
     model: Annotated[str, typer.Option(
-        "--model", help="A trained registration network, or identity / classical.")],
+        "--model", help="A trained registration network; NETWORK_io: that network with "
+        "instance optimisation; or identity / classical / ants.")],
     fold: FoldOption = 0,
     overrides: SetOption = None,
     run_dir: RunDirOption = None,
     checkpoint: Annotated[str, typer.Option(help="best or latest.")] = "best",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    network_dir: Annotated[Path | None, typer.Option(
+        "--network-dir", help="For NETWORK_io: the network's run folder (default: "
+        "RESULTS/runs/NETWORK/fold_K).")] = None,
 ) -> None:
     """Score a registration method on the fold's held-out pairs: Dice of warped labels,
     HD95, folding, SDlogJ and seconds per pair."""
@@ -341,7 +345,7 @@ def evaluate_reg(
     from medpipe.evaluation.registration import evaluate_registration
 
     summary = evaluate_registration(load_config(config, overrides), model, fold, run_dir,
-                                    checkpoint, device)
+                                    checkpoint, device, network_dir)
     _print_classes(summary)
     console.print(
         f"[green]mean Dice[/green] {summary['mean_dice']['mean']:.3f} over {summary['pairs']} "

@@ -2,8 +2,10 @@
 
 A method turns a (moving, fixed) pair of preprocessed cases into an ITK displacement field
 on the fixed case's *raw* grid (see `registration.fields`): identity (a zero field), the
-classical SimpleITK baseline, ANTs SyN (`registration.ants_baseline`), or a trained network
-(pre-alignment + predicted field, composed in `compose_field`). The moving raw label map is
+classical SimpleITK baseline, ANTs SyN (`registration.ants_baseline`), a trained network
+(pre-alignment + predicted field, composed in `compose_field`), or NETWORK_io: that network
+with its field refined per pair (`registration.instance_optimisation`), its own method with
+its own run folder and time. The moving raw label map is
 then warped through that field, every method's the same way (each label's mask linearly
 interpolated, then the most likely label: `fields.warp_labels`), and compared with the fixed
 raw labels: Dice and HD95 (mm) per label; the field gives folding (% of voxels with
@@ -48,6 +50,7 @@ from medpipe.runs.loading import load_trained
 from medpipe.runs.spec import RegistrationRunSpec
 
 BASELINES = ("identity", "classical", "ants")
+REFINED = "_io"  # NETWORK_io: the network with instance optimisation
 PAIR_METRICS = ("folding_percent", "sdlogj", "sdlogj_learn2reg", "jacobian_min",
                 "jacobian_mean", "seconds")
 
@@ -62,33 +65,51 @@ def evaluate_registration(
     run_dir: Path | None = None,
     checkpoint: str = "best",
     device: str = "auto",
+    network_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Score METHOD (a baseline: identity, classical, ants; or a trained network's name) on
-    FOLD's held-out pairs; write `evaluation/pairs.csv`, `evaluation/summary.json` and a
-    figure in the run folder and log them to its MLflow run. Returns the summary."""
+    """Score METHOD (a baseline: identity, classical, ants; a trained network's name; or
+    NETWORK_io) on FOLD's held-out pairs; write `evaluation/pairs.csv`,
+    `evaluation/summary.json` and a figure in the run folder and log them to its MLflow run.
+    NETWORK_io reads the network from NETWORK_DIR (default: NETWORK's run folder) and writes
+    to its own. Returns the summary."""
     folder = RunFolder(run_dir) if run_dir else config.run_folder(method, fold)
     plans = read_plans(config.plans_file)
     _, val_ids = fold_case_ids(config.splits_file, fold)
     torch_device = pick_device(device)
-    with ExitStack() as resources:
-        return _evaluate(config, method, fold, folder, plans, val_ids, torch_device, checkpoint,
-                         resources)
-
-
-def _evaluate(config: PipelineConfig, method: str, fold: int, folder: RunFolder, plans: Plans,
-              val_ids: list[str], torch_device, checkpoint: str,
-              resources: ExitStack) -> dict[str, Any]:
-    settings = config.registration
     if method in BASELINES:
+        network_folder = None
+    elif (network := refined_network(method)) is not None:
+        network_folder = RunFolder(network_dir) if network_dir else config.run_folder(
+            network, fold)
+    else:
+        network_folder = folder
+    with ExitStack() as resources:
+        return _evaluate(config, method, fold, folder, network_folder, plans, val_ids,
+                         torch_device, checkpoint, resources)
+
+
+def refined_network(method: str) -> str | None:
+    """The network NETWORK_io refines, or None for any other method."""
+    return method[: -len(REFINED)] if method.endswith(REFINED) else None
+
+
+def _evaluate(config: PipelineConfig, method: str, fold: int, folder: RunFolder,
+              network_folder: RunFolder | None, plans: Plans, val_ids: list[str],
+              torch_device, checkpoint: str, resources: ExitStack) -> dict[str, Any]:
+    settings = config.registration
+    if network_folder is None:
         register = _baseline(method, settings, resources)
         atlas, spec = settings.atlas, None
     else:
-        network, spec = load_trained(folder, checkpoint, torch_device)
+        network, spec = load_trained(network_folder, checkpoint, torch_device)
         if not isinstance(spec, RegistrationRunSpec) or spec.fold != fold:
             raise MedpipeError(f"run folder does not hold a registration network for fold "
-                               f"{fold}", folder.path)
+                               f"{fold}", network_folder.path)
         atlas = spec.registration.atlas
-        network_method = NetworkRegistration(network, spec, torch_device)
+        refinement = settings.instance_optimisation if refined_network(method) else None
+        if refinement is not None and refinement.steps == 0:
+            raise MedpipeError(f"{method} needs registration.instance_optimisation.steps > 0")
+        network_method = NetworkRegistration(network, spec, torch_device, refinement)
 
         def register(moving, fixed, target):
             return network_method(moving, fixed, target.geometry, target.shape)
@@ -138,7 +159,7 @@ def _evaluate(config: PipelineConfig, method: str, fold: int, folder: RunFolder,
                        if spec else None)
     _write_csv(rows, folder.pairs_table)
     write_json(summary, folder.evaluation_summary)
-    _log(config, folder, method, fold, plans, summary, spec is None)
+    _log(config, folder, method, fold, plans, summary, trained=network_folder == folder)
     return summary
 
 
@@ -198,19 +219,29 @@ def _write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
+def _method_params(config: PipelineConfig, method: str) -> dict[str, Any]:
+    """The settings of a method whose run starts at its evaluation."""
+    settings = config.registration
+    if (network := refined_network(method)) is not None:
+        section, values = "instance_optimisation", settings.instance_optimisation
+        extra = {"network": network}
+    else:
+        section, values = (("ants", settings.ants) if method == "ants"
+                           else ("classical", settings.classical))
+        extra = {}
+    return {**extra, **{f"{section}.{k}": v for k, v in values.model_dump(mode="json").items()}}
+
+
 def _log(config: PipelineConfig, folder: RunFolder, method: str, fold: int, plans: Plans,
-         summary: dict, baseline: bool) -> None:
+         summary: dict, trained: bool) -> None:
     from medpipe.tracking import git_commit, open_tracker
 
     tracker = open_tracker(
         config.tracking_store, plans.dataset_name, f"{method}_fold_{fold}", folder,
         tags={tracked.MODEL: method, tracked.FOLD: str(fold), tracked.TASK: "registration"},
     )
-    if baseline and not tracker.resumed:  # a baseline: its run starts here
-        section, settings = (("ants", config.registration.ants) if method == "ants"
-                             else ("classical", config.registration.classical))
-        tracker.log_params({"method": method, "fold": fold, **{
-            f"{section}.{k}": v for k, v in settings.model_dump(mode="json").items()}})
+    if not trained and not tracker.resumed:  # a baseline or NETWORK_io: its run starts here
+        tracker.log_params({"method": method, "fold": fold, **_method_params(config, method)})
         tracker.set_tags({tracked.GIT_COMMIT: git_commit(), tracked.DEVICE: summary["device"]})
     metrics = {tracked.EVAL_MEAN_DICE: summary["mean_dice"]["mean"],
                tracked.EVAL_MEAN_HD95: summary["mean_hd95"]["mean"],

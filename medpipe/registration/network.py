@@ -4,7 +4,8 @@ Shared by `evaluate-reg` and the public API, so what is scored is what users run
 the pair directly (one SimpleITK affine, as for any new pair; training composed per-case
 affines instead, cheaper for many pairs and a little rougher; or the centres of mass
 matched, which costs milliseconds and leaves only forward passes), resample to the network's
-grid, predict, and compose both into an ITK displacement field (`registration.fields`).
+grid, predict (optionally refining the prediction per pair: `instance_optimisation`), and
+compose both into an ITK displacement field (`registration.fields`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from medpipe.config import ClassicalSettings
+from medpipe.config import ClassicalSettings, InstanceOptimisationSettings
 from medpipe.device import autocast, autocast_dtype
 from medpipe.io import Geometry
 from medpipe.registration.classical import register_classical
 from medpipe.registration.fields import affine_matrix, compose_field
+from medpipe.registration.instance_optimisation import instance_optimise
 from medpipe.registration.pairs import (
     RegistrationCase,
     moments_matrix,
@@ -25,17 +27,23 @@ from medpipe.registration.pairs import (
     resample_case,
 )
 from medpipe.runs.spec import RegistrationRunSpec
+from medpipe.training.registration import RegistrationLoss
 
 
 class NetworkRegistration:
-    """`(moving, fixed, target grid) -> ITK field` for one trained network."""
+    """`(moving, fixed, target grid) -> ITK field` for one trained network, refined per
+    pair when INSTANCE_OPTIMISATION has steps."""
 
     def __init__(self, network: torch.nn.Module, spec: RegistrationRunSpec,
-                 device: torch.device) -> None:
+                 device: torch.device,
+                 instance_optimisation: InstanceOptimisationSettings | None = None) -> None:
         self.network = network.to(device).eval()
         self.spec = spec
         self.device = device
         self.dtype = autocast_dtype(device, True)
+        self.refinement = instance_optimisation if instance_optimisation and \
+            instance_optimisation.steps else None
+        self.loss = RegistrationLoss(spec.registration, n_classes=len(spec.labels))
 
     @property
     def classical(self) -> ClassicalSettings:
@@ -57,9 +65,12 @@ class NetworkRegistration:
         spacing = self.spec.registration.spacing
         moving, fixed = (resample_case(c, spacing) for c in (moving, fixed))
         arrays = pair_arrays(moving, fixed, matrix, self.spec.grid_shape)
+        moving_image = torch.from_numpy(arrays["moving"])[None].to(self.device)
+        fixed_image = torch.from_numpy(arrays["fixed"])[None].to(self.device)
         with torch.no_grad(), autocast(self.device, self.dtype):
-            _, ddf = self.network(torch.from_numpy(arrays["moving"])[None].to(self.device),
-                                  torch.from_numpy(arrays["fixed"])[None].to(self.device))
+            _, ddf = self.network(moving_image, fixed_image)
+        if self.refinement is not None:
+            ddf = instance_optimise(ddf, moving_image, fixed_image, self.loss, self.refinement)
         return ddf[0].float().cpu().numpy(), fixed.geometry
 
     def __call__(self, moving: RegistrationCase, fixed: RegistrationCase,

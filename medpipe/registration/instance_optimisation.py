@@ -1,0 +1,49 @@
+"""Instance optimisation: a network's predicted field refined on one pair at inference.
+
+The top Learn2Reg entries and uniGradICON's IO take the network's prediction as the start
+and run a few gradient steps per pair on an unsupervised loss; the network's amortised
+guess gets the last bit of accuracy a per-pair optimiser finds, at a fraction of that
+optimiser's cost from scratch. Here: Adam on a stationary velocity field v (on the
+network's grid), the refined map being the network's composed with exp(v) (scaling and
+squaring, MONAI's `DVF2DDF`): x -> x + w(x) + u(x + w(x)), w = exp(v), u the network's
+displacement. It minimises the network's own training loss without its label term (LNCC or
+MSE of the warped moving image to the fixed one, plus the diffusion penalty on the whole
+displacement). The refinement is diffeomorphic, so it adds no folding of its own: measured on
+the demo, optimising the displacement directly instead folded 0.15-0.18 % of voxels (the
+network alone: 0.0006 %) whatever the diffusion weight.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.blocks import DVF2DDF, Warp
+
+from medpipe.config import InstanceOptimisationSettings
+from medpipe.training.registration import RegistrationLoss
+
+
+def instance_optimise(ddf: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor,
+                      loss: RegistrationLoss,
+                      settings: InstanceOptimisationSettings) -> torch.Tensor:
+    """DDF (1, 3, X, Y, Z, voxels) after SETTINGS.steps Adam steps on LOSS's image terms
+    for MOVING warped onto FIXED (both (1, C, X, Y, Z) on the ddf's grid); fp32."""
+    ddf = ddf.detach().float()
+    moving, fixed = moving.float(), fixed.float()
+    velocity = torch.zeros_like(ddf, requires_grad=True)
+    optimiser = torch.optim.Adam([velocity], lr=settings.lr)
+    warp, integrate = Warp(mode="bilinear", padding_mode="border"), DVF2DDF(num_steps=4)
+
+    def refined() -> torch.Tensor:
+        step = integrate(velocity)
+        return step + warp(ddf, step)
+
+    with torch.enable_grad():
+        for _ in range(settings.steps):
+            optimiser.zero_grad(set_to_none=True)
+            field = refined()
+            value = loss.image_terms(warp(moving, field), fixed, field,
+                                     settings.regularisation)
+            value.backward()
+            optimiser.step()
+        with torch.no_grad():
+            return refined()
