@@ -32,6 +32,9 @@ CONFIGURATION = config["configuration"]
 SEG_MODELS = config["segmentation_models"]
 REG_MODELS = config["registration"]["models"]
 REG_BASELINES = config["registration"]["baselines"]
+# each network with instance optimisation, scored as its own method
+REG_REFINED = ([f"{name}_io" for name in REG_MODELS]
+               if config["registration"]["instance_optimisation"]["steps"] > 0 else [])
 
 
 include: "workflow/rules/common.smk"

@@ -4,22 +4,32 @@ The top Learn2Reg entries and uniGradICON's IO take the network's prediction as 
 and run a few gradient steps per pair on an unsupervised loss; the network's amortised
 guess gets the last bit of accuracy a per-pair optimiser finds, at a fraction of that
 optimiser's cost from scratch. Here: Adam on a stationary velocity field v (on the
-network's grid), the refined map being the network's composed with exp(v) (scaling and
-squaring, MONAI's `DVF2DDF`): x -> x + w(x) + u(x + w(x)), w = exp(v), u the network's
-displacement. It minimises the network's own training loss without its label term (LNCC or
-MSE of the warped moving image to the fixed one, plus the diffusion penalty on the whole
-displacement). The refinement is diffeomorphic, so it adds no folding of its own: measured on
-the demo, optimising the displacement directly instead folded 0.15-0.18 % of voxels (the
-network alone: 0.0006 %) whatever the diffusion weight.
+network's grid), the refined map being the network's composed with exp(G v) (G: a Gaussian
+of 1 voxel; exp: scaling and squaring, MONAI's `DVF2DDF`, 4 steps):
+x -> x + w(x) + u(x + w(x)), w = exp(G v), u the network's displacement. It minimises the
+network's own training loss without its label term (LNCC or MSE of the warped moving image
+to the fixed one, plus the diffusion penalty on the whole displacement).
+
+Why this parametrisation, as measured (demo, 6 pairs; a known warp in the tests): Adam on
+the displacement itself folded 0.15-0.18 % of voxels (the network alone: 0.0006 %) whatever
+the diffusion weight; on an unsmoothed velocity 0.03-0.15 % on the known warp. Adam moves
+every voxel by about the same step, so where the image says little the update is noise; the
+Gaussian makes the update smooth and left no folded voxel, with a lower end-point error.
+Four squarings, not VoxelMorph's seven: on the demo the same Dice (0.742 for both, 25 steps)
+in 1.7 s a pair instead of 3.1 s.
 """
 
 from __future__ import annotations
 
 import torch
 from monai.networks.blocks import DVF2DDF, Warp
+from monai.networks.layers import GaussianFilter
 
 from medpipe.config import InstanceOptimisationSettings
 from medpipe.training.registration import RegistrationLoss
+
+SMOOTHING_VOXELS = 1.0  # sigma of the Gaussian on the velocity
+SQUARINGS = 4
 
 
 def instance_optimise(ddf: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor,
@@ -31,10 +41,11 @@ def instance_optimise(ddf: torch.Tensor, moving: torch.Tensor, fixed: torch.Tens
     moving, fixed = moving.float(), fixed.float()
     velocity = torch.zeros_like(ddf, requires_grad=True)
     optimiser = torch.optim.Adam([velocity], lr=settings.lr)
-    warp, integrate = Warp(mode="bilinear", padding_mode="border"), DVF2DDF(num_steps=4)
+    warp, integrate = Warp(mode="bilinear", padding_mode="border"), DVF2DDF(num_steps=SQUARINGS)
+    smooth = GaussianFilter(3, sigma=SMOOTHING_VOXELS)
 
     def refined() -> torch.Tensor:
-        step = integrate(velocity)
+        step = integrate(smooth(velocity))
         return step + warp(ddf, step)
 
     with torch.enable_grad():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 # registration settings that change what a network learns (not which methods are compared)
-REG_EVALUATION_ONLY = {"models", "baselines", "eval_pairs"}
+REG_EVALUATION_ONLY = {"models", "baselines", "eval_pairs", "ants", "instance_optimisation"}
 
 
 def dataset_file_ending(dataset):
@@ -38,6 +38,5 @@ def training_settings(wildcards):
 
 def evaluation_settings(wildcards):
     """What a registration evaluation depends on besides the trained network."""
-    return json.dumps({k: config["registration"][k] for k in ("atlas", "eval_pairs",
-                                                              "classical", "ants")},
-                      sort_keys=True)
+    return json.dumps({k: config["registration"][k] for k in (
+        "atlas", "eval_pairs", "classical", "ants", "instance_optimisation")}, sort_keys=True)

@@ -1,5 +1,6 @@
-# Train each registration network on each fold; score the networks and the baselines
-# (identity, classical SimpleITK, ANTs SyN) on the fold's held-out pairs. Like segmentation, training
+# Train each registration network on each fold; score the networks, each network with
+# instance optimisation (NETWORK_io, when registration.instance_optimisation.steps > 0) and
+# the baselines (identity, classical SimpleITK, ANTs SyN) on the fold's held-out pairs. Like segmentation, training
 # resumes from its last checkpoint: the rule's output is the summary written at the end.
 # The model lists (REG_MODELS, REG_BASELINES, set in the Snakefile) default to the schema's
 # (medpipe.config.RegistrationConfig).
@@ -64,6 +65,36 @@ rule evaluate_registration_network:
         " --run-dir {params.run_dir} > {log} 2>&1"
 
 
+rule evaluate_registration_refined:
+    input:
+        plans=f"{RESULTS}/plans.json",
+        training=f"{RESULTS}/runs/{{model}}/fold_{{fold}}/training.json",
+    output:
+        f"{RESULTS}/runs/{{model}}_io/fold_{{fold}}/evaluation/summary.json",
+    log:
+        f"{RESULTS}/logs/evaluate_registration/{{model}}_io_fold_{{fold}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate_registration/{{model}}_io_fold_{{fold}}.tsv"
+    wildcard_constraints:
+        model=one_of(REG_MODELS),
+    params:
+        config_file=CONFIG_FILE,
+        dataset=DATASET,
+        results=subpath(input.plans, parent=True),
+        network_dir=subpath(input.training, parent=True),
+        run_dir=subpath(output[0], ancestor=2),  # RUN/evaluation/summary.json
+        settings=evaluation_settings,
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=1,
+    shell:
+        "medpipe evaluate-reg --config {params.config_file} --set dataset={params.dataset}"
+        " --set results={params.results} --model {wildcards.model}_io --fold {wildcards.fold}"
+        " --run-dir {params.run_dir} --network-dir {params.network_dir} > {log} 2>&1"
+
+
 rule evaluate_registration_baseline:
     input:
         plans=f"{RESULTS}/plans.json",
@@ -97,6 +128,6 @@ rule registration_all:
     input:
         expand(
             f"{RESULTS}/runs/{{model}}/fold_{{fold}}/evaluation/summary.json",
-            model=REG_MODELS + REG_BASELINES,
+            model=REG_MODELS + REG_REFINED + REG_BASELINES,
             fold=config["train_folds"],
         ),
