@@ -2,7 +2,9 @@
 the classical SimpleITK registration (affine + demons, medpipe's defaults), ANTs SyN
 (ANTsPy's default `SyN`, deterministic single thread, and with both threads) and each network
 (`load_registrator(...).register`: pre-alignment, the network on its grid, the field
-composed onto the fixed scan's grid), at the demo's 3 mm and at MNI's 1 mm (197x233x189).
+composed onto the fixed scan's grid), without any iterative step and as NETWORK_io (the
+same with `registration.instance_optimisation`'s default steps per pair), at the demo's
+3 mm and at MNI's 1 mm (197x233x189).
 
 The same pairs for every method, raw scans in, the field on the fixed grid out, the moving
 labels warped through it (`fields.warp_labels`, one way for every method) and compared with
@@ -45,8 +47,10 @@ def measure(method: str, moving: str, fixed: str, moving_labels: str, fixed_labe
     registrator = ants = None
     if run is not None:
         from medpipe import load_registrator
+        from medpipe.config import InstanceOptimisationSettings
 
-        registrator = load_registrator(run, device="auto")
+        steps = InstanceOptimisationSettings().steps if method.endswith("_io") else 0
+        registrator = load_registrator(run, device="auto", refine_steps=steps)
     elif method.startswith("ants"):
         from medpipe.config import AntsSettings
         from medpipe.registration.ants_baseline import AntsRegistration
@@ -101,8 +105,10 @@ def main() -> None:
         labels = sorted((root / "raw" / "labelsTr").glob("*.nii.gz"))
         n_pairs = 1 if args.quick or grid.startswith("1 mm") else 3
         pairs = [(i + 1, i) for i in range(n_pairs)]
-        for method in ("identity", "classical", "ants", "ants_2_threads", *networks):
-            run = str(runs / method / "fold_0") if method in networks else None
+        refined = [f"{network}_io" for network in networks]
+        for method in ("identity", "classical", "ants", "ants_2_threads", *networks, *refined):
+            network = method.removesuffix("_io")
+            run = str(runs / network / "fold_0") if network in networks else None
             results = [in_fresh_process(measured, measure, method, str(images[m]),
                                         str(images[f]), str(labels[m]), str(labels[f]), run,
                                         trained)
@@ -118,7 +124,7 @@ def main() -> None:
             print(rows[-1], flush=True)
     for grid in grids:  # classical and ANTs time / network time, per grid
         by_method = {r["method"]: r["seconds_per_pair"] for r in rows if r["grid"] == grid}
-        for network in networks:
+        for network in (*networks, *(f"{n}_io" for n in networks)):
             for baseline in ("classical", "ants", "ants_2_threads"):
                 ratio = by_method[baseline] / by_method[network]
                 rows.append({"grid": grid, "ratio": f"{baseline} / {network}", "value": ratio})

@@ -398,12 +398,16 @@ def register(
     ] = None,
     checkpoint: Annotated[str, typer.Option(help="best or latest.")] = "best",
     device: DeviceOption = "auto",
+    refine_steps: Annotated[int, typer.Option(
+        "--refine-steps", min=0, help="Instance optimisation: refine the network's field by "
+        "this many steps on this pair (0: forward passes only).")] = 0,
 ) -> None:
     """Register MOVING to FIXED: warped.nii.gz, field.nii.gz (ITK displacement field, LPS
     mm) and warped_labels.nii.gz in OUTPUT, all on the fixed scan's grid."""
     from medpipe.inference.registrator import load_registrator
 
-    result = load_registrator(model, checkpoint, device).register(moving, fixed, moving_labels)
+    result = load_registrator(model, checkpoint, device, refine_steps).register(
+        moving, fixed, moving_labels)
     for name, path in result.write(output).items():
         console.print(f"[green]wrote[/green] {name}: {path}")
 

@@ -392,3 +392,29 @@ def test_a_refined_network_is_scored_as_its_own_method(trained, tiny_pipeline, t
     with pytest.raises(MedpipeError, match=r"instance_optimisation\.steps > 0"):
         evaluate_registration(without, "voxelmorph_diff_io", 0, tmp_path / "io0",
                               network_dir=network_dir)
+
+
+def test_inverse_consistency_is_zero_for_an_exact_inverse_and_adds_up_otherwise():
+    """A field and its exact inverse compose to the identity; a shift and the same shift
+    again (not its inverse) miss by twice the shift, everywhere."""
+    from medpipe.evaluation.registration import inverse_consistency
+    from medpipe.registration.fields import physical_points, to_itk_field
+
+    shape = (20, 22, 18)
+    geometry = Geometry(spacing=(2.0, 2.0, 2.0), origin=(-20.0, -22.0, -18.0))
+    points = physical_points(geometry, shape)
+    matrix = np.array([[1.04, 0.03, 0.0], [-0.02, 0.97, 0.01], [0.0, 0.02, 1.02]])
+    shift = np.array([1.5, -0.5, 0.8])
+    forward = np.einsum("rc,c...->r...", matrix - np.eye(3), points) + shift[:, None, None, None]
+    inverse = np.linalg.inv(matrix)
+    backward = (np.einsum("rc,c...->r...", inverse - np.eye(3), points)
+                - (inverse @ shift)[:, None, None, None])
+    mask = np.zeros(shape, bool)
+    mask[5:15, 5:17, 5:13] = True  # well inside, where the composed points stay on the grid
+    mean, p95 = inverse_consistency(to_itk_field(forward, geometry),
+                                    to_itk_field(backward, geometry), mask)
+    assert mean < 1e-6 and p95 < 1e-6
+    constant = np.broadcast_to(shift[:, None, None, None], (3, *shape))
+    mean, p95 = inverse_consistency(to_itk_field(constant, geometry),
+                                    to_itk_field(constant, geometry), mask)
+    assert mean == pytest.approx(2 * np.linalg.norm(shift)) and p95 == pytest.approx(mean)

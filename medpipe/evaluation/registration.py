@@ -9,13 +9,15 @@ its own run folder and time. The moving raw label map is
 then warped through that field, every method's the same way (each label's mask linearly
 interpolated, then the most likely label: `fields.warp_labels`), and compared with the fixed
 raw labels: Dice and HD95 (mm) per label; the field gives folding (% of voxels with
-det J <= 0) and SDlogJ. Seconds per pair count everything from the two preprocessed images
-to the field.
+det J <= 0) and SDlogJ. Where both directions of a pair are scored, inverse consistency:
+|phi_BA(phi_AB(x)) - x| in mm over the fixed brain (labels > 0), mean and 95th percentile.
+Seconds per pair count everything from the two preprocessed images to the field.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -32,7 +34,7 @@ from medpipe.data.splits import fold_case_ids
 from medpipe.device import pick_device
 from medpipe.errors import MedpipeError
 from medpipe.figures import plot_registration
-from medpipe.io import Volume, atomic_output, read_image, write_json
+from medpipe.io import Volume, atomic_output, from_sitk, read_image, write_json
 from medpipe.metrics import deformation_metrics, segmentation_metrics, summarise
 from medpipe.planning.plans import Plans, read_plans
 from medpipe.progress import report_step
@@ -52,7 +54,8 @@ from medpipe.runs.spec import RegistrationRunSpec
 BASELINES = ("identity", "classical", "ants")
 REFINED = "_io"  # NETWORK_io: the network with instance optimisation
 PAIR_METRICS = ("folding_percent", "sdlogj", "sdlogj_learn2reg", "jacobian_min",
-                "jacobian_mean", "seconds")
+                "jacobian_mean", "inverse_consistency_mm", "inverse_consistency_p95_mm",
+                "seconds")
 
 # (moving case, fixed case, fixed raw Volume) -> ITK field on the fixed raw grid
 Method = Callable[[RegistrationCase, RegistrationCase, Volume], sitk.Image]
@@ -121,6 +124,8 @@ def _evaluate(config: PipelineConfig, method: str, fold: int, folder: RunFolder,
     dataset = load_dataset(config.dataset)
     classes = plans.label_scheme.scored_classes  # a region: the union of its labels
     rows, per_pair = [], []
+    fields: dict[tuple[str, str], tuple[sitk.Image, np.ndarray]] = {}  # kept for the reverse
+    scored = set(pairs)
     out = folder.evaluation
     started = time.perf_counter()
     for index, (moving_id, fixed_id) in enumerate(pairs):
@@ -139,7 +144,11 @@ def _evaluate(config: PipelineConfig, method: str, fold: int, folder: RunFolder,
         for name in classes:
             scores[name]["hd95_voxels"] = in_voxels[name]["hd95"]
         ddf = field_to_ddf(field)
-        pair_scores = {**deformation_metrics(ddf), "seconds": seconds}
+        pair_scores = {**deformation_metrics(ddf), "seconds": seconds,
+                       "inverse_consistency_mm": math.nan,
+                       "inverse_consistency_p95_mm": math.nan}
+        if (fixed_id, moving_id) in scored:
+            fields[(moving_id, fixed_id)] = (field, fixed_labels.array > 0)
         per_pair.append({"moving": moving_id, "fixed": fixed_id, **pair_scores,
                          "mean_dice": float(np.nanmean([s["dice"] for s in scores.values()]))})
         for name, values in scores.items():
@@ -155,6 +164,7 @@ def _evaluate(config: PipelineConfig, method: str, fold: int, folder: RunFolder,
                 out / f"{method}_{moving_id}_to_{fixed_id}.png",
                 title=f"{method}: {moving_id} -> {fixed_id}",
             )
+    _add_inverse_consistency(fields, per_pair, rows)
     summary = _summary(method, fold, classes, rows, per_pair, torch_device, checkpoint
                        if spec else None)
     _write_csv(rows, folder.pairs_table)
@@ -181,6 +191,38 @@ def _baseline(method: str, settings: RegistrationConfig, resources: ExitStack) -
         return displacement_field(register(fixed.volume(), moving.volume()), target)
 
     return baseline
+
+
+def inverse_consistency(forward: sitk.Image, backward: sitk.Image,
+                        mask: np.ndarray) -> tuple[float, float]:
+    """Mean and 95th percentile (mm) of |phi_BA(phi_AB(x)) - x| at the fixed voxels in MASK.
+
+    FORWARD is A -> B's field on B's (the fixed) grid, taking fixed points into A; BACKWARD
+    is B -> A's on A's grid. phi_BA is read at phi_AB(x) by resampling BACKWARD through
+    FORWARD (linear); where phi_AB(x) leaves A's grid the backward displacement counts as 0.
+    """
+    transform = sitk.DisplacementFieldTransform(sitk.Image(forward))
+    backward_there = sitk.Resample(backward, forward, transform, sitk.sitkLinear, 0.0,
+                                   forward.GetPixelID())
+    error = from_sitk(forward).array + from_sitk(backward_there).array
+    distance = np.linalg.norm(error, axis=-1)[mask]
+    if distance.size == 0:
+        return math.nan, math.nan
+    return float(distance.mean()), float(np.percentile(distance, 95))
+
+
+def _add_inverse_consistency(fields: dict, per_pair: list[dict], rows: list[dict]) -> None:
+    """Fill the inverse-consistency scores of every pair whose reverse was scored too."""
+    for pair in per_pair:
+        key, reverse = (pair["moving"], pair["fixed"]), (pair["fixed"], pair["moving"])
+        if key not in fields or reverse not in fields:
+            continue
+        forward, mask = fields[key]
+        mean, p95 = inverse_consistency(forward, fields[reverse][0], mask)
+        pair.update(inverse_consistency_mm=mean, inverse_consistency_p95_mm=p95)
+        for row in rows:
+            if (row["moving"], row["fixed"]) == key:
+                row.update(inverse_consistency_mm=mean, inverse_consistency_p95_mm=p95)
 
 
 def _on_grid(moving: Volume, fixed: Volume) -> np.ndarray:

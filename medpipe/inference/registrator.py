@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from medpipe.config import InstanceOptimisationSettings
 from medpipe.device import pick_device
 from medpipe.errors import MedpipeError
 from medpipe.inference.images import ScanLike, as_kind, load_channels, load_scan, stack_channels
@@ -52,10 +53,11 @@ class RegistrationResult:
 
 class Registrator:
     def __init__(self, network: torch.nn.Module, spec: RegistrationRunSpec, plans: Plans,
-                 device: torch.device) -> None:
+                 device: torch.device,
+                 instance_optimisation: InstanceOptimisationSettings | None = None) -> None:
         self.spec = spec
         self.plan = PreprocessingPlan.from_plans(plans, spec.configuration)
-        self.method = NetworkRegistration(network, spec, device)
+        self.method = NetworkRegistration(network, spec, device, instance_optimisation)
 
     @property
     def channels(self) -> int:
@@ -89,9 +91,11 @@ class Registrator:
                                 properties.preprocessed_geometry)
 
 
-def load_registrator(source: str | Path, checkpoint: str = "best",
-                     device: str = "auto") -> Registrator:
-    """A registrator from a run folder, a checkpoint file or an MLflow model URI."""
+def load_registrator(source: str | Path, checkpoint: str = "best", device: str = "auto",
+                     refine_steps: int = 0) -> Registrator:
+    """A registrator from a run folder, a checkpoint file or an MLflow model URI; with
+    REFINE_STEPS > 0 each pair's field is refined by that many instance-optimisation steps
+    (`registration.instance_optimisation`'s other defaults: what NETWORK_io scores)."""
     members = run_folders(source, checkpoint)
     if len(members) != 1:
         raise MedpipeError("a registrator is one trained network; name one fold", Path(source))
@@ -100,7 +104,8 @@ def load_registrator(source: str | Path, checkpoint: str = "best",
     network, spec = load_trained(folder, name, torch_device)
     if not isinstance(spec, RegistrationRunSpec):
         raise MedpipeError("this is a segmentation model; use load_segmenter", folder.path)
-    return Registrator(network, spec, read_run_plans(folder), torch_device)
+    refinement = InstanceOptimisationSettings(steps=refine_steps) if refine_steps else None
+    return Registrator(network, spec, read_run_plans(folder), torch_device, refinement)
 
 
 def _as_volume(value: Any) -> Volume:

@@ -125,6 +125,8 @@ def _registration_table(runs: Sequence[TrackedRun]) -> list[dict[str, Any]]:
                             ("hd95_mm", tracked.EVAL_MEAN_HD95),
                             ("folding_percent", tracked.EVAL_FOLDING_PERCENT),
                             ("sdlogj", tracked.EVAL_SDLOGJ),
+                            ("inverse_consistency_mm",
+                             tracked.eval_metric("inverse_consistency_mm")),
                             ("dice30_learn2reg", tracked.EVAL_DICE30),
                             ("hd95_voxels_learn2reg", tracked.EVAL_MEAN_HD95_VOXELS),
                             ("sdlogj_learn2reg", tracked.EVAL_SDLOGJ_LEARN2REG),
