@@ -27,7 +27,7 @@ def networks() -> dict:
     from medpipe.config import NetworkRegistrationSettings
     from medpipe.models import NetworkShape, build_model
     from medpipe.planning.plans import read_plans
-    from medpipe.training.registration import RegistrationLoss
+    from medpipe.registration.loss import RegistrationLoss
 
     torch.manual_seed(0)
     shape = (64, 80, 64)

@@ -22,13 +22,13 @@ from medpipe.io import Geometry
 from medpipe.metrics import deformation_metrics, jacobian_determinant
 from medpipe.models import NetworkShape, build_model
 from medpipe.registration.fields import ddf_to_field
+from medpipe.registration.loss import RegistrationLoss
 from medpipe.registration.pairs import PairDataset, RegistrationCase, pair_arrays
 from medpipe.runs.folder import RunFolder
 from medpipe.runs.spec import read_run_spec
 from medpipe.training.engine import EngineSettings, Trainer
 from medpipe.training.optim import build_optimizer, build_scheduler
 from medpipe.training.registration import (
-    RegistrationLoss,
     RegistrationTask,
     ValidationPair,
     train_registration,

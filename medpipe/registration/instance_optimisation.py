@@ -26,7 +26,7 @@ from monai.networks.blocks import DVF2DDF, Warp
 from monai.networks.layers import GaussianFilter
 
 from medpipe.config import InstanceOptimisationSettings
-from medpipe.training.registration import RegistrationLoss
+from medpipe.registration.loss import RegistrationLoss
 
 SMOOTHING_VOXELS = 1.0  # sigma of the Gaussian on the velocity
 SQUARINGS = 4

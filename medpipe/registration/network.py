@@ -20,6 +20,7 @@ from medpipe.io import Geometry
 from medpipe.registration.classical import register_classical
 from medpipe.registration.fields import affine_matrix, compose_field
 from medpipe.registration.instance_optimisation import instance_optimise
+from medpipe.registration.loss import RegistrationLoss
 from medpipe.registration.pairs import (
     RegistrationCase,
     moments_matrix,
@@ -27,7 +28,6 @@ from medpipe.registration.pairs import (
     resample_case,
 )
 from medpipe.runs.spec import RegistrationRunSpec
-from medpipe.training.registration import RegistrationLoss
 
 
 class NetworkRegistration:
