@@ -79,32 +79,43 @@ def compose_field(
     into the moving image (the affine pre-alignment), applied after the deformable part, as
     the moving image was pre-aligned before the network saw it. Either part may be absent.
 
-    In torch (`grid_sample`) rather than scipy's `map_coordinates`: on a 1 mm brain grid
-    (197 x 233 x 189) it is what a network's registration spends most of its time on, and
-    torch's runs on every core.
+    With P = PREALIGN, p the target voxel's point and S = SOURCE's voxel size and
+    direction, the displacement is P p - p + P S ddf(p): for a translation (the moments
+    start) a constant plus one 3x3 per voxel, computed in torch straight into ITK's
+    (z, y, x, 3) memory layout (the interpolated field in float32). On a 1 mm brain grid
+    (197 x 233 x 189) this took 2.0 s with scipy and a layout conversion; now under 1 s.
     """
     shape = tuple(int(n) for n in target_shape[:3])
-    index = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape],
-                                       indexing="ij"))
-    affine = torch.from_numpy(target.affine_lps)
-    points = torch.einsum("rc,c...->r...", affine[:3, :3], index)
-    points += affine[:3, 3, None, None, None]
-    moved = points.clone()
+    matrix = np.eye(4) if prealign is None else np.asarray(prealign, dtype=np.float64)
+    if np.array_equal(matrix[:3, :3], np.eye(3)):  # none or a translation (moments)
+        displacement = torch.from_numpy(matrix[:3, 3]).expand(*shape[::-1], 3).clone()
+    else:
+        # float64 and ITK's own order (the point first, then where P sends it): a point
+        # that P puts on the moving grid's edge stays on the side ITK's resampling puts it
+        affine = torch.from_numpy(target.affine_lps)
+        axes = [torch.arange(n, dtype=torch.float64) for n in shape]
+        points = (axes[2][:, None, None, None] * affine[:3, 2]
+                  + axes[1][None, :, None, None] * affine[:3, 1]
+                  + axes[0][None, None, :, None] * affine[:3, 0] + affine[:3, 3])
+        displacement = (points @ torch.from_numpy(matrix[:3, :3]).T
+                        + torch.from_numpy(matrix[:3, 3]) - points)
     if ddf is not None:
         source = source or target
-        moved += torch.from_numpy(voxels_to_mm(sample_ddf(ddf, source, target, shape), source))
-    if prealign is not None:
-        matrix = torch.from_numpy(np.asarray(prealign, dtype=np.float64))
-        moved = torch.einsum("rc,c...->r...", matrix[:3, :3], moved)
-        moved += matrix[:3, 3, None, None, None]
-    return to_itk_field((moved - points).numpy(), target)
+        per_voxel = matrix[:3, :3] @ (source.direction_matrix * np.asarray(source.spacing))
+        sampled = _sample_zyx(ddf, source, target, shape)  # (z, y, x, 3) voxels
+        displacement += sampled @ torch.from_numpy(per_voxel.T.astype(np.float32))
+    image = sitk.GetImageFromArray(displacement.numpy(), isVector=True)
+    image.SetSpacing(target.spacing)
+    image.SetOrigin(target.origin)
+    image.SetDirection(target.direction)
+    return image
 
 
-def sample_ddf(ddf: np.ndarray | torch.Tensor, source: Geometry, target: Geometry,
-               shape: tuple[int, int, int]) -> np.ndarray:
+def _sample_zyx(ddf: np.ndarray | torch.Tensor, source: Geometry, target: Geometry,
+                shape: tuple[int, int, int]) -> torch.Tensor:
     """DDF (3, X, Y, Z on SOURCE's grid) trilinearly interpolated at the voxel centres of
-    TARGET's grid of SHAPE; beyond SOURCE's grid the nearest border value (scipy's
-    `mode="nearest"`)."""
+    TARGET's grid of SHAPE, as (z, y, x, 3); beyond SOURCE's grid the nearest border value
+    (scipy's `mode="nearest"`)."""
     ddf = torch.as_tensor(ddf, dtype=torch.float32)
     # target voxel index -> source voxel index, then grid_sample's [-1, 1] (align_corners)
     to_source = np.linalg.inv(source.affine_lps) @ target.affine_lps
@@ -112,15 +123,16 @@ def sample_ddf(ddf: np.ndarray | torch.Tensor, source: Geometry, target: Geometr
     normalise = np.diag([*(2.0 / np.maximum(size - 1, 1)), 1.0])
     normalise[:3, 3] = -1.0
     matrix = normalise @ to_source
-    # grid_sample reads the last grid axis as (W, H, D) = our (Z, Y, X): reverse the rows
+    # grid_sample reads the last grid axis as (W, H, D) = our (Z, Y, X): reverse the rows;
+    # the grid itself is laid out (z, y, x) so the output comes in ITK's order
     linear = torch.from_numpy(matrix[2::-1, :3].astype(np.float32))
     offset = torch.from_numpy(matrix[2::-1, 3].astype(np.float32))
     axes = [torch.arange(n, dtype=torch.float32) for n in shape]
-    grid = (axes[0][:, None, None, None] * linear[:, 0] + axes[1][None, :, None, None]
-            * linear[:, 1] + axes[2][None, None, :, None] * linear[:, 2] + offset)
-    sampled = F.grid_sample(ddf[None], grid[None], mode="bilinear", padding_mode="border",
-                            align_corners=True)
-    return sampled[0].double().numpy()
+    grid = (axes[2][:, None, None, None] * linear[:, 2] + axes[1][None, :, None, None]
+            * linear[:, 1] + axes[0][None, None, :, None] * linear[:, 0] + offset)
+    sampled = F.grid_sample(ddf[None], grid[None], mode="bilinear",
+                            padding_mode="border", align_corners=True)
+    return sampled[0].permute(1, 2, 3, 0)
 
 
 def warp_with_field(moving: Volume, field: sitk.Image, labels: bool = False) -> Volume:
