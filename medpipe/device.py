@@ -24,8 +24,9 @@ def pick_device(name: str = "auto") -> torch.device:
 def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     """bf16 where the GPU supports it (no loss scaling needed), else fp16. On a CPU, bf16
     only where it has native bf16 instructions (AVX-512 BF16 or AMX): measured on such an
-    AMD EPYC (2 cores), a VoxelMorph training step at 64x80x64 ran 2.5x faster and its
-    inference 2.7x faster than fp32, a DynUNet step 1.67x (`bench/autocast_cpu.py`);
+    AMD EPYC (2 cores), a VoxelMorph training step at 64x80x64 ran 2.3x faster and its
+    inference 2.4x faster than fp32, a DynUNet step (2 x 80x80x64) 1.8x and its inference
+    1.8x (`bench/autocast_cpu.py`);
     without them bf16 is emulated and slower, so fp32."""
     if not amp:
         return None
