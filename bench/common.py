@@ -121,7 +121,7 @@ def forkserver_context():
 
 
 def demo_pipeline(cases: int = 6, spacing: float = 3.0, name: str | None = None,
-                  preprocess: bool = True) -> Path:
+                  preprocess: bool = True, seed: int = 0) -> Path:
     """A demo dataset, planned and preprocessed (built once, reused; PREPROCESS=False: the
     raw dataset only), and a config for it (the demo's models and budgets) at
     WORK/NAME/config.yaml. Returns that folder."""
@@ -138,7 +138,7 @@ def demo_pipeline(cases: int = 6, spacing: float = 3.0, name: str | None = None,
     if config_file.is_file():
         return root
     raw, results = root / "raw", root / "results"
-    build_demo_dataset(raw, DemoSettings(cases=cases, test_cases=0, spacing=spacing, seed=0))
+    build_demo_dataset(raw, DemoSettings(cases=cases, test_cases=0, spacing=spacing, seed=seed))
     if not preprocess:
         config_file.write_text(yaml.safe_dump({"dataset": str(raw), "results": str(results)}),
                                encoding="utf-8")

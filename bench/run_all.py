@@ -37,16 +37,17 @@ def run_script(name: str, arguments: list[str]) -> None:
 
 
 def prepare(only: list[str] | None) -> None:
-    """The 3 mm demo data (preprocessed) and the 1 mm pair, built side by side before any
+    """The 3 mm demo data (preprocessed) and the registration pairs, built side by side before any
     measurement (once; reused from bench/work/ afterwards)."""
     from concurrent.futures import ProcessPoolExecutor
 
     from common import demo_pipeline, forkserver_context
+    from registration_speed import PAIR_DATA
 
     with ProcessPoolExecutor(2, mp_context=forkserver_context()) as pool:
         jobs = [pool.submit(demo_pipeline)]
         if not only or "registration_speed" in only:
-            jobs.append(pool.submit(demo_pipeline, 2, 1.0, "mni_1mm", False))
+            jobs += [pool.submit(demo_pipeline, **settings) for settings in PAIR_DATA.values()]
         for job in jobs:
             job.result()
 
