@@ -161,7 +161,7 @@ class NetworkRegistrationSettings(StrictModel):
     atlas: str | None = Field(None, description="a case id: register every case to it; "
                               "null: subject to subject")
     # moments by default: a pair is then registered by forward passes only. On the demo a
-    # per-pair affine took most of a network's time (1.3 s of 1.4 s a pair at 3 mm)
+    # per-pair affine took most of a network's time (about 1.15 s of its 1.3 s a pair, 3 mm)
     prealign: Literal["moments", "affine", "none"] = Field(
         "moments", description="global alignment before the network: moments (the centres "
         "of mass matched, milliseconds), affine (an iterative SimpleITK affine registration "
