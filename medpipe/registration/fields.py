@@ -92,13 +92,9 @@ def compose_field(
     else:
         # float64 and ITK's own order (the point first, then where P sends it): a point
         # that P puts on the moving grid's edge stays on the side ITK's resampling puts it
-        affine = torch.from_numpy(target.affine_lps)
-        axes = [torch.arange(n, dtype=torch.float64) for n in shape]
-        points = (axes[2][:, None, None, None] * affine[:3, 2]
-                  + axes[1][None, :, None, None] * affine[:3, 1]
-                  + axes[0][None, None, :, None] * affine[:3, 0] + affine[:3, 3])
+        points = torch.from_numpy(physical_points(target, shape)).permute(3, 2, 1, 0)
         displacement = (points @ torch.from_numpy(matrix[:3, :3]).T
-                        + torch.from_numpy(matrix[:3, 3]) - points)
+                        + torch.from_numpy(matrix[:3, 3]) - points).contiguous()
     if ddf is not None:
         source = source or target
         per_voxel = matrix[:3, :3] @ (source.direction_matrix * np.asarray(source.spacing))

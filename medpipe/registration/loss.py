@@ -10,9 +10,9 @@ returns, not to the velocity field VoxelMorph regularises; both penalise a rough
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from monai.losses import DiceLoss, DiffusionLoss, LocalNormalizedCrossCorrelationLoss
 from monai.networks.blocks import Warp
+from monai.networks.utils import one_hot
 from torch import nn
 
 from medpipe.config import NetworkRegistrationSettings
@@ -34,32 +34,22 @@ class RegistrationLoss(nn.Module):
 
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor, ddf: torch.Tensor,
                 moving_labels: torch.Tensor, fixed_labels: torch.Tensor) -> torch.Tensor:
-        # in fp32 with autocast off (casting the inputs is not enough: autocast would run
-        # LNCC's box-filter convolutions in bf16 again): LNCC divides local variances that
-        # bf16 cannot hold; under bf16 it diverged to -1e6 within 200 pairs
-        with torch.autocast(warped.device.type, enabled=False):
-            return self._loss(warped.float(), fixed.float(), ddf.float(), moving_labels,
-                              fixed_labels)
+        loss = self.image_terms(warped, fixed, ddf)
+        if self.dice_weight > 0:
+            with torch.autocast(ddf.device.type, enabled=False):
+                moved = self.warp_labels(one_hot(moving_labels, self.n_classes, dim=1),
+                                         ddf.float())
+                loss = loss + self.dice_weight * self.dice(
+                    moved, one_hot(fixed_labels, self.n_classes, dim=1))
+        return loss
 
     def image_terms(self, warped: torch.Tensor, fixed: torch.Tensor, ddf: torch.Tensor,
                     regularisation: float | None = None) -> torch.Tensor:
-        """Similarity + weighted diffusion, in fp32 (what instance optimisation minimises:
-        no labels at inference)."""
+        """Similarity + weighted diffusion (what instance optimisation minimises: no labels
+        at inference). In fp32 with autocast off (casting the inputs is not enough: autocast
+        would run LNCC's box-filter convolutions in bf16 again): LNCC divides local
+        variances that bf16 cannot hold; under bf16 it diverged to -1e6 within 200 pairs."""
         weight = self.regularisation if regularisation is None else regularisation
         with torch.autocast(warped.device.type, enabled=False):
-            warped, ddf = warped.float(), ddf.float()
-            return self.similarity(warped, fixed.float()) + weight * self.smoothness(ddf)
-
-    def _loss(self, warped: torch.Tensor, fixed: torch.Tensor, ddf: torch.Tensor,
-              moving_labels: torch.Tensor, fixed_labels: torch.Tensor) -> torch.Tensor:
-        loss = self.image_terms(warped, fixed, ddf)
-        if self.dice_weight > 0:
-            moved = self.warp_labels(one_hot(moving_labels, self.n_classes), ddf)
-            loss = loss + self.dice_weight * self.dice(moved, one_hot(fixed_labels,
-                                                                      self.n_classes))
-        return loss
-
-
-def one_hot(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """(B, 1, X, Y, Z) integer labels -> (B, K, X, Y, Z) float one-hot."""
-    return F.one_hot(labels[:, 0], n_classes).movedim(-1, 1).float()
+            return (self.similarity(warped.float(), fixed.float())
+                    + weight * self.smoothness(ddf.float()))

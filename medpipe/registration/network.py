@@ -43,7 +43,8 @@ class NetworkRegistration:
         self.dtype = autocast_dtype(device, True)
         self.refinement = instance_optimisation if instance_optimisation and \
             instance_optimisation.steps else None
-        self.loss = RegistrationLoss(spec.registration, n_classes=len(spec.labels))
+        self.loss = (RegistrationLoss(spec.registration, n_classes=len(spec.labels))
+                     if self.refinement else None)
 
     @property
     def classical(self) -> ClassicalSettings:
