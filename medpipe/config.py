@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError
 
 from medpipe.errors import MedpipeError
 from medpipe.runs.folder import RunFolder
@@ -149,9 +149,12 @@ class InstanceOptimisationSettings(StrictModel):
 
     steps: int = Field(25, ge=0, description="Adam steps per pair; 0: no instance-optimised "
                        "rows (the workflow scores NETWORK_io beside each network when > 0)")
-    lr: float = Field(0.2, gt=0, description="Adam's step size, voxels of the network's grid")
+    lr: float = Field(0.2, gt=0, description="Adam's step size, voxels of the grid it runs on")
     regularisation: float | None = Field(None, ge=0, description="diffusion weight; null: "
                                          "the network's training weight")
+    spacing: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = Field(
+        None, description="the grid (mm) the refinement runs on; null: the network's own "
+        "(a finer grid resolves finer detail than the network's, at more time per step)")
 
 
 class NetworkRegistrationSettings(StrictModel):
@@ -168,7 +171,7 @@ class NetworkRegistrationSettings(StrictModel):
         "per pair, as VoxelMorph's data), none")
     # Deformations are smooth, so a coarser grid costs little accuracy and makes CPU training
     # ~8x cheaper per halving
-    spacing: tuple[float, float, float] | None = Field(
+    spacing: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = Field(
         None, description="the networks' grid in mm; null: the plans' spacing")
     similarity: Literal["lncc", "mse"] = Field("lncc", description="image similarity loss")
     lncc_window: int = Field(9, ge=3, description="LNCC window, voxels (VoxelMorph's)")

@@ -20,6 +20,7 @@ from medpipe.registration.fields import (
     field_to_ddf,
     physical_points,
     resample,
+    resample_ddf,
     warp_with_field,
 )
 
@@ -100,6 +101,31 @@ def test_compose_field_resamples_a_coarse_ddf_and_applies_the_prealignment():
         resample(moving, affine, GEOMETRY, SHAPE).array, atol=1e-4,
     )
     np.testing.assert_allclose(affine_matrix(affine), prealign, atol=1e-12)
+
+
+@pytest.mark.parametrize("target_direction", [GEOMETRY.direction, (1, 0, 0, 0, 1, 0, 0, 0, 1)],
+                         ids=["shared-axes", "other-axes"])
+def test_resample_ddf_moves_each_voxel_where_the_coarse_field_moves_its_point(target_direction):
+    # a network's coarse prediction handed to a finer grid (separable path when the grids
+    # share their axes, grid_sample otherwise): the same physical displacement everywhere
+    from scipy.ndimage import map_coordinates
+
+    coarse = Geometry(spacing=(3.0, 1.6, 5.0), origin=GEOMETRY.origin,
+                      direction=GEOMETRY.direction)
+    ddf = smooth_ddf((20, 18, 14), amplitude=1.5)
+    target = Geometry(spacing=(1.2, 1.0, 2.0), origin=(-40.0, 0.0, 30.0),
+                      direction=target_direction)
+    shape = (24, 20, 16)
+    fine = resample_ddf(torch.from_numpy(ddf), coarse, target, shape).numpy()
+    assert fine.shape == (3, *shape)
+    points = physical_points(target, shape).reshape(3, -1)
+    index = (np.linalg.inv(coarse.affine_lps) @ np.vstack([points, np.ones(points.shape[1])]))
+    sampled = np.stack([map_coordinates(ddf[c].astype(np.float64), index[:3], order=1,
+                                        mode="nearest") for c in range(3)])
+    mm = coarse.direction_matrix @ (np.asarray(coarse.spacing)[:, None] * sampled)
+    expected = np.linalg.solve(target.direction_matrix * np.asarray(target.spacing), mm)
+    assert np.abs(expected).max() > 0.5  # the field does something on this grid
+    np.testing.assert_allclose(fine.reshape(3, -1), expected, atol=2e-5)
 
 
 def test_affine_matrix_of_a_centred_transform():

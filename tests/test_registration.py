@@ -23,7 +23,7 @@ from medpipe.metrics import deformation_metrics, jacobian_determinant
 from medpipe.models import NetworkShape, build_model
 from medpipe.registration.fields import ddf_to_field
 from medpipe.registration.loss import RegistrationLoss
-from medpipe.registration.pairs import PairDataset, RegistrationCase, pair_arrays
+from medpipe.registration.pairs import PairDataset, RegistrationCase, pair_arrays, resize_image
 from medpipe.runs.folder import RunFolder
 from medpipe.runs.spec import read_run_spec
 from medpipe.training.engine import EngineSettings, Trainer
@@ -319,6 +319,19 @@ def test_cli_train_and_evaluate(tiny_pipeline, tmp_path):
     assert "Traceback" not in wrong.stderr
 
 
+@pytest.mark.parametrize("factor", [0.5, 2.0])
+def test_resize_image_is_scipy_zoom_with_grid_mode_at_a_factor_of_two(factor):
+    # the torch resampling onto a network's grid against scipy's (what it replaced)
+    from scipy.ndimage import zoom
+
+    image = np.random.default_rng(0).random((2, 20, 16, 12), dtype=np.float32)
+    shape = tuple(int(n * factor) for n in image.shape[1:])
+    ours = resize_image(image, shape)
+    theirs = np.stack([zoom(c, factor, order=1, mode="nearest", grid_mode=True) for c in image])
+    assert ours.shape == theirs.shape == (2, *shape)
+    np.testing.assert_allclose(ours, theirs, atol=1e-6)
+
+
 def test_moments_prealignment_matches_the_centres_of_mass_and_composes_exactly():
     from scipy.ndimage import center_of_mass, shift
 
@@ -387,6 +400,14 @@ def test_a_refined_network_is_scored_as_its_own_method(trained, tiny_pipeline, t
     # not lose Dice, and it adds no folding of its own
     assert refined["mean_dice"]["mean"] >= network["mean_dice"]["mean"] - 0.01
     assert refined["folding_percent"]["mean"] <= network["folding_percent"]["mean"] + 0.01
+    # on a finer grid of its own (the prediction resampled onto it): the same guarantees
+    finer = load_config(tiny_pipeline / "config.yaml",
+                        [*TINY_VXM, "registration.instance_optimisation.spacing=[4,4,4]"])
+    on_finer = evaluate_registration(finer, "voxelmorph_diff_io", 0, tmp_path / "io4",
+                                     device="cpu", network_dir=network_dir)
+    assert on_finer["mean_dice"]["mean"] >= network["mean_dice"]["mean"] - 0.01
+    assert on_finer["folding_percent"]["mean"] <= network["folding_percent"]["mean"] + 0.01
+    assert on_finer["mean_dice"]["mean"] != refined["mean_dice"]["mean"]  # it ran there
     without = load_config(tiny_pipeline / "config.yaml",
                           [*TINY_VXM, "registration.instance_optimisation.steps=0"])
     with pytest.raises(MedpipeError, match=r"instance_optimisation\.steps > 0"):

@@ -41,7 +41,7 @@ from medpipe.progress import report_step
 from medpipe.registration.ants_baseline import AntsRegistration
 from medpipe.registration.classical import displacement_field, register_classical
 from medpipe.registration.fields import field_to_ddf, identity_field, warp_with_field
-from medpipe.registration.network import NetworkRegistration
+from medpipe.registration.network import NetworkRegistration, network_spacing
 from medpipe.registration.pairs import (
     RegistrationCase,
     evaluation_pairs,
@@ -112,7 +112,8 @@ def _evaluate(config: PipelineConfig, method: str, fold: int, folder: RunFolder,
         refinement = settings.instance_optimisation if refined_network(method) else None
         if refinement is not None and refinement.steps == 0:
             raise MedpipeError(f"{method} needs registration.instance_optimisation.steps > 0")
-        network_method = NetworkRegistration(network, spec, torch_device, refinement)
+        network_method = NetworkRegistration(network, spec, torch_device,
+                                             network_spacing(spec, plans), refinement)
 
         def register(moving, fixed, target):
             return network_method(moving, fixed, target.geometry, target.shape)

@@ -1,9 +1,10 @@
 """`load_registrator`: a trained registration network for any pair of scans.
 
-Both scans are turned to the training orientation and preprocessed with the stored plans;
-the network's field is pre-aligned and composed into an ITK displacement field on the fixed
-scan's own grid (see `registration.fields`), through which the moving scan and its labels
-are warped. Everything returned lies on the fixed scan's grid.
+Both scans are turned to the training orientation, cropped and normalised with the stored
+plans, and resampled onto the network's grid (`NetworkRegistration`); the network's field
+is pre-aligned and composed into an ITK displacement field on the fixed scan's own grid
+(see `registration.fields`), through which the moving scan and its labels are warped. Everything
+returned lies on the fixed scan's grid; `field` alone skips the warps.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import SimpleITK as sitk
 import torch
 
@@ -22,7 +22,7 @@ from medpipe.errors import MedpipeError
 from medpipe.inference.images import ScanLike, as_kind, load_channels, load_scan, stack_channels
 from medpipe.io import Volume, from_sitk, reorient, write_image
 from medpipe.planning.plans import Plans
-from medpipe.preprocessing import PreprocessingPlan, preprocess_images
+from medpipe.preprocessing import PreprocessingPlan, crop_and_normalise, resized_geometry
 from medpipe.registration.fields import warp_with_field
 from medpipe.registration.network import NetworkRegistration
 from medpipe.registration.pairs import RegistrationCase
@@ -57,7 +57,9 @@ class Registrator:
                  instance_optimisation: InstanceOptimisationSettings | None = None) -> None:
         self.spec = spec
         self.plan = PreprocessingPlan.from_plans(plans, spec.configuration)
-        self.method = NetworkRegistration(network, spec, device, instance_optimisation)
+        self.method = NetworkRegistration(network, spec, device,
+                                          spec.registration.spacing or self.plan.spacing,
+                                          instance_optimisation)
 
     @property
     def channels(self) -> int:
@@ -65,12 +67,10 @@ class Registrator:
 
     def register(self, moving: ScanLike | list, fixed: ScanLike | list,
                  moving_labels: ScanLike | None = None) -> RegistrationResult:
+        """MOVING registered to FIXED: the field, the warped scan (and labels)."""
         moving_volumes, _ = load_channels(moving, self.channels)
         fixed_volumes, kind = load_channels(fixed, self.channels)
-        target = fixed_volumes[0]
-        cases = [self._prepare(name, volumes) for name, volumes in
-                 (("moving", moving_volumes), ("fixed", fixed_volumes))]
-        field = self.method(cases[0], cases[1], target.geometry, target.shape)
+        field = self._field(moving_volumes, fixed_volumes)
         warped = warp_with_field(moving_volumes[0], field)
         labels = None
         if moving_labels is not None:
@@ -81,14 +81,33 @@ class Registrator:
             warped_labels=as_kind(labels, kind) if labels is not None else None,
         )
 
+    def field(self, moving: ScanLike | list, fixed: ScanLike | list) -> sitk.Image:
+        """Only the ITK displacement field on FIXED's grid (what `register` warps with;
+        nothing is resampled at the fixed scan's resolution but the field itself)."""
+        moving_volumes, _ = load_channels(moving, self.channels)
+        fixed_volumes, _ = load_channels(fixed, self.channels)
+        return self._field(moving_volumes, fixed_volumes)
+
+    def _field(self, moving: list[Volume], fixed: list[Volume]) -> sitk.Image:
+        target = fixed[0]
+        cases = [self._prepare(name, volumes)
+                 for name, volumes in (("moving", moving), ("fixed", fixed))]
+        return self.method(cases[0], cases[1], target.geometry, target.shape)
+
     def _prepare(self, name: str, volumes: list[Volume]) -> RegistrationCase:
+        """The scan as the network sees it: in the training orientation, cropped and
+        normalised as the plans say, on its own grid; `NetworkRegistration` resamples it
+        straight to the network's grid. Training resampled from the plans' spacing, so for
+        a scan at another resolution the two differ by one resampling (on the demo's scans,
+        at the plans' spacing, the inputs are the same)."""
         orientation = self.spec.orientation
         if orientation:
             volumes = [reorient(v, orientation) for v in volumes]
-        data, _, properties = preprocess_images(stack_channels(volumes), volumes[0].geometry,
-                                                self.plan)
-        return RegistrationCase(name, data, np.zeros(data.shape[1:], np.int16),
-                                properties.preprocessed_geometry)
+        cropped, data = crop_and_normalise(stack_channels(volumes), self.plan)
+        shape = data.shape[1:]
+        geometry = resized_geometry(volumes[0].geometry, shape, shape,
+                                    start=[lo for lo, _ in cropped.bbox])
+        return RegistrationCase(name, data, None, geometry)
 
 
 def load_registrator(source: str | Path, checkpoint: str = "best", device: str = "auto",

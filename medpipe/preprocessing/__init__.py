@@ -5,6 +5,7 @@ from medpipe.data.layout import read_case
 from medpipe.preprocessing.cases import (
     PreprocessedCase,
     PreprocessingPlan,
+    crop_and_normalise,
     is_preprocessed,
     load_labelled_cases,
     load_preprocessed,
@@ -31,6 +32,7 @@ __all__ = [
     "PreprocessedCase",
     "PreprocessingPlan",
     "coarse_axis",
+    "crop_and_normalise",
     "crop_to_nonzero",
     "is_preprocessed",
     "load_labelled_cases",

@@ -22,6 +22,7 @@ from medpipe.parallel import map_cases
 from medpipe.planning.plans import IntensityProperties, Plans
 from medpipe.preprocessing.properties import CaseProperties, read_properties, write_properties
 from medpipe.preprocessing.resampling import (
+    Cropped,
     coarse_axis,
     crop_to_nonzero,
     new_shape_for,
@@ -55,6 +56,17 @@ class PreprocessingPlan:
         )
 
 
+def crop_and_normalise(images: np.ndarray, plan: PreprocessingPlan,
+                       label: np.ndarray | None = None) -> tuple[Cropped, np.ndarray]:
+    """nnU-Net's first two steps on one case (C, X, Y, Z): the crop to the non-zero region
+    and the normalised channels of that crop, still on the raw spacing (a registration
+    network's inputs are resampled from here straight to its own grid)."""
+    cropped = crop_to_nonzero(images, label)
+    data = normalise(cropped.images, cropped.mask, plan.normalization_schemes,
+                     plan.use_mask_for_norm, plan.intensity_properties)
+    return cropped, data
+
+
 def preprocess_images(
     images: np.ndarray,
     geometry: Geometry,
@@ -62,14 +74,7 @@ def preprocess_images(
     label: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
     """Crop, normalise, resample one case; return data, label and the properties to undo it."""
-    cropped = crop_to_nonzero(images, label)
-    data = normalise(
-        cropped.images,
-        cropped.mask,
-        plan.normalization_schemes,
-        plan.use_mask_for_norm,
-        plan.intensity_properties,
-    )
+    cropped, data = crop_and_normalise(images, plan, label)
     shape_after_crop = tuple(data.shape[1:])
     target_shape = new_shape_for(shape_after_crop, geometry.spacing, plan.spacing)
     axis = coarse_axis(geometry.spacing, plan.spacing)

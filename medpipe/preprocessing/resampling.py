@@ -38,7 +38,8 @@ def crop_to_nonzero(images: np.ndarray, label: np.ndarray | None = None) -> Crop
     if not mask.any():
         bbox = tuple((0, n) for n in mask.shape)
     else:
-        bbox = tuple((int(idx.min()), int(idx.max()) + 1) for idx in np.nonzero(mask))
+        bbox = tuple(_extent(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+                     for axis in range(mask.ndim))
     slicer = tuple(slice(lo, hi) for lo, hi in bbox)
     return Cropped(
         images=images[(slice(None), *slicer)],
@@ -46,6 +47,13 @@ def crop_to_nonzero(images: np.ndarray, label: np.ndarray | None = None) -> Crop
         mask=mask[slicer],
         bbox=bbox,
     )
+
+
+def _extent(present: np.ndarray) -> tuple[int, int]:
+    """[first, last + 1) of the True entries of a 1-D mask (a mask's projection on one axis:
+    its bounding box without listing every voxel)."""
+    index = np.flatnonzero(present)
+    return int(index[0]), int(index[-1]) + 1
 
 
 def normalise(

@@ -83,23 +83,33 @@ def compose_field(
     direction, the displacement is P p - p + P S ddf(p): for a translation (the moments
     start) a constant plus one 3x3 per voxel, computed in torch straight into ITK's
     (z, y, x, 3) memory layout (the interpolated field in float32). On a 1 mm brain grid
-    (197 x 233 x 189) this took 2.0 s with scipy and a layout conversion; now under 1 s.
+    (197 x 233 x 189) this took 2.0 s with scipy and a layout conversion; now about 0.3 s.
     """
     shape = tuple(int(n) for n in target_shape[:3])
     matrix = np.eye(4) if prealign is None else np.asarray(prealign, dtype=np.float64)
+    deformable = None
+    if ddf is not None:
+        source = source or target
+        # voxels -> mm on the (small) source grid: mixing channels commutes with
+        # interpolating each, and an (N, 3) x (3, 3) product over 8.7 M target voxels
+        # costs more than the interpolation itself
+        per_voxel = matrix[:3, :3] @ (source.direction_matrix * np.asarray(source.spacing))
+        in_mm = torch.einsum("rc,c...->r...", torch.from_numpy(per_voxel.astype(np.float32)),
+                             torch.as_tensor(ddf, dtype=torch.float32))
+        sampled = _sample_zyx(in_mm, source, target, shape)  # (z, y, x, 3) mm
+        deformable = sampled.to(torch.float64, memory_format=torch.contiguous_format)
     if np.array_equal(matrix[:3, :3], np.eye(3)):  # none or a translation (moments)
-        displacement = torch.from_numpy(matrix[:3, 3]).expand(*shape[::-1], 3).clone()
+        shift = torch.from_numpy(matrix[:3, 3])
+        displacement = (deformable.add_(shift) if deformable is not None
+                        else shift.expand(*shape[::-1], 3).contiguous())
     else:
         # float64 and ITK's own order (the point first, then where P sends it): a point
         # that P puts on the moving grid's edge stays on the side ITK's resampling puts it
         points = torch.from_numpy(physical_points(target, shape)).permute(3, 2, 1, 0)
         displacement = (points @ torch.from_numpy(matrix[:3, :3]).T
                         + torch.from_numpy(matrix[:3, 3]) - points).contiguous()
-    if ddf is not None:
-        source = source or target
-        per_voxel = matrix[:3, :3] @ (source.direction_matrix * np.asarray(source.spacing))
-        sampled = _sample_zyx(ddf, source, target, shape)  # (z, y, x, 3) voxels
-        displacement += sampled @ torch.from_numpy(per_voxel.T.astype(np.float32))
+        if deformable is not None:
+            displacement += deformable
     image = sitk.GetImageFromArray(displacement.numpy(), isVector=True)
     image.SetSpacing(target.spacing)
     image.SetOrigin(target.origin)
@@ -107,28 +117,72 @@ def compose_field(
     return image
 
 
+def resample_ddf(ddf: torch.Tensor, source: Geometry, target: Geometry,
+                 target_shape: tuple[int, int, int]) -> torch.Tensor:
+    """A voxel ddf (3, X, Y, Z) made on SOURCE's grid as the same displacement (trilinear,
+    border value beyond SOURCE) in voxels of TARGET's grid of TARGET_SHAPE: a network's
+    prediction handed to a refinement that runs on a finer grid."""
+    source_linear = source.direction_matrix * np.asarray(source.spacing)
+    target_linear = np.linalg.inv(target.direction_matrix * np.asarray(target.spacing))
+    mix = torch.from_numpy((target_linear @ source_linear).astype(np.float32))
+    in_target_voxels = torch.einsum("rc,c...->r...", mix, ddf.float())
+    sampled = _sample_zyx(in_target_voxels, source, target, tuple(target_shape))
+    return sampled.permute(3, 2, 1, 0).contiguous()
+
+
 def _sample_zyx(ddf: np.ndarray | torch.Tensor, source: Geometry, target: Geometry,
                 shape: tuple[int, int, int]) -> torch.Tensor:
     """DDF (3, X, Y, Z on SOURCE's grid) trilinearly interpolated at the voxel centres of
     TARGET's grid of SHAPE, as (z, y, x, 3); beyond SOURCE's grid the nearest border value
-    (scipy's `mode="nearest"`)."""
+    (scipy's `mode="nearest"`).
+
+    When the two grids share their axes (a network's grid is the fixed scan's, cropped and
+    rescaled), trilinear interpolation is three 1-D interpolations, each a small matrix
+    product: at 1 mm (197 x 233 x 189 from 33 x 39 x 32) 0.1 s instead of grid_sample's 0.5 s
+    over 8.7 M points. Grids that do not (a reoriented scan) go through grid_sample."""
     ddf = torch.as_tensor(ddf, dtype=torch.float32)
-    # target voxel index -> source voxel index, then grid_sample's [-1, 1] (align_corners)
-    to_source = np.linalg.inv(source.affine_lps) @ target.affine_lps
+    to_source = np.linalg.inv(source.affine_lps) @ target.affine_lps  # voxel -> voxel
+    linear = to_source[:3, :3]
+    if np.allclose(linear, np.diag(np.diag(linear)), atol=1e-9):
+        x, y, z = (_interpolation_matrix(to_source[a, a] * np.arange(shape[a])
+                                         + to_source[a, 3], ddf.shape[1 + a])
+                   for a in range(3))
+        # on the small grid in ITK's order (k, j, i, c); the last, largest product then
+        # writes (z, y, x, c) in place: no transpose of the full-size field
+        small = ddf.permute(3, 2, 1, 0).contiguous()
+        k, j, i, c = small.shape
+        along_x = torch.matmul(x, small.view(k * j, i, c))  # (k j, X, c)
+        along_y = torch.matmul(y, along_x.view(k, j, -1))  # (k, Y, X c)
+        return (z @ along_y.view(k, -1)).view(*shape[::-1], c)  # (Z, Y X c)
+    # grid_sample's [-1, 1] (align_corners) from the source index
     size = np.asarray(ddf.shape[1:], dtype=np.float64)
     normalise = np.diag([*(2.0 / np.maximum(size - 1, 1)), 1.0])
     normalise[:3, 3] = -1.0
     matrix = normalise @ to_source
     # grid_sample reads the last grid axis as (W, H, D) = our (Z, Y, X): reverse the rows;
     # the grid itself is laid out (z, y, x) so the output comes in ITK's order
-    linear = torch.from_numpy(matrix[2::-1, :3].astype(np.float32))
+    rows = torch.from_numpy(matrix[2::-1, :3].astype(np.float32))
     offset = torch.from_numpy(matrix[2::-1, 3].astype(np.float32))
     axes = [torch.arange(n, dtype=torch.float32) for n in shape]
-    grid = (axes[2][:, None, None, None] * linear[:, 2] + axes[1][None, :, None, None]
-            * linear[:, 1] + axes[0][None, None, :, None] * linear[:, 0] + offset)
+    grid = (axes[2][:, None, None, None] * rows[:, 2] + axes[1][None, :, None, None]
+            * rows[:, 1] + axes[0][None, None, :, None] * rows[:, 0] + offset)
     sampled = F.grid_sample(ddf[None], grid[None], mode="bilinear",
                             padding_mode="border", align_corners=True)
     return sampled[0].permute(1, 2, 3, 0)
+
+
+def _interpolation_matrix(positions: np.ndarray, size: int) -> torch.Tensor:
+    """(len(POSITIONS), SIZE) weights of 1-D linear interpolation at POSITIONS (source
+    indices), clamped to the border."""
+    positions = np.clip(positions, 0, size - 1)
+    low = np.minimum(np.floor(positions).astype(np.int64), size - 1)
+    high = np.minimum(low + 1, size - 1)
+    weight = positions - low
+    matrix = np.zeros((len(positions), size), dtype=np.float64)
+    rows = np.arange(len(positions))
+    np.add.at(matrix, (rows, low), 1.0 - weight)
+    np.add.at(matrix, (rows, high), weight)
+    return torch.from_numpy(matrix.astype(np.float32))
 
 
 def warp_with_field(moving: Volume, field: sitk.Image, labels: bool = False) -> Volume:
