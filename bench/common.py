@@ -27,9 +27,17 @@ def machine() -> dict[str, Any]:
     """The machine a figure was measured on (recorded beside every figure)."""
     import torch
 
+    from medpipe.device import cpu_has_native_bf16
+
     info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_field("model name"),
+        "cpu_family_model": f"{_cpu_field('cpu family')}/{_cpu_field('model')}",  # 23: Zen 1-2
+        # the vector units decide CPU speed more than the core count: timings from a CPU
+        # without AVX-512 (and so without native bf16) are not comparable to one with it
+        "cpu_avx512": "avx512f" in (_cpu_field("flags") or "").split(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
         "cpu_cores": len(os.sched_getaffinity(0)),
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "python": platform.python_version(),
@@ -38,6 +46,19 @@ def machine() -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     return info
+
+
+def _cpu_field(name: str) -> str | None:
+    """A field of /proc/cpuinfo's first processor (None where there is none: not Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
+    except OSError:
+        pass
+    return None
 
 
 def rss_mb() -> float:
@@ -201,7 +222,10 @@ def write_results(name: str, data: dict[str, Any], header: Sequence[str],
 
 def describe(info: dict[str, Any]) -> str:
     gpu = info.get("gpu") or "no GPU"
-    return (f"{info['cpu_cores']} CPU cores ({info['processor']}), {info['memory_gb']} GB, "
+    cpu = info.get("cpu_model") or info["processor"]
+    vectors = ("AVX-512" + (" with native bf16" if info.get("cpu_native_bf16") else "")
+               if info.get("cpu_avx512") else "no AVX-512, no native bf16")
+    return (f"{info['cpu_cores']} CPU cores ({cpu}, {vectors}), {info['memory_gb']} GB, "
             f"{gpu}, torch {info['torch']}")
 
 

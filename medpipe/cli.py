@@ -401,12 +401,17 @@ def register(
     refine_steps: Annotated[int, typer.Option(
         "--refine-steps", min=0, help="Instance optimisation: refine the network's field by "
         "this many steps on this pair (0: forward passes only).")] = 0,
+    refine_spacing: Annotated[float | None, typer.Option(
+        "--refine-spacing", min=0.01, help="Run the refinement on a grid of this spacing (mm, "
+        "isotropic) instead of the network's; finer resolves more, at more time per step.")
+    ] = None,
 ) -> None:
     """Register MOVING to FIXED: warped.nii.gz, field.nii.gz (ITK displacement field, LPS
     mm) and warped_labels.nii.gz in OUTPUT, all on the fixed scan's grid."""
     from medpipe.inference.registrator import load_registrator
 
-    result = load_registrator(model, checkpoint, device, refine_steps).register(
+    spacing = None if refine_spacing is None else (refine_spacing,) * 3
+    result = load_registrator(model, checkpoint, device, refine_steps, spacing).register(
         moving, fixed, moving_labels)
     for name, path in result.write(output).items():
         console.print(f"[green]wrote[/green] {name}: {path}")

@@ -111,10 +111,12 @@ class Registrator:
 
 
 def load_registrator(source: str | Path, checkpoint: str = "best", device: str = "auto",
-                     refine_steps: int = 0) -> Registrator:
+                     refine_steps: int = 0,
+                     refine_spacing: tuple[float, float, float] | None = None) -> Registrator:
     """A registrator from a run folder, a checkpoint file or an MLflow model URI; with
     REFINE_STEPS > 0 each pair's field is refined by that many instance-optimisation steps
-    (`registration.instance_optimisation`'s other defaults: what NETWORK_io scores)."""
+    (`registration.instance_optimisation`'s other defaults: what NETWORK_io scores), on the
+    network's grid or on one of REFINE_SPACING (mm)."""
     members = run_folders(source, checkpoint)
     if len(members) != 1:
         raise MedpipeError("a registrator is one trained network; name one fold", Path(source))
@@ -123,7 +125,8 @@ def load_registrator(source: str | Path, checkpoint: str = "best", device: str =
     network, spec = load_trained(folder, name, torch_device)
     if not isinstance(spec, RegistrationRunSpec):
         raise MedpipeError("this is a segmentation model; use load_segmenter", folder.path)
-    refinement = InstanceOptimisationSettings(steps=refine_steps) if refine_steps else None
+    refinement = (InstanceOptimisationSettings(steps=refine_steps, spacing=refine_spacing)
+                  if refine_steps else None)
     return Registrator(network, spec, read_run_plans(folder), torch_device, refinement)
 
 
