@@ -176,7 +176,7 @@ def test_cli_predicts_a_folder_and_registers_a_pair(segmentation_run, registrati
                      str(images / "brain_001_0000.nii.gz"), "-o", str(tmp_path / "reg"),
                      "--moving-labels",
                      str(tiny_pipeline / "raw" / "labelsTr" / "brain_002.nii.gz"),
-                     "--refine-steps", "5")
+                     "--refine-steps", "5", "--refine-spacing", "4")
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "reg").iterdir()) == \
         ["field.nii.gz", "warped.nii.gz", "warped_labels.nii.gz"]
