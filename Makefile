@@ -29,6 +29,9 @@ $(VENV)/.installed: pyproject.toml
 		$(PY) -m pip install "$(TORCH_CPU_SPEC)" $(if $(TORCH_CPU_INDEX),--index-url $(TORCH_CPU_INDEX)); \
 	fi
 	$(PY) -m pip install --progress-bar off -e ".[dev]"
+	# nnU-Net's network package for `nnunet_resenc`, without its dependencies: its timm pin
+	# pulls torchvision, whose PyPI builds replace this torch; the U-Nets need torch and numpy
+	$(PY) -m pip install --progress-bar off --no-deps "dynamic-network-architectures==0.4.4"
 	touch $@
 
 # nnU-Net v2, only as a reference (its planner in the tests, its predictor in the benchmarks),

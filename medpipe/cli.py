@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -159,24 +159,31 @@ def fingerprint(
     )
 
 
+PlannerChoice = Literal["default", "ResEncM", "ResEncL", "ResEncXL"]  # planning.PLANNERS
+
+
 @app.command()
 def plan(
     fingerprint_json: Annotated[Path, typer.Argument(help="fingerprint.json from `fingerprint`.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="plans.json to write.")],
-    gpu_memory_gb: Annotated[
-        float, typer.Option(help="GPU memory the patch and batch size are planned for.")
-    ] = 8.0,
+    gpu_memory_gb: Annotated[float | None, typer.Option(
+        min=0.01, help="GPU memory the patch and batch size are planned for (default: the "
+        "planner's target: 8 GB; ResEnc M / L / XL 8 / 24 / 40).")] = None,
+    planner: Annotated[PlannerChoice, typer.Option(
+        help="nnU-Net v2's planner to follow: default, or a Residual Encoder preset.")
+    ] = "default",
 ) -> None:
     """nnU-Net-style plans: target spacing, normalisation, patch/batch size, topology."""
     from medpipe.planning import plan_experiment, read_fingerprint, write_plans
 
-    plans = plan_experiment(read_fingerprint(fingerprint_json), gpu_memory_gb)
+    plans = plan_experiment(read_fingerprint(fingerprint_json), gpu_memory_gb, planner)
     write_plans(plans, output)
     for name, config in plans.configurations.items():
         console.print(
             f"[green]{name}[/green]: spacing {_fmt(config.spacing)} mm, patch "
             f"{_fmt(config.patch_size)}, batch {config.batch_size}, "
-            f"{config.architecture.arch_kwargs.n_stages} stages, "
+            f"{config.architecture.arch_kwargs.n_stages} stages"
+            f"{' (residual encoder)' if config.architecture.arch_kwargs.residual else ''}, "
             f"{', '.join(config.normalization_schemes)}"
         )
     console.print(f"[green]wrote[/green] {output}")

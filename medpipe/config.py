@@ -246,8 +246,13 @@ class PipelineConfig(StrictModel):
     configuration: Literal["3d_fullres", "3d_lowres"] = Field(
         "3d_fullres", description="the plans configuration to preprocess and train with")
     folds: int = Field(5, ge=2, description="cross-validation folds of the split")
-    gpu_memory_gb: float = Field(8, gt=0, description="GPU memory the plans' patch and batch "
-                                 "size are sized for")
+    planner: Literal["default", "ResEncM", "ResEncL", "ResEncXL"] = Field(
+        "default", description="nnU-Net v2's planner the plans follow: default "
+        "(ExperimentPlanner, a plain U-Net) or a Residual Encoder preset (nnUNetPlannerResEncM "
+        "/ L / XL: 8 / 24 / 40 GB, for `nnunet_resenc`)")
+    gpu_memory_gb: float | None = Field(None, gt=0, description="GPU memory the plans' patch "
+                                        "and batch size are sized for; null: the planner's "
+                                        "own target (8 GB; ResEnc M / L / XL 8 / 24 / 40)")
     segmentation_models: list[str] = Field(
         ["nnunet", "unet", "swin_unetr"],
         description="the segmentation models the workflow trains and evaluates")

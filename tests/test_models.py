@@ -72,8 +72,33 @@ def test_nnunet_deep_supervision_outputs_while_training():
     assert single.train()(torch.randn(2, 1, 32, 32, 8)).shape == (2, 3, 32, 32, 8)
 
 
+# the same topology as nnU-Net's ResEnc presets plan it: residual blocks 1, 3, 4, 6
+RESIDUAL = ANISOTROPIC.model_copy(update={"n_conv_per_stage": None,
+                                          "n_blocks_per_stage": (1, 3, 4, 6),
+                                          "n_conv_per_stage_decoder": (1, 1, 1)})
+
+
+def test_nnunet_resenc_is_nnunets_residual_encoder_unet():
+    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+
+    net = build_model("nnunet_resenc", NetworkShape(1, 3, RESIDUAL))
+    assert isinstance(net, ResidualEncoderUNet)
+    assert [len(stage.blocks) for stage in net.encoder.stages] == [1, 3, 4, 6]
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv3d)]
+    assert convs[0].kernel_size == (3, 3, 1) and convs[0].bias is not None
+    # training: one output per decoder level, full size first, each at its level's size
+    outputs = net.train()(torch.randn(2, 1, 32, 32, 8))
+    assert [tuple(o.shape) for o in outputs] == [(2, 3, 32, 32, 8), (2, 3, 16, 16, 8),
+                                                (2, 3, 8, 8, 4)]
+    with torch.no_grad():  # evaluation and inference: the full-size output alone
+        assert net.eval()(torch.randn(1, 1, 32, 32, 8)).shape == (1, 3, 32, 32, 8)
+    with pytest.raises(MedpipeError, match="Residual Encoder planner"):
+        build_model("nnunet_resenc", NetworkShape(1, 3, ANISOTROPIC))
+
+
 def test_unknown_model_and_bad_options_are_clear_errors():
-    with pytest.raises(MedpipeError, match=r"unknown model 'vnet'.*nnunet, swin_unetr, unet"):
+    known = r"unknown model 'vnet'.*nnunet, nnunet_resenc, swin_unetr, unet"
+    with pytest.raises(MedpipeError, match=known):
         build_model("vnet", NetworkShape(1, 2))
     with pytest.raises(MedpipeError, match="feature_size"):
         build_model("swin_unetr", NetworkShape(1, 2), {"feature_size": 20})

@@ -32,7 +32,10 @@ pytestmark = [
 ]
 
 
-def nnunet_plans(dataset: Path, work: Path, dataset_id: int) -> dict:
+def nnunet_plans(dataset: Path, work: Path, dataset_id: int,
+                 planners: dict[str, str] | None = None) -> dict:
+    """nnU-Net's plans.json for DATASET; with PLANNERS ({nnU-Net planner class: its plans
+    file name}), {plans name: plans} for each of them, from one fingerprint."""
     env = {
         **os.environ,
         "nnUNet_raw": str(work / "raw"),
@@ -42,15 +45,18 @@ def nnunet_plans(dataset: Path, work: Path, dataset_id: int) -> dict:
     }
     name = f"Dataset{dataset_id:03d}_Medpipe"
     shutil.copytree(dataset, work / "raw" / name)
-    for command in (
-        [NNUNET_BIN / "nnUNetv2_extract_fingerprint", "-d", str(dataset_id), "-np", "2"],
-        [NNUNET_BIN / "nnUNetv2_plan_experiment", "-d", str(dataset_id)],
-    ):
+    wanted = planners or {"ExperimentPlanner": "nnUNetPlans"}
+    commands = [[NNUNET_BIN / "nnUNetv2_extract_fingerprint", "-d", str(dataset_id), "-np", "2"]]
+    commands += [[NNUNET_BIN / "nnUNetv2_plan_experiment", "-d", str(dataset_id), "-pl", planner]
+                 for planner in wanted]
+    for command in commands:
         result = subprocess.run(
             command, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600
         )
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    return json.loads((work / "preprocessed" / name / "nnUNetPlans.json").read_text())
+    plans = {plans_name: json.loads((work / "preprocessed" / name / f"{plans_name}.json")
+                                    .read_text()) for plans_name in wanted.values()}
+    return plans if planners else plans["nnUNetPlans"]
 
 
 def in_array_order(values, transpose_backward):
@@ -80,9 +86,47 @@ def test_plans_agree_with_nnunet(tmp_path, spacing, dataset_id):
     assert mine.batch_size == reference["batch_size"]
     assert list(mine.normalization_schemes) == reference["normalization_schemes"]
     assert list(mine.use_mask_for_norm) == reference["use_mask_for_norm"]
+    assert mine.architecture.network_class_name == \
+        reference["architecture"]["network_class_name"]
     arch, ref_arch = mine.architecture.arch_kwargs, reference["architecture"]["arch_kwargs"]
     assert arch.n_stages == ref_arch["n_stages"]
     assert list(arch.features_per_stage) == list(ref_arch["features_per_stage"])
     for key in ("strides", "kernel_sizes"):
         assert [list(entry) for entry in getattr(arch, key)] == [
             in_array_order(entry, back) for entry in ref_arch[key]]
+
+
+RESENC = {"nnUNetPlannerResEncM": ("ResEncM", "nnUNetResEncUNetMPlans"),
+          "nnUNetPlannerResEncL": ("ResEncL", "nnUNetResEncUNetLPlans"),
+          "nnUNetPlannerResEncXL": ("ResEncXL", "nnUNetResEncUNetXLPlans")}
+
+
+def test_residual_encoder_presets_agree_with_nnunet(tmp_path):
+    # 1.5 mm brains (median 131 x 155 x 126): M shrinks its patch to fit 8 GB, L and XL keep
+    # 160 x 160 x 128 with a batch capped by the dataset's size, so every rule is exercised
+    dataset = build_demo_dataset(
+        tmp_path / "raw", DemoSettings(cases=4, test_cases=0, spacing=1.5, seed=5))
+    fingerprint = fingerprint_dataset(dataset, workers=2)
+    theirs_by_name = nnunet_plans(dataset, tmp_path / "nnunet", 13,
+                                  {planner: name for planner, (_, name) in RESENC.items()})
+    patches = set()
+    for ours_name, plans_name in RESENC.values():
+        theirs_plans = theirs_by_name[plans_name]
+        back = theirs_plans["transpose_backward"]
+        mine = plan_experiment(fingerprint, planner=ours_name).configuration("3d_fullres")
+        reference = theirs_plans["configurations"]["3d_fullres"]
+        where = f"{ours_name}: "
+        assert list(mine.patch_size) == in_array_order(reference["patch_size"], back), where
+        assert mine.batch_size == reference["batch_size"], where
+        arch, ref_arch = mine.architecture, reference["architecture"]
+        assert arch.network_class_name == ref_arch["network_class_name"], where
+        kwargs, ref_kwargs = arch.arch_kwargs, ref_arch["arch_kwargs"]
+        assert list(kwargs.n_blocks_per_stage) == list(ref_kwargs["n_blocks_per_stage"]), where
+        assert list(kwargs.n_conv_per_stage_decoder) == list(
+            ref_kwargs["n_conv_per_stage_decoder"]), where
+        assert list(kwargs.features_per_stage) == list(ref_kwargs["features_per_stage"]), where
+        for key in ("strides", "kernel_sizes"):
+            assert [list(entry) for entry in getattr(kwargs, key)] == [
+                in_array_order(entry, back) for entry in ref_kwargs[key]], where
+        patches.add(tuple(mine.patch_size))
+    assert len(patches) == 2  # M's patch was shrunk, L's and XL's not

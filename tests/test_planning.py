@@ -132,3 +132,40 @@ def test_plans_with_a_bad_field_are_refused_naming_it(tmp_path):
         read_plans(path)
     with pytest.raises(MedpipeError, match="medpipe plan"):
         read_plans(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize(("spacing", "patch"), [((1, 1, 1), (128, 128, 128)),
+                                                ((3, 0.8, 0.8), (40, 192, 160)),
+                                                ((1, 1, 1), (66, 78, 63))])
+def test_activation_counts_are_those_of_nnunets_own_networks(spacing, patch):
+    # what the planner sizes patches by, against dynamic-network-architectures' own count
+    import torch
+    from dynamic_network_architectures.architectures.unet import (
+        PlainConvUNet,
+        ResidualEncoderUNet,
+    )
+    from torch import nn
+
+    from medpipe.planning.topology import (
+        RESENC_BLOCKS_PER_STAGE,
+        feature_map_voxels,
+        pool_and_conv_props,
+        resenc_feature_map_voxels,
+    )
+
+    topology = pool_and_conv_props(spacing, patch)
+    n = topology.n_stages
+    common = {"input_channels": 1, "n_stages": n,
+              "features_per_stage": topology.features_per_stage, "conv_op": nn.Conv3d,
+              "kernel_sizes": [list(k) for k in topology.kernel_sizes],
+              "strides": [list(s) for s in topology.strides], "num_classes": 4,
+              "conv_bias": True, "norm_op": nn.InstanceNorm3d}
+    with torch.device("meta"):  # the count needs the structure, not the weights
+        residual = ResidualEncoderUNet(**common, n_blocks_per_stage=RESENC_BLOCKS_PER_STAGE[:n],
+                                       n_conv_per_stage_decoder=(1,) * (n - 1))
+        plain = PlainConvUNet(**common, n_conv_per_stage=2,
+                              n_conv_per_stage_decoder=(2,) * (n - 1))
+    assert resenc_feature_map_voxels(topology, 4) == int(
+        residual.compute_conv_feature_map_size(topology.patch_size))
+    assert feature_map_voxels(topology, 4) == int(
+        plain.compute_conv_feature_map_size(topology.patch_size))

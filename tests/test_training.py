@@ -65,6 +65,38 @@ def test_each_baseline_learns(tiny_pipeline, model, steps):
     assert {"model", "optimizer", "scheduler", "rng_cpu"} <= set(state)
 
 
+def test_nnunet_resenc_learns_from_residual_encoder_plans(tiny_pipeline, tmp_path):
+    # the tiny dataset planned again by nnU-Net's ResEnc M preset (its 3d_fullres shares the
+    # default plans' preprocessed data, as in nnU-Net), features shrunk as for `nnunet`
+    import shutil
+
+    import yaml
+    from conftest import TINY_FEATURES
+
+    from medpipe.planning import fingerprint_dataset, plan_experiment, write_plans
+
+    root = tmp_path / "resenc"
+    shutil.copytree(tiny_pipeline / "results" / "preprocessed", root / "results" / "preprocessed")
+    shutil.copy(tiny_pipeline / "results" / "splits.json", root / "results" / "splits.json")
+    plans = plan_experiment(fingerprint_dataset(tiny_pipeline / "raw"), planner="ResEncM")
+    stages = plans.configuration("3d_fullres").architecture.arch_kwargs.n_stages
+    write_plans(plans.with_features("3d_fullres", tuple(TINY_FEATURES[:stages])),
+                root / "results" / "plans.json")
+    config = yaml.safe_load((tiny_pipeline / "config.yaml").read_text())
+    config["results"] = str(root / "results")
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    config = load_config(root / "config.yaml", [
+        *NO_TRACKING, "training.epochs=3", "training.iterations_per_epoch=4",
+        "training.augment=false", "training.val_every=3"])
+    run_dir = train_segmentation(config, "nnunet_resenc", 0, root / "runs" / "nnunet_resenc",
+                                 progress=False)
+    before = fixed_batch_loss(root, run_dir, None)
+    after = fixed_batch_loss(root, run_dir, "latest")
+    assert after < 0.9 * before, (before, after)
+    spec = read_run_spec(RunFolder(run_dir))
+    assert spec.architecture.n_blocks_per_stage == (1, 3, 4, 6)[:stages]
+
+
 def test_killed_training_resumes_to_bit_identical_weights(tiny_pipeline, tmp_path):
     settings = [*NO_TRACKING, "training.epochs=4", "training.iterations_per_epoch=6"]
     config = load_config(tiny_pipeline / "config.yaml", settings)

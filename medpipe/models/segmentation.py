@@ -4,7 +4,9 @@
 - `swin_unetr`: MONAI `SwinUNETR` (a transformer encoder with a CNN decoder);
 - `nnunet`: MONAI `DynUNet` configured from `plans.json` exactly as nnU-Net would build its
   PlainConvUNet: kernel sizes, strides and features per stage, instance norm, leaky ReLU,
-  deep supervision on the decoder's upper levels.
+  deep supervision on the decoder's upper levels;
+- `nnunet_resenc`: nnU-Net's ResidualEncoderUNet from plans of a ResEnc planner, built by
+  nnU-Net's own network package (`models.resenc`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 
 from monai.networks.nets import DynUNet, SwinUNETR, UNet
 from pydantic import Field, field_validator
+from torch import nn
 
 from medpipe.config import OptimizerConfig
 from medpipe.errors import MedpipeError
@@ -125,13 +128,7 @@ def deep_supervision_heads(n_stages: int) -> int:
 
 def build_nnunet(shape: NetworkShape, options: NNUNetOptions) -> DynUNet:
     kernels, strides, features = nnunet_topology(shape)
-    if options.features_per_stage is not None:
-        if len(options.features_per_stage) != len(features):
-            raise MedpipeError(
-                f"nnunet option features_per_stage needs {len(features)} values, one per "
-                f"stage of the plans, got {len(options.features_per_stage)}"
-            )
-        features = list(options.features_per_stage)
+    features = _features(options, features)
     heads = deep_supervision_heads(len(strides)) if options.deep_supervision else 0
     return DynUNet(
         spatial_dims=3,
@@ -147,6 +144,32 @@ def build_nnunet(shape: NetworkShape, options: NNUNetOptions) -> DynUNet:
         deep_supr_num=max(1, heads),
         res_block=False,
     )
+
+
+def build_nnunet_resenc(shape: NetworkShape, options: NNUNetOptions) -> nn.Module:
+    from medpipe.models.resenc import residual_encoder_unet
+
+    kernels, strides, features = nnunet_topology(shape)
+    architecture = shape.architecture
+    if not architecture.residual:
+        raise MedpipeError("model 'nnunet_resenc' needs plans from a Residual Encoder planner "
+                           "(planner: ResEncM, ResEncL or ResEncXL; `medpipe plan --planner`)")
+    features = _features(options, features)
+    return residual_encoder_unet(
+        shape.in_channels, shape.out_channels, kernels, strides, features,
+        architecture.n_blocks_per_stage, architecture.n_conv_per_stage_decoder,
+        options.deep_supervision)
+
+
+def _features(options: NNUNetOptions, planned: list[int]) -> list[int]:
+    """The plans' features per stage, or the option that overrides them (one per stage)."""
+    if options.features_per_stage is None:
+        return planned
+    if len(options.features_per_stage) != len(planned):
+        raise MedpipeError(
+            f"option features_per_stage needs {len(planned)} values, one per stage of the "
+            f"plans, got {len(options.features_per_stage)}")
+    return list(options.features_per_stage)
 
 
 def nnunet_divisor(shape: NetworkShape, options: NNUNetOptions) -> Sequence[int]:
@@ -188,5 +211,17 @@ register(
         patch_divisor=nnunet_divisor,
         optimizer_defaults=NNUNET_SGD,
         description="MONAI DynUNet configured from plans.json (nnU-Net's PlainConvUNet)",
+    )
+)
+register(
+    ModelSpec(
+        name="nnunet_resenc",
+        task="segmentation",
+        options=NNUNetOptions,
+        build=build_nnunet_resenc,
+        patch_divisor=nnunet_divisor,
+        optimizer_defaults=NNUNET_SGD,
+        description="nnU-Net's ResidualEncoderUNet from ResEnc plans "
+                    "(dynamic-network-architectures)",
     )
 )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from medpipe.data.labels import HasLabels
 from medpipe.errors import MedpipeError
@@ -25,14 +25,27 @@ class _Frozen(BaseModel):
 
 
 class ArchitectureKwargs(_Frozen):
-    """The U-Net topology the planner chose (nnU-Net's `arch_kwargs`)."""
+    """The U-Net topology the planner chose (nnU-Net's `arch_kwargs`): convs per encoder
+    stage for a plain U-Net, residual blocks per stage for a residual encoder (ResEnc)."""
 
     n_stages: int
     features_per_stage: tuple[int, ...]
     kernel_sizes: tuple[Triplet, ...]
     strides: tuple[Triplet, ...]
-    n_conv_per_stage: tuple[int, ...]
+    n_conv_per_stage: tuple[int, ...] | None = None
+    n_blocks_per_stage: tuple[int, ...] | None = None
     n_conv_per_stage_decoder: tuple[int, ...]
+
+    @model_validator(mode="after")
+    def _one_encoder_kind(self) -> ArchitectureKwargs:
+        if (self.n_conv_per_stage is None) == (self.n_blocks_per_stage is None):
+            raise ValueError("needs exactly one of n_conv_per_stage (a plain U-Net) and "
+                             "n_blocks_per_stage (a residual encoder)")
+        return self
+
+    @property
+    def residual(self) -> bool:
+        return self.n_blocks_per_stage is not None
 
 
 class Architecture(_Frozen):

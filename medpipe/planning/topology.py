@@ -3,10 +3,12 @@
 `pool_and_conv_props` follows nnU-Net's `get_pool_and_conv_props`: pool an axis while its
 feature map stays >= 2 x 4 voxels and its spacing is within a factor 2 of the finest axis;
 a conv kernel is 3 along an axis once that axis is within a factor 2 of the finest spacing,
-1 before (so anisotropic data starts with 1x3x3 kernels). `feature_map_voxels` counts the
-activations of nnU-Net's PlainConvUNet exactly as `compute_conv_feature_map_size` does, which
-is what the planner compares with its memory budget. Both are written here from the
-published rules so that medpipe does not depend on nnU-Net at run time.
+1 before (so anisotropic data starts with 1x3x3 kernels). `feature_map_voxels` and
+`resenc_feature_map_voxels` count the activations of nnU-Net's PlainConvUNet and
+ResidualEncoderUNet exactly as their `compute_conv_feature_map_size` does (the tests compare
+with `dynamic-network-architectures` itself), which is what the planner compares with its
+memory budget. Written here from the published rules so that planning needs neither nnU-Net
+nor a network instance.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ MIN_FEATURE_MAP_EDGE = 4  # nnU-Net: UNet_featuremap_min_edge_length
 BASE_FEATURES = 32
 MAX_FEATURES_3D = 320
 CONVS_PER_STAGE = 2
+# nnU-Net's ResEnc presets (ResEncUNetPlanner): residual blocks per encoder stage, one conv
+# per decoder stage
+RESENC_BLOCKS_PER_STAGE = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)
+RESENC_CONVS_PER_DECODER_STAGE = 1
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,34 @@ def feature_map_voxels(topology: Topology, n_classes: int) -> int:
         total += CONVS_PER_STAGE * out_features * voxels + out_features * voxels
         if depth == topology.n_stages - 2:
             total += n_classes * voxels
+    return total
+
+
+def resenc_feature_map_voxels(topology: Topology, n_classes: int) -> int:
+    """Activations of a ResidualEncoderUNet (nnU-Net's ResEnc presets: basic residual blocks,
+    `RESENC_BLOCKS_PER_STAGE`, one conv per decoder stage, no deep supervision) for one
+    patch: the stem's conv at full size; per stage, two convs per block at the stage's
+    size, plus the first block's 1x1 projection where it strides or changes the width; the
+    decoder as the plain U-Net's with one conv per stage."""
+    features = topology.features_per_stage
+    size = list(topology.patch_size)
+    total = features[0] * int(np.prod(size, dtype=np.int64))  # the stem
+    skip_sizes = []
+    width = features[0]
+    for stage, stride in enumerate(topology.strides):
+        after = [s // st for s, st in zip(size, stride, strict=True)]
+        voxels = features[stage] * int(np.prod(after, dtype=np.int64))
+        total += 2 * voxels * RESENC_BLOCKS_PER_STAGE[stage]
+        if width != features[stage] or after != size:
+            total += voxels  # the first block's projection of its input
+        size, width = after, features[stage]
+        skip_sizes.append(size)
+    for depth in range(topology.n_stages - 1):
+        skip = skip_sizes[-(depth + 2)]
+        voxels = features[-(depth + 2)] * int(np.prod(skip, dtype=np.int64))
+        total += RESENC_CONVS_PER_DECODER_STAGE * voxels + voxels  # convs, transposed conv
+        if depth == topology.n_stages - 2:
+            total += n_classes * int(np.prod(skip, dtype=np.int64))
     return total
 
 

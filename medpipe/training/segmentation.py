@@ -86,6 +86,13 @@ class SegmentationTask:
         image = batch["image"].to(device, non_blocking=True)
         label = self.targets(batch["label"].to(device, non_blocking=True))
         output = model(image)
+        if isinstance(output, list | tuple):
+            # nnU-Net's networks: one output per decoder level, full size first, each
+            # scored against labels resized to it (MONAI's DeepSupervisionLoss,
+            # nearest-exact, as nnU-Net's DownsampleSegForDSTransform; torch resizes float
+            # tensors only); the lowest, which nnU-Net weights 0, is left out
+            heads = list(output[:-1]) or list(output)
+            return self._deep_supervision(len(heads))(heads, label.float()), len(image)
         if output.dim() == image.dim() + 1:  # DynUNet's deep supervision: (B, heads, C, ...)
             heads = list(output.unbind(1))
             return self._deep_supervision(len(heads))(heads, label), len(image)

@@ -25,12 +25,15 @@ rule plan_experiment:
     log:
         f"{RESULTS}/logs/plan_experiment.log",
     params:
-        gpu_memory_gb=config["gpu_memory_gb"],
+        planner=config["planner"],
+        gpu_memory=(f"--gpu-memory-gb {config['gpu_memory_gb']}"
+                    if config.get("gpu_memory_gb") is not None else ""),
     resources:
         mem_mb=2000,
         runtime=10,
     shell:
-        "medpipe plan {input} -o {output} --gpu-memory-gb {params.gpu_memory_gb} > {log} 2>&1"
+        "medpipe plan {input} -o {output} --planner {params.planner} {params.gpu_memory}"
+        " > {log} 2>&1"
 
 
 rule preprocess_case:
