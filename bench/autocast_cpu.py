@@ -51,7 +51,7 @@ def networks() -> dict:
     def segment(net, inputs):
         image, labels = inputs
         output = net(image)
-        output = output[:, 0] if output.dim() == 6 else output  # deep supervision: full size
+        output = output[0] if isinstance(output, list) else output  # deep supervision: full size
         return segmentation_loss(output.float(), labels)
 
     return {"voxelmorph (1 pair 64x80x64)": (voxelmorph, pair, register),

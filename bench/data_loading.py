@@ -34,7 +34,7 @@ def patches_per_second(root: Path, augment: bool, workers: int, batches: int) ->
     dataset = PatchDataset(load_labelled_cases(config.preprocessed_dir, case_ids),
                            plan.patch_size, plan.batch_size,
                            iterations=batches + 2, seed=0,
-                           augment=Augmenter() if augment else None)
+                           augment=Augmenter(plan.patch_size) if augment else None)
     loader = DataLoader(dataset, batch_size=dataset.batch_size, num_workers=workers,
                         persistent_workers=False)
     count, start = 0, 0.0

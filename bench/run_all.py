@@ -22,7 +22,7 @@ from common import RESULTS, describe, machine
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ["data_loading", "preprocessing_scaling", "training_throughput", "inference_speed",
-           "registration_speed", "autocast_cpu"]
+           "registration_speed", "autocast_cpu", "nnunet_training"]
 
 
 def run_script(name: str, arguments: list[str]) -> None:

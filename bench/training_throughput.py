@@ -117,9 +117,8 @@ def _forever(loader):
 
 
 def _segmentation_reference(setup):
-    import torch
     from monai.data import DataLoader, Dataset, list_data_collate
-    from monai.losses import DiceCELoss
+    from monai.losses import DeepSupervisionLoss, DiceCELoss
     from monai.transforms import Compose, RandCropByPosNegLabeld, SpatialPadd
 
     spec, device = setup.spec, setup.device
@@ -133,13 +132,13 @@ def _segmentation_reference(setup):
     loader = DataLoader(Dataset(data, transform), batch_size=spec.batch_size,
                         shuffle=True, num_workers=0, collate_fn=list_data_collate)
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
+    deep_loss = DeepSupervisionLoss(loss_function)  # MONAI's: weights 0.5^k, labels resized
 
     def loss_of(network, batch):
         image, label = batch["image"].to(device), batch["label"].to(device)
         output = network(image)
-        if output.dim() == image.dim() + 1:  # DynUNet deep supervision, as MONAI's tutorial
-            heads = torch.unbind(output, 1)
-            loss = sum(0.5**i * loss_function(h, label) for i, h in enumerate(heads))
+        if isinstance(output, list):  # deep supervision, each output at its own size
+            loss = deep_loss(output, label.float())
         else:
             loss = loss_function(output, label)
         return loss, len(image)

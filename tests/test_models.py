@@ -65,9 +65,12 @@ def test_nnunet_follows_the_plans_kernels_strides_and_features():
 
 def test_nnunet_deep_supervision_outputs_while_training():
     net = build_model("nnunet", NetworkShape(1, 3, ANISOTROPIC)).train()
-    out = net(torch.randn(2, 1, 32, 32, 8))
-    # main output + n_stages - 3 lower levels, all upsampled to the patch (MONAI DynUNet)
-    assert out.shape == (2, 2, 3, 32, 32, 8)
+    outputs = net(torch.randn(2, 1, 32, 32, 8))
+    # the full-size output + n_stages - 3 lower levels, each at its own level's size (as
+    # nnU-Net scores them; MONAI's DynUNet would upsample them to the patch)
+    assert [tuple(o.shape) for o in outputs] == [(2, 3, 32, 32, 8), (2, 3, 16, 16, 8)]
+    with torch.no_grad():
+        assert net.eval()(torch.randn(1, 1, 32, 32, 8)).shape == (1, 3, 32, 32, 8)
     single = build_model("nnunet", NetworkShape(1, 3, ANISOTROPIC), {"deep_supervision": False})
     assert single.train()(torch.randn(2, 1, 32, 32, 8)).shape == (2, 3, 32, 32, 8)
 
@@ -86,10 +89,10 @@ def test_nnunet_resenc_is_nnunets_residual_encoder_unet():
     assert [len(stage.blocks) for stage in net.encoder.stages] == [1, 3, 4, 6]
     convs = [m for m in net.modules() if isinstance(m, nn.Conv3d)]
     assert convs[0].kernel_size == (3, 3, 1) and convs[0].bias is not None
-    # training: one output per decoder level, full size first, each at its level's size
+    # training: one output per decoder level, full size first, each at its level's size,
+    # without the lowest (nnU-Net weights it 0): the same outputs as the `nnunet` model's
     outputs = net.train()(torch.randn(2, 1, 32, 32, 8))
-    assert [tuple(o.shape) for o in outputs] == [(2, 3, 32, 32, 8), (2, 3, 16, 16, 8),
-                                                (2, 3, 8, 8, 4)]
+    assert [tuple(o.shape) for o in outputs] == [(2, 3, 32, 32, 8), (2, 3, 16, 16, 8)]
     with torch.no_grad():  # evaluation and inference: the full-size output alone
         assert net.eval()(torch.randn(1, 1, 32, 32, 8)).shape == (1, 3, 32, 32, 8)
     with pytest.raises(MedpipeError, match="Residual Encoder planner"):

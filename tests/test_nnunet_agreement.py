@@ -130,3 +130,30 @@ def test_residual_encoder_presets_agree_with_nnunet(tmp_path):
                 in_array_order(entry, back) for entry in ref_kwargs[key]], where
         patches.add(tuple(mine.patch_size))
     assert len(patches) == 2  # M's patch was shrunk, L's and XL's not
+
+
+def test_augmentation_cuts_the_larger_patch_nnunet_cuts():
+    # nnU-Net's trainer sizes the patch its sampler cuts before rotating and scaling with
+    # `get_patch_size` (+-30 deg, or +-180 in-plane for anisotropic "dummy 2D" patches)
+    from medpipe.training.augment import input_size, is_dummy_2d
+
+    patches = [(80, 96, 64), (128, 128, 128), (20, 192, 160), (48, 224, 192), (40, 40, 40)]
+    script = (
+        "import json, sys, numpy as np\n"
+        "from nnunetv2.training.data_augmentation.compute_initial_patch_size import "
+        "get_patch_size\n"
+        "out = []\n"
+        "for p in json.loads(sys.argv[1]):\n"
+        "    dummy = max(p) / p[0] > 3\n"
+        "    r = np.pi if dummy else np.pi / 6\n"
+        "    s = get_patch_size(p, (-r, r), (-r, r), (-r, r), (0.85, 1.25))\n"
+        "    if dummy: s[0] = p[0]\n"
+        "    out.append([int(v) for v in s])\n"
+        "print(json.dumps(out))\n"
+    )
+    result = subprocess.run([NNUNET_BIN / "python", "-c", script, json.dumps(patches)],
+                            capture_output=True, encoding="utf-8", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    theirs = [tuple(s) for s in json.loads(result.stdout)]
+    assert [input_size(p) for p in patches] == theirs
+    assert [is_dummy_2d(p) for p in patches] == [False, False, True, True, False]

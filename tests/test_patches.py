@@ -50,11 +50,11 @@ def test_forced_patches_contain_foreground_and_random_ones_mostly_do_not():
 
 
 def test_every_patch_is_a_function_of_seed_epoch_and_index():
-    augmenter = Augmenter()
+    augmenter = Augmenter((16, 16, 16))
     a = PatchDataset([small_case(0), small_case(1)], (16, 16, 16), 2, 4, seed=7,
                      augment=augmenter)
     b = PatchDataset([small_case(0), small_case(1)], (16, 16, 16), 2, 4, seed=7,
-                     augment=Augmenter())
+                     augment=Augmenter((16, 16, 16)))
     a.set_epoch(3)
     b.set_epoch(3)
     for index in (5, 0, 5):  # order of access does not matter
@@ -65,7 +65,9 @@ def test_every_patch_is_a_function_of_seed_epoch_and_index():
 
 
 def test_augmentation_keeps_labels_integer_and_shapes():
-    dataset = PatchDataset([small_case()], (16, 16, 16), 2, 20, seed=0, augment=Augmenter())
+    augmenter = Augmenter((16, 16, 16))
+    assert augmenter.input_size == (25, 25, 25)  # cut larger, the final patch from its centre
+    dataset = PatchDataset([small_case()], (16, 16, 16), 2, 20, seed=0, augment=augmenter)
     for index in range(40):
         sample = dataset[index]
         assert sample["image"].shape == (1, 16, 16, 16)
@@ -89,3 +91,14 @@ def test_small_images_keep_at_least_half_the_patch_inside():
         inside = np.minimum(origin + patch, shape) - np.maximum(origin, 0)
         assert np.all(inside >= np.minimum(shape, patch // 2))
         assert np.all(origin[1] >= 0) and origin[1] + 16 <= 40
+
+
+def test_a_forced_patch_keeps_its_foreground_voxel_at_the_centre_near_borders_too():
+    # nnU-Net's get_bbox clips a centred box only below: a voxel near the upper border stays
+    # at the centre of the (larger) box, whose overhang is padded
+    rng = np.random.default_rng(0)
+    origin = patch_origin((30, 26, 20), (25, 25, 25), rng, centre=(29, 13, 19),
+                          final_size=(16, 16, 16))
+    assert origin.tolist() == [29 - 12, 13 - 12, 19 - 12]
+    low = patch_origin((30, 26, 20), (25, 25, 25), rng, centre=(0, 0, 0), final_size=(16, 16, 16))
+    assert low.tolist() == [-4, -4, -4]  # the lower bound: half of 25 - 16 may hang over

@@ -191,3 +191,30 @@ def test_a_diverging_loss_stops_training_before_the_step(tmp_path):
                                            "iteration 1"):
         trainer.fit()
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_deep_supervision_scores_each_output_against_labels_at_its_size():
+    # an independent computation: nnU-Net's weights 1, 1/2 normalised, the lower output scored
+    # against the labels downsampled by nearest-exact (voxel 2i+1 of each halved axis)
+    from monai.losses import DiceCELoss
+
+    from medpipe.data.labels import LabelScheme
+
+    labels = LabelScheme.from_labels({"background": 0, "a": 1, "b": 2})
+    task = SegmentationTask(None, [], labels)
+    generator = torch.Generator().manual_seed(0)
+    full = torch.randn(2, 3, 8, 8, 4, generator=generator)
+    half = torch.randn(2, 3, 4, 4, 4, generator=generator)
+    label = torch.randint(0, 3, (2, 1, 8, 8, 4), generator=generator)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, image):
+            return [full, half]
+
+    loss, n = task.loss(Fixed(), {"image": torch.zeros(2, 1, 8, 8, 4), "label": label},
+                        torch.device("cpu"))
+    dice_ce = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True,
+                         smooth_nr=1e-5, smooth_dr=1e-5)
+    expected = (2 / 3 * dice_ce(full, label) + 1 / 3 * dice_ce(half, label[:, :, 1::2, 1::2]))
+    assert n == 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)

@@ -8,9 +8,11 @@ residual branch zeroed). The package is installed without its dependencies: its 
 pulls in torchvision, whose PyPI builds replace the CPU torch with a CUDA one, and the U-Net
 classes import only torch and numpy.
 
-One difference from nnU-Net's use: the decoder returns its deep-supervision outputs only in
-training mode (nnU-Net switches `decoder.deep_supervision` off by hand before predicting),
-so that evaluation, inference and export see one output, as for every other model.
+Two differences from nnU-Net's use, neither changing the training: the decoder returns its
+deep-supervision outputs only in training mode (nnU-Net switches `decoder.deep_supervision`
+off by hand before predicting), so that evaluation, inference and export see one output, as
+for every other model; and the lowest output, which nnU-Net's loss weights 0, is not
+returned, so that every nnU-Net-style model hands the loss the outputs it scores.
 """
 
 from __future__ import annotations
@@ -54,8 +56,8 @@ def residual_encoder_unet(in_channels: int, out_channels: int, kernel_sizes, str
 if ResidualEncoderUNet is not None:
 
     class _TrainingOnlyDeepSupervision(ResidualEncoderUNet):
-        """ResidualEncoderUNet whose deep-supervision outputs (a list, full size first) come
-        only in training mode; in eval mode one tensor."""
+        """ResidualEncoderUNet whose deep-supervision outputs (a list, full size first, the
+        lowest left out) come only in training mode; in eval mode one tensor."""
 
         def __init__(self, *args, deep_supervision: bool, **kwargs) -> None:
             super().__init__(*args, deep_supervision=deep_supervision, **kwargs)
@@ -63,4 +65,5 @@ if ResidualEncoderUNet is not None:
 
         def forward(self, x: torch.Tensor):
             self.decoder.deep_supervision = self.supervise_deep and self.training
-            return super().forward(x)
+            output = super().forward(x)
+            return output[:-1] if isinstance(output, list) and len(output) > 1 else output

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
 from monai.networks.nets import DynUNet, SwinUNETR, UNet
 from pydantic import Field, field_validator
 from torch import nn
@@ -126,11 +127,24 @@ def deep_supervision_heads(n_stages: int) -> int:
     return max(0, n_stages - 3)
 
 
+class NNUNetDynUNet(DynUNet):
+    """DynUNet whose deep-supervision outputs keep their own resolution in training (a list,
+    full size first), as nnU-Net scores each against labels resized to it; MONAI's DynUNet
+    upsamples them to full size and stacks them, which scores interpolated logits against
+    full-size labels instead. The same modules and weights; eval mode returns one tensor."""
+
+    def forward(self, x: torch.Tensor):
+        out = self.output_block(self.skip_layers(x))
+        if self.training and self.deep_supervision:
+            return [out, *self.heads]
+        return out
+
+
 def build_nnunet(shape: NetworkShape, options: NNUNetOptions) -> DynUNet:
     kernels, strides, features = nnunet_topology(shape)
     features = _features(options, features)
     heads = deep_supervision_heads(len(strides)) if options.deep_supervision else 0
-    return DynUNet(
+    return NNUNetDynUNet(
         spatial_dims=3,
         in_channels=shape.in_channels,
         out_channels=shape.out_channels,

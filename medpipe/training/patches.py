@@ -6,7 +6,7 @@ position and augmentation come from a random generator seeded with those three n
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -14,8 +14,7 @@ import torch
 from medpipe.errors import DatasetError
 from medpipe.preprocessing import PreprocessedCase
 from medpipe.sampling import EpochDataset
-
-Augment = Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]
+from medpipe.training.augment import Augmenter
 
 
 def do_oversample(index_in_batch: int, batch_size: int, fraction: float) -> bool:
@@ -29,17 +28,22 @@ def patch_origin(
     patch_size: Sequence[int],
     rng: np.random.Generator,
     centre: Sequence[int] | None = None,
+    final_size: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """Lower corner of a patch: uniform over the positions that keep at least half of the
-    patch inside the image when it is smaller (nnU-Net pads such cases), or centred on
-    CENTRE (a foreground voxel), clipped to those same bounds."""
+    """Lower corner of a patch, by nnU-Net's `get_bbox`: the box may leave the image by
+    PATCH - FINAL_SIZE in all (the larger patch augmentation cuts before rotating; split
+    over both sides), or by as much as makes up for an image smaller than the patch (such
+    cases are padded). Uniform over those positions, or centred on CENTRE (a foreground
+    voxel), then only kept above the lower bound, as nnU-Net keeps it, so the voxel stays
+    at the centre of the final patch."""
     shape, patch = np.asarray(shape), np.asarray(patch_size)
-    pad = np.maximum(patch - shape, 0)
+    pad = patch - (patch if final_size is None else np.asarray(final_size))
+    pad = np.where(pad + shape < patch, patch - shape, pad)
     low = -(pad // 2)
     high = shape + pad // 2 + pad % 2 - patch
     if centre is None:
         return np.array([rng.integers(lo, hi + 1) for lo, hi in zip(low, high, strict=True)])
-    return np.clip(np.asarray(centre) - patch // 2, low, high)
+    return np.maximum(np.asarray(centre) - patch // 2, low)
 
 
 def crop_patch(array: np.ndarray, origin: Sequence[int], patch_size: Sequence[int]) -> np.ndarray:
@@ -66,7 +70,7 @@ class PatchDataset(EpochDataset):
         iterations: int,
         seed: int,
         oversample_foreground: float = 0.33,
-        augment: Augment | None = None,
+        augment: Augmenter | None = None,
     ) -> None:
         if not cases:
             raise DatasetError("no training cases for this fold")
@@ -84,12 +88,12 @@ class PatchDataset(EpochDataset):
         centre = None
         if do_oversample(index % self.batch_size, self.batch_size, self.oversample_foreground):
             centre = self._foreground_voxel(case, rng)
-        origin = patch_origin(case.seg.shape, self.patch_size, rng, centre)
+        # augmentation cuts a larger patch and returns the final one from its centre
+        size = self.augment.input_size if self.augment is not None else self.patch_size
+        origin = patch_origin(case.seg.shape, size, rng, centre, final_size=self.patch_size)
         sample = {
-            "image": torch.from_numpy(crop_patch(case.data, origin, self.patch_size)),
-            "label": torch.from_numpy(
-                crop_patch(case.seg[None], origin, self.patch_size).astype(np.int64)
-            ),
+            "image": torch.from_numpy(crop_patch(case.data, origin, size)),
+            "label": torch.from_numpy(crop_patch(case.seg[None], origin, size).astype(np.int64)),
         }
         if self.augment is not None:
             sample = self.augment(sample, int(rng.integers(2**31)))

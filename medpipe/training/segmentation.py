@@ -87,15 +87,11 @@ class SegmentationTask:
         label = self.targets(batch["label"].to(device, non_blocking=True))
         output = model(image)
         if isinstance(output, list | tuple):
-            # nnU-Net's networks: one output per decoder level, full size first, each
-            # scored against labels resized to it (MONAI's DeepSupervisionLoss,
+            # nnU-Net's deep supervision: one output per decoder level, full size first, each
+            # scored against the labels resized to it (MONAI's DeepSupervisionLoss,
             # nearest-exact, as nnU-Net's DownsampleSegForDSTransform; torch resizes float
-            # tensors only); the lowest, which nnU-Net weights 0, is left out
-            heads = list(output[:-1]) or list(output)
-            return self._deep_supervision(len(heads))(heads, label.float()), len(image)
-        if output.dim() == image.dim() + 1:  # DynUNet's deep supervision: (B, heads, C, ...)
-            heads = list(output.unbind(1))
-            return self._deep_supervision(len(heads))(heads, label), len(image)
+            # tensors only)
+            return self._deep_supervision(len(output))(list(output), label.float()), len(image)
         return self.loss_function(output, label), len(image)
 
     def _deep_supervision(self, heads: int) -> DeepSupervisionLoss:
@@ -201,7 +197,7 @@ def segmentation_setup(config: PipelineConfig, model: str, fold: int,
         load_labelled_cases(config.preprocessed_dir, spec.train_cases),
         spec.patch_size, spec.batch_size, training.iterations_per_epoch,
         seed=training.seed, oversample_foreground=training.oversample_foreground,
-        augment=Augmenter() if training.augment else None,
+        augment=Augmenter(spec.patch_size) if training.augment else None,
     )
     task = SegmentationTask(
         dataset, load_labelled_cases(config.preprocessed_dir, spec.val_cases),
