@@ -74,8 +74,8 @@ def test_init_writes_a_complete_commented_config_that_reads_back_as_the_defaults
     config = load_config(out)
     expected = PipelineConfig(dataset=dataset, results="results")
     assert config.model_dump(exclude={"models"}) == expected.model_dump(exclude={"models"})
-    assert set(config.models) == {"nnunet", "unet", "swin_unetr", "voxelmorph",
-                                  "voxelmorph_diff"}
+    assert set(config.models) == {"nnunet", "nnunet_resenc", "unet", "swin_unetr",
+                                  "voxelmorph", "voxelmorph_diff"}
     for model in config.models:  # the written options and training are each model's defaults
         assert config.model_options(model) == model_spec(model).options()
         assert config.training_for(model) == expected.training_for(model)
