@@ -89,6 +89,27 @@ def test_anisotropic_data_is_resampled_with_a_separate_coarse_axis():
     assert set(np.unique(resampled)) <= {0, 3}  # no new label values
 
 
+@pytest.mark.parametrize("order", [0, 1, 3])
+@pytest.mark.parametrize(("shape", "new_shape"), [((31, 40, 17), (12, 57, 17)),
+                                                  ((9, 8, 7), (30, 5, 21))])
+def test_resize_gives_scipy_zoom_s_answer(order, shape, new_shape):
+    """resize multiplies per-axis matrices instead of zooming the volume: it must equal
+    zoom itself, at its boundaries, and with a coarse axis done by nearest neighbour."""
+    from scipy.ndimage import zoom
+
+    from medpipe.preprocessing.resampling import resize
+
+    array = np.random.default_rng(order).normal(size=shape)
+    factors = [n / o for n, o in zip(new_shape, shape, strict=True)]
+    expected = zoom(array, factors, order=order, mode="nearest", grid_mode=True)
+    np.testing.assert_allclose(resize(array, new_shape, order, None), expected, atol=1e-12)
+    in_plane = zoom(array, [factors[0], factors[1], 1.0], order=order, mode="nearest",
+                    grid_mode=True)
+    expected = zoom(in_plane, [1.0, 1.0, factors[2]], order=0, mode="nearest", grid_mode=True)
+    np.testing.assert_allclose(resize(array, new_shape, order, 2), expected, atol=1e-12)
+    assert resize(array.astype(np.float32), new_shape, order, None).dtype == np.float32
+
+
 @pytest.mark.parametrize("target", [(1.0, 1.2, 3.5), (1.5, 1.5, 1.5), (0.8, 0.8, 2.0)])
 def test_round_trip_to_the_raw_grid(target):
     images, label, geometry = brain_like_case()
