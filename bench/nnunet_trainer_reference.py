@@ -50,13 +50,18 @@ def preprocessed(dataset: Path, work: Path) -> Path:
 
 
 def trainer_class(epochs: int, iterations: int):
+    import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    cpu = torch.device("cpu")
 
     class nnUNetTrainerBench(nnUNetTrainer):
         """nnU-Net's trainer with this budget; the training loop timed per epoch."""
 
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
+        # nnU-Net records its __init__'s arguments by name from the signature: keep it
+        def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                     device: torch.device = cpu) -> None:
+            super().__init__(plans, configuration, fold, dataset_json, device)
             self.num_epochs = epochs
             self.num_iterations_per_epoch = iterations
             self.num_val_iterations_per_epoch = 1
@@ -108,6 +113,7 @@ def main() -> None:
     settings["architecture"]["arch_kwargs"]["features_per_stage"] = [
         int(v) for v in args.features.split(",")]
     plans["plans_name"] = f"nnUNetPlansBench_seed{args.seed}"  # its own results folder
+    plans["continue_training"] = False  # what nnUNetv2_train sets without --c
     dataset_json = json.loads((plans_file.parent / "dataset.json").read_text(encoding="utf-8"))
 
     # nnU-Net seeds nothing itself; seeding here makes its initial weights repeatable (its

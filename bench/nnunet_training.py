@@ -82,14 +82,27 @@ def nnunet_run(python: Path, root: Path, train: list[str], val: list[str], seed:
                "--features", ",".join(map(str, FEATURES)), "--epochs", str(epochs),
                "--iterations", str(iterations), "--seed", str(seed)]
     env = {**os.environ, "nnUNet_n_proc_DA": "1", "PYTHONPATH": str(HERE)}
-    result = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+    result = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True)
     return {"side": "nnU-Net v2", "seed": seed, **json.loads(result.stdout.splitlines()[-1])}
 
 
-def scored(run: dict, root: Path) -> dict:
+def validation_references(root: Path, val: list[str]) -> Path:
+    """A folder holding (links to) the fold's validation label maps alone: evaluate_folder
+    wants a prediction for every reference it is given."""
+    folder = WORK / "nnunet_training" / "references"
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.iterdir():
+        old.unlink()
+    for case_id in val:
+        label = root / "raw" / "labelsTr" / f"{case_id}.nii.gz"
+        (folder / label.name).symlink_to(label)
+    return folder
+
+
+def scored(run: dict, root: Path, references: Path) -> dict:
     from medpipe.evaluation.folder import evaluate_folder
 
-    summary = evaluate_folder(root / "raw" / "labelsTr", Path(run["predictions"]),
+    summary = evaluate_folder(references, Path(run["predictions"]),
                               root / "raw", Path(run["predictions"]) / "scores")
     seconds = run["epoch_seconds"][1:] or run["epoch_seconds"]
     per_iteration = sum(seconds) / (len(seconds) * run.get("iterations_per_epoch",
@@ -114,6 +127,7 @@ def main() -> None:
     from medpipe.data.splits import fold_case_ids
 
     train, val = fold_case_ids(root / "results" / "splits.json", 0)
+    references = validation_references(root, val)
     runs = []
     for seed in args.seeds:  # alternating sides
         for side in ("medpipe", "nnunet"):
@@ -121,7 +135,7 @@ def main() -> None:
                    if side == "medpipe" else
                    nnunet_run(python, root, train, val, seed, args.epochs, args.iterations))
             run.setdefault("iterations", args.iterations)
-            runs.append(scored(run, root))
+            runs.append(scored(run, root, references))
             print(side, seed, runs[-1]["mean_foreground_dice"],
                   runs[-1]["seconds_per_iteration"], flush=True)
     table, sides = [], {}

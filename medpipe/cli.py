@@ -306,6 +306,39 @@ def evaluate_folder_command(
                   f"{summary['cases']} case(s)")
 
 
+@app.command("sync-tracking")
+def sync_tracking(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (RESULTS/runs/MODEL/fold_K).")],
+) -> None:
+    """Send a run's tracking calls that waited while its MLflow store was away
+    (RUN/tracking_pending.jsonl) to the store named in the run's config.json."""
+    import json
+
+    from medpipe.config import PipelineConfig
+    from medpipe.runs.folder import RunFolder
+    from medpipe.runs.spec import read_run_spec
+    from medpipe.tracking import open_tracker
+
+    folder = RunFolder(run_dir)
+    if not folder.tracking_journal.is_file():
+        console.print(f"nothing waits in {folder.tracking_journal}")
+        return
+    spec = read_run_spec(folder)
+    try:
+        config = PipelineConfig(**json.loads(folder.config_file.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as error:
+        raise MedpipeError(f"cannot read the run's config ({error})",
+                           folder.config_file) from None
+    if config.tracking_store is None:
+        raise MedpipeError("tracking is off in this run's config", folder.config_file)
+    tracker = open_tracker(config.tracking_store, spec.dataset_name, spec.run_name, folder)
+    waiting = tracker.pending
+    if waiting:
+        raise MedpipeError(f"the store did not take the {waiting} waiting call(s); they "
+                           "stay in the journal", folder.tracking_journal)
+    console.print(f"sent the waiting tracking calls of {run_dir}")
+
+
 @app.command("train-reg")
 def train_reg(
     config: ConfigOption,
@@ -580,6 +613,11 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("interrupted")
         sys.exit(130)
+    except OSError as error:  # reading or writing: a full disk, a read-only folder, ...
+        where = f"{error.filename}: " if error.filename else ""
+        err_console.print(f"[bold red]error:[/bold red] {escape(where)}"
+                          f"{escape(error.strerror or str(error))}", highlight=False)
+        sys.exit(1)
     sys.exit(result if isinstance(result, int) else 0)
 
 

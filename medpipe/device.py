@@ -16,9 +16,21 @@ def pick_device(name: str = "auto") -> torch.device:
     error rather than a silent fallback."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MedpipeError("device 'cuda' was asked for, but torch sees no CUDA device")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise MedpipeError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MedpipeError(f"device {name!r} was asked for, but torch sees no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise MedpipeError(f"device {name!r} was asked for, but torch sees "
+                               f"{torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise MedpipeError("device 'mps' was asked for, but torch sees no MPS device")
+    return device
 
 
 def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:

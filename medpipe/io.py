@@ -290,12 +290,18 @@ def read_dicom_series(folder: Path, series_id: str | None = None) -> Volume:
 def write_image(volume: Volume, path: str | Path) -> Path:
     """Write atomically: a reader never sees a half-written file under the final name.
 
-    The format follows the suffix; a path without a known suffix is written as a DICOM series
-    folder. Returns the path written.
+    The format follows the suffix; a name without any suffix is written as a DICOM series
+    folder, and any other suffix is an error (never a folder named `seg.png`). Returns the
+    path written.
     """
     path = Path(path)
     suffix = image_suffix(path)
     if not suffix:
+        if path.suffix:
+            raise ImageWriteError(
+                f"unknown image format {path.suffix!r}; use one of "
+                f"{', '.join(SUPPORTED_SUFFIXES)}, or a name without a suffix for a DICOM "
+                "series folder", path)
         write_dicom_series(volume, path)
         return path
     with atomic_output(path) as staging:

@@ -200,13 +200,31 @@ def open_tracker(
 ) -> Tracker:
     """The tracker for the run kept in FOLDER: reopened if that folder already logged to
     this store (a resumed training, an evaluation), else a new run in the store's
-    experiment (by default DATASET's). No STORE: tracking is off."""
+    experiment (by default DATASET's). No STORE: tracking is off. A store that fails, now
+    or later, never stops the caller: calls wait in FOLDER's journal
+    (`tracking_buffer.BufferedTracker`)."""
     if store is None:
         return NullTracker()
     try:
-        from mlflow import MlflowClient
+        import mlflow  # noqa: F401
     except ImportError:
         raise MedpipeError("tracking is on but mlflow is not installed") from None
+    # MLflow retries a failed HTTP call for minutes by default (7 retries, backoff 2): a
+    # down server would stall every epoch; the buffer retries later instead
+    for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"),
+                        ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                        ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+        os.environ.setdefault(name, value)
+    from medpipe.tracking_buffer import BufferedTracker
+
+    return BufferedTracker(lambda: _open_mlflow_run(store, dataset, run_name, folder, tags),
+                           folder)
+
+
+def _open_mlflow_run(store: TrackingStore, dataset: str, run_name: str, folder: RunFolder,
+                     tags: Mapping[str, str] | None) -> MlflowTracker:
+    from mlflow import MlflowClient
+
     uri = store.uri
     if store.artifact_root is not None:
         store.artifact_root.mkdir(parents=True, exist_ok=True)

@@ -145,6 +145,21 @@ def test_slurm_profile_sends_training_to_the_gpu_partition(workdir):
     assert re.search(r"train_registration\s+10\n", result.stdout)
 
 
+def test_paths_with_shell_and_yaml_characters_reach_the_commands_whole(tmp_path):
+    """Every `shell:` quotes what it interpolates: a dataset and results folder whose names
+    hold a space, `;`, `$(...)`, `: ` and ` #` run the real jobs (verify to planning) with
+    those exact folders, and nothing in the names is ever run as a command."""
+    dataset = tmp_path / "my scans;touch INJECTED;true $(touch INJECTED2)"
+    results = tmp_path / "results: #1 `touch INJECTED3`"
+    build_demo_dataset(dataset, DemoSettings(cases=3, test_cases=0, spacing=6.0))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(
+        {"dataset": str(dataset), "results": str(results), "folds": 2}))
+    result = run(snakemake(tmp_path, "plan_experiment", cores=1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (results / "plans.json").is_file() and (results / "verify.json").is_file()
+    assert not list(tmp_path.rglob("INJECTED*")) and not list(Path.cwd().glob("INJECTED*"))
+
+
 def test_killed_run_resumes_without_redoing_finished_cases(workdir):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     out = workdir / "results" / "preprocessed" / "3d_fullres"

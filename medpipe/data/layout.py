@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from medpipe.data.problems import Problem, Severity
 from medpipe.errors import DatasetError
-from medpipe.io import Geometry, read_image
+from medpipe.io import SUPPORTED_SUFFIXES, Geometry, read_image
 
 DATASET_JSON = "dataset.json"
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -54,8 +54,10 @@ class DatasetSpec(BaseModel):
     @field_validator("file_ending")
     @classmethod
     def _ending_is_suffix(cls, value: str) -> str:
-        if not value.startswith("."):
-            raise ValueError(f"must start with '.', e.g. '.nii.gz'; got {value!r}")
+        # one of the formats medpipe reads, nothing else: every path is built as
+        # FOLDER/CASE + file_ending, so an ending like '/../../x' would leave the folder
+        if value not in SUPPORTED_SUFFIXES:
+            raise ValueError(f"must be one of {', '.join(SUPPORTED_SUFFIXES)}; got {value!r}")
         return value
 
     @model_validator(mode="after")

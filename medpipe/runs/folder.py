@@ -67,6 +67,11 @@ class RunFolder:
         return self.path / "mlflow_run.json"
 
     @property
+    def tracking_journal(self) -> Path:
+        """Tracking calls the store did not take yet (`tracking_buffer`)."""
+        return self.path / "tracking_pending.jsonl"
+
+    @property
     def training_summary(self) -> Path:
         return self.path / "training.json"
 
@@ -98,7 +103,8 @@ class RunFolder:
     def discard_training(self) -> None:
         """Forget a previous training here (`--restart`): its weights, summary, MLflow run
         and pre-alignment go; evaluations are overwritten by the next one."""
-        for path in (self.training_summary, self.tracking_file, self.prealignment_file):
+        for path in (self.training_summary, self.tracking_file, self.tracking_journal,
+                     self.prealignment_file):
             path.unlink(missing_ok=True)
         for name in CHECKPOINT_NAMES:
             self.checkpoint_file(name).unlink(missing_ok=True)

@@ -20,6 +20,7 @@ from medpipe.planning.plans import Plans
 from medpipe.preprocessing.cases import case_files
 from medpipe.preprocessing.properties import read_properties
 from medpipe.runs.folder import RunFolder
+from medpipe.runs.lock import lock_run_folder, unlock_run_folder
 from medpipe.runs.spec import RunSpec, read_run_spec, write_run_spec
 from medpipe.tracking import git_commit, open_tracker
 from medpipe.training.callbacks import ProgressPrinter, TrackingCallback
@@ -63,7 +64,8 @@ def prepare_run_folder(config: PipelineConfig, plans: Plans, folder: RunFolder,
                        spec: RunSpec, restart: bool, restart_if_changed: bool = False) -> None:
     """Guard a resume against changed settings (or forget the old run: always with RESTART,
     when its settings differ with RESTART_IF_CHANGED, as the workflow asks), then write the
-    files that describe the run."""
+    files that describe the run. Takes the folder's lock first: one trainer per folder."""
+    lock_run_folder(folder.path)
     changed = folder.holds_run() and read_run_spec(folder).run_hash != spec.run_hash
     if restart or (changed and restart_if_changed):  # new weights and a new MLflow run
         folder.discard_training()
@@ -124,15 +126,19 @@ def fit_run(config: PipelineConfig, setup: RunSetup, progress: bool = True) -> P
                                   setup.plans.configuration(spec.configuration), git_commit())]
     if progress:
         callbacks.append(ProgressPrinter(f"{spec.model} fold {spec.fold}"))
-    trainer = trainer_for(setup, callbacks)
-    trainer.resume()
+    lock_run_folder(folder.path)
     try:
-        trainer.fit()
-    except (KeyboardInterrupt, SystemExit):
-        tracker.finish("KILLED")
-        raise
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    write_json(trainer.summary(), folder.training_summary)
+        trainer = trainer_for(setup, callbacks)
+        trainer.resume()
+        try:
+            trainer.fit()
+        except (KeyboardInterrupt, SystemExit):
+            tracker.finish("KILLED")
+            raise
+        except BaseException:
+            tracker.finish("FAILED")
+            raise
+        write_json(trainer.summary(), folder.training_summary)
+    finally:
+        unlock_run_folder(folder.path)
     return folder.path

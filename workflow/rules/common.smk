@@ -9,6 +9,13 @@ from pathlib import Path
 REG_EVALUATION_ONLY = {"models", "baselines", "eval_pairs", "ants", "instance_optimisation"}
 
 
+# the dataset and results folders for the `medpipe` commands' `--set`, which parses values as
+# YAML: a JSON string is a YAML string, so a path holding `: `, ` #` or quotes stays one
+# path; the rules interpolate it with `:q`, which shell-quotes each word
+PATH_OVERRIDES = ["--set", f"dataset={json.dumps(str(DATASET))}",
+                  "--set", f"results={json.dumps(str(RESULTS))}"]
+
+
 def dataset_file_ending(dataset):
     """The file ending the dataset's own dataset.json states (one source of truth)."""
     path = Path(dataset) / "dataset.json"

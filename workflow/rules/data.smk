@@ -14,7 +14,7 @@ rule verify_dataset:
         mem_mb=4000,
         runtime=30,
     shell:
-        "medpipe verify {params.dataset} --json {output} --workers {threads} > {log} 2>&1"
+        "medpipe verify {params.dataset:q} --json {output:q} --workers {threads:q} > {log:q} 2>&1"
 
 
 rule split_dataset:
@@ -31,4 +31,4 @@ rule split_dataset:
         mem_mb=1000,
         runtime=5,
     shell:
-        "medpipe split {params.dataset} -o {output} --folds {params.folds} > {log} 2>&1"
+        "medpipe split {params.dataset:q} -o {output:q} --folds {params.folds:q} > {log:q} 2>&1"

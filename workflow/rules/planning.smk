@@ -14,7 +14,7 @@ rule extract_fingerprint:
         mem_mb=8000,
         runtime=60,
     shell:
-        "medpipe fingerprint {params.dataset} -o {output} --workers {threads} > {log} 2>&1"
+        "medpipe fingerprint {params.dataset:q} -o {output:q} --workers {threads:q} > {log:q} 2>&1"
 
 
 rule plan_experiment:
@@ -26,14 +26,15 @@ rule plan_experiment:
         f"{RESULTS}/logs/plan_experiment.log",
     params:
         planner=config["planner"],
-        gpu_memory=(f"--gpu-memory-gb {config['gpu_memory_gb']}"
-                    if config.get("gpu_memory_gb") is not None else ""),
+        # a list: `:q` quotes each word (an empty list adds nothing)
+        gpu_memory=(["--gpu-memory-gb", str(config["gpu_memory_gb"])]
+                    if config.get("gpu_memory_gb") is not None else []),
     resources:
         mem_mb=2000,
         runtime=10,
     shell:
-        "medpipe plan {input} -o {output} --planner {params.planner} {params.gpu_memory}"
-        " > {log} 2>&1"
+        "medpipe plan {input:q} -o {output:q} --planner {params.planner:q} {params.gpu_memory:q}"
+        " > {log:q} 2>&1"
 
 
 rule preprocess_case:
@@ -53,9 +54,9 @@ rule preprocess_case:
         mem_mb=4000,
         runtime=30,
     shell:
-        "medpipe preprocess {params.dataset} {input.plans} --config {wildcards.configuration}"
-        " -o {params.folder} --case {wildcards.case}"
-        " > {log} 2>&1"
+        "medpipe preprocess {params.dataset:q} {input.plans:q} --config {wildcards.configuration:q}"
+        " -o {params.folder:q} --case {wildcards.case:q}"
+        " > {log:q} 2>&1"
 
 
 rule preprocess_all:

@@ -21,8 +21,7 @@ rule train_registration:
         model=one_of(REG_MODELS),
     params:
         config_file=CONFIG_FILE,
-        dataset=DATASET,
-        results=subpath(input.plans, parent=True),
+        paths=PATH_OVERRIDES,
         run_dir=subpath(output[0], parent=True),
         settings=training_settings,
     threads: 2
@@ -31,9 +30,9 @@ rule train_registration:
         runtime=24 * 60,
         gpu=1,
     shell:
-        "medpipe train-reg --config {params.config_file} --set dataset={params.dataset}"
-        " --set results={params.results} --model {wildcards.model} --fold {wildcards.fold}"
-        " --run-dir {params.run_dir} --restart-if-changed > {log} 2>&1"
+        "medpipe train-reg --config {params.config_file:q} {params.paths:q}"
+        " --model {wildcards.model:q} --fold {wildcards.fold:q}"
+        " --run-dir {params.run_dir:q} --restart-if-changed > {log:q} 2>&1"
 
 
 rule evaluate_registration_network:
@@ -50,8 +49,7 @@ rule evaluate_registration_network:
         model=one_of(REG_MODELS),
     params:
         config_file=CONFIG_FILE,
-        dataset=DATASET,
-        results=subpath(input.plans, parent=True),
+        paths=PATH_OVERRIDES,
         run_dir=subpath(input.training, parent=True),
         settings=evaluation_settings,
     threads: 2
@@ -60,9 +58,9 @@ rule evaluate_registration_network:
         runtime=60,
         gpu=1,
     shell:
-        "medpipe evaluate-reg --config {params.config_file} --set dataset={params.dataset}"
-        " --set results={params.results} --model {wildcards.model} --fold {wildcards.fold}"
-        " --run-dir {params.run_dir} > {log} 2>&1"
+        "medpipe evaluate-reg --config {params.config_file:q} {params.paths:q}"
+        " --model {wildcards.model:q} --fold {wildcards.fold:q}"
+        " --run-dir {params.run_dir:q} > {log:q} 2>&1"
 
 
 rule evaluate_registration_refined:
@@ -79,8 +77,7 @@ rule evaluate_registration_refined:
         model=one_of(REG_MODELS),
     params:
         config_file=CONFIG_FILE,
-        dataset=DATASET,
-        results=subpath(input.plans, parent=True),
+        paths=PATH_OVERRIDES,
         network_dir=subpath(input.training, parent=True),
         run_dir=subpath(output[0], ancestor=2),  # RUN/evaluation/summary.json
         settings=evaluation_settings,
@@ -90,9 +87,9 @@ rule evaluate_registration_refined:
         runtime=60,
         gpu=1,
     shell:
-        "medpipe evaluate-reg --config {params.config_file} --set dataset={params.dataset}"
-        " --set results={params.results} --model {wildcards.model}_io --fold {wildcards.fold}"
-        " --run-dir {params.run_dir} --network-dir {params.network_dir} > {log} 2>&1"
+        "medpipe evaluate-reg --config {params.config_file:q} {params.paths:q}"
+        " --model {wildcards.model:q}_io --fold {wildcards.fold:q}"
+        " --run-dir {params.run_dir:q} --network-dir {params.network_dir:q} > {log:q} 2>&1"
 
 
 rule evaluate_registration_baseline:
@@ -110,8 +107,7 @@ rule evaluate_registration_baseline:
         baseline=one_of(REG_BASELINES),
     params:
         config_file=CONFIG_FILE,
-        dataset=DATASET,
-        results=subpath(input.plans, parent=True),
+        paths=PATH_OVERRIDES,
         run_dir=subpath(output[0], ancestor=2),  # RUN/evaluation/summary.json
         settings=evaluation_settings,
     threads: 2
@@ -119,9 +115,9 @@ rule evaluate_registration_baseline:
         mem_mb=8000,
         runtime=120,
     shell:
-        "medpipe evaluate-reg --config {params.config_file} --set dataset={params.dataset}"
-        " --set results={params.results} --model {wildcards.baseline} --fold {wildcards.fold}"
-        " --run-dir {params.run_dir} > {log} 2>&1"
+        "medpipe evaluate-reg --config {params.config_file:q} {params.paths:q}"
+        " --model {wildcards.baseline:q} --fold {wildcards.fold:q}"
+        " --run-dir {params.run_dir:q} > {log:q} 2>&1"
 
 
 rule registration_all:

@@ -16,12 +16,11 @@ rule compare:
         f"{RESULTS}/logs/compare.log",
     params:
         config_file=CONFIG_FILE,
-        dataset=DATASET,
-        results=subpath(input.plans, parent=True),  # the folder that holds plans.json
+        paths=PATH_OVERRIDES,
         folder=subpath(output.html, parent=True),
     resources:
         mem_mb=4000,
         runtime=30,
     shell:
-        "medpipe compare --config {params.config_file} --set dataset={params.dataset}"
-        " --set results={params.results} -o {params.folder} > {log} 2>&1"
+        "medpipe compare --config {params.config_file:q} {params.paths:q}"
+        " -o {params.folder:q} > {log:q} 2>&1"

@@ -22,8 +22,7 @@ rule train_segmentation:
         model=one_of(SEG_MODELS),
     params:
         config_file=CONFIG_FILE,
-        dataset=DATASET,
-        results=subpath(input.plans, parent=True),
+        paths=PATH_OVERRIDES,
         run_dir=subpath(output[0], parent=True),
         settings=training_settings,
     threads: 2
@@ -32,9 +31,9 @@ rule train_segmentation:
         runtime=24 * 60,
         gpu=1,
     shell:
-        "medpipe train-seg --config {params.config_file} --set dataset={params.dataset}"
-        " --set results={params.results} --model {wildcards.model} --fold {wildcards.fold}"
-        " --run-dir {params.run_dir} --restart-if-changed > {log} 2>&1"
+        "medpipe train-seg --config {params.config_file:q} {params.paths:q}"
+        " --model {wildcards.model:q} --fold {wildcards.fold:q}"
+        " --run-dir {params.run_dir:q} --restart-if-changed > {log:q} 2>&1"
 
 
 rule evaluate_segmentation:
@@ -51,8 +50,7 @@ rule evaluate_segmentation:
         model=one_of(SEG_MODELS),
     params:
         config_file=CONFIG_FILE,
-        dataset=DATASET,
-        results=subpath(input.plans, parent=True),
+        paths=PATH_OVERRIDES,
         run_dir=subpath(input.training, parent=True),
     threads: 2
     resources:
@@ -60,9 +58,9 @@ rule evaluate_segmentation:
         runtime=60,
         gpu=1,
     shell:
-        "medpipe evaluate-seg --config {params.config_file} --set dataset={params.dataset}"
-        " --set results={params.results} --model {wildcards.model} --fold {wildcards.fold}"
-        " --run-dir {params.run_dir} > {log} 2>&1"
+        "medpipe evaluate-seg --config {params.config_file:q} {params.paths:q}"
+        " --model {wildcards.model:q} --fold {wildcards.fold:q}"
+        " --run-dir {params.run_dir:q} > {log:q} 2>&1"
 
 
 rule predict_test_cases:
@@ -85,8 +83,8 @@ rule predict_test_cases:
         runtime=60,
         gpu=1,
     shell:
-        "medpipe predict --model {params.run_dir} -i {params.images} -o {output}"
-        " > {log} 2>&1"
+        "medpipe predict --model {params.run_dir:q} -i {params.images:q} -o {output:q}"
+        " > {log:q} 2>&1"
 
 
 rule evaluate_test_cases:
@@ -106,8 +104,8 @@ rule evaluate_test_cases:
         mem_mb=4000,
         runtime=30,
     shell:
-        "medpipe evaluate-folder {params.references} {input} --dataset {params.dataset}"
-        " -o {params.folder} > {log} 2>&1"
+        "medpipe evaluate-folder {params.references:q} {input:q} --dataset {params.dataset:q}"
+        " -o {params.folder:q} > {log:q} 2>&1"
 
 
 rule segmentation_all:
