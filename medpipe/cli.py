@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
@@ -595,8 +596,23 @@ def _print_problems(problems: list, root: Path) -> None:
         )
 
 
+_python_show_warning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """medpipe's own warnings as one line each; any other library's as Python shows it."""
+    from medpipe.inference.plausibility import ImplausibleInput
+
+    if issubclass(category, ImplausibleInput):
+        err_console.print(f"[bold yellow]warning:[/bold yellow] {escape(str(message))}",
+                          highlight=False)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and an exit code."""
+    warnings.showwarning = _show_warning
     try:
         result = app(prog_name="medpipe", standalone_mode=False)
     except MedpipeError as error:

@@ -70,6 +70,31 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def available_memory(device: torch.device | None = None) -> float | None:
+    """Bytes DEVICE can still give: free GPU memory, or the machine's MemAvailable (Linux);
+    None where unknown."""
+    if device is not None and device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def require_memory(needed: float, device: torch.device, what: str) -> None:
+    """Refuse, with a message, work that cannot fit (rather than be killed half-way):
+    NEEDED bytes is a lower bound of what WHAT takes on DEVICE."""
+    available = available_memory(device)
+    if available is not None and needed > available:
+        where = "GPU" if device.type == "cuda" else "this machine"
+        raise MedpipeError(f"{what} needs at least {needed / 2**30:.1f} GiB and {where} has "
+                           f"{available / 2**30:.1f} GiB available")
+
+
 def device_name(device: torch.device) -> str:
     """What the device is, for run tags: the GPU's model, or "cpu"."""
     if device.type == "cuda":

@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from medpipe.errors import GeometryError, ImageReadError, ImageWriteError
+from medpipe.errors import GeometryError, ImageReadError, ImageWriteError, MedpipeError
 
 # nibabel's RAS+ world and ITK's LPS+ world differ by a sign flip of the first two axes.
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -446,11 +446,17 @@ def _one_line(error: BaseException) -> str:
 # --------------------------------------------------------------------------- JSON
 
 
-def write_json(data: object, path: str | Path) -> Path:
-    """Write JSON atomically (indented, keys in given order) so reruns diff cleanly."""
+def write_json(data: object, path: str | Path, finite: bool = False) -> Path:
+    """Write JSON atomically (indented, keys in given order) so reruns diff cleanly. FINITE:
+    refuse NaN and infinity (not JSON; a fingerprint or plans holding them is broken)."""
     import json
 
     path = Path(path)
+    try:
+        text = json.dumps(data, indent=2, allow_nan=not finite) + "\n"
+    except ValueError:
+        raise MedpipeError("refused to write NaN or infinity (the inputs hold values that "
+                           "cannot be summarised)", path) from None
     with atomic_output(path) as staging:
-        staging.write_text(json.dumps(data, indent=2) + "\n")
+        staging.write_text(text)
     return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -213,3 +214,139 @@ def test_training_goes_on_when_the_tracking_server_is_down_and_syncs_later(
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+# ---------------------------------------------------------------- inputs, where they enter
+
+def broken_case(root: Path, change) -> Path:
+    """A copy of a valid dataset whose case_000 was changed by CHANGE(image, label)."""
+    from medpipe.io import read_image
+
+    image_file = root / "imagesTr" / "case_000_0000.nii.gz"
+    label_file = root / "labelsTr" / "case_000.nii.gz"
+    image, label = read_image(image_file), read_image(label_file)
+    new_image, new_label = change(image, label)
+    if new_image is not None:
+        write_image(new_image, image_file)
+    if new_label is not None:
+        write_image(new_label, label_file)
+    return root
+
+
+def nan_image(image, label):
+    array = image.array.copy()
+    array[1, 1, 1] = np.nan
+    return image.with_array(array), None
+
+
+def other_shape_label(image, label):
+    from medpipe.io import Volume
+
+    return None, Volume(np.zeros((12, 9, 8), np.uint8), label.geometry)
+
+
+def undeclared_label(image, label):
+    array = label.array.copy()
+    array[0, 0, 0] = 7
+    return None, label.with_array(array)
+
+
+def fractional_label(image, label):
+    return None, label.with_array(label.array.astype(np.float32) * 0.5)
+
+
+@pytest.mark.parametrize(("change", "message", "culprit"), [
+    (nan_image, "not finite", "imagesTr"),
+    (other_shape_label, "shape (12, 9, 8) differs", "labelsTr"),
+    (undeclared_label, "label value(s) 7 (1 voxels) not declared", "labelsTr"),
+    (fractional_label, "non-integer", "labelsTr"),
+])
+def test_fingerprint_and_preprocess_refuse_a_broken_case_naming_its_file(
+        tmp_path, change, message, culprit):
+    from medpipe.planning import fingerprint_dataset
+    from medpipe.preprocessing import PreprocessingPlan, preprocess_dataset
+
+    root = broken_case(make_dataset(tmp_path / "raw", n_cases=3), change)
+    before = tree_digest(root)
+    with pytest.raises(DatasetError, match=re.escape(message)) as raised:
+        fingerprint_dataset(root)
+    assert culprit in str(raised.value.path) and "case_000" in str(raised.value.path)
+    from medpipe.data import load_dataset
+
+    plan = PreprocessingPlan(spacing=(1.0, 1.0, 1.0), normalization_schemes=(
+        "ZScoreNormalization",), use_mask_for_norm=(False,), intensity_properties={})
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        preprocess_dataset(load_dataset(root).training[:1], plan, tmp_path / "pre", [1, 2])
+    assert not list((tmp_path / "pre").glob("case_000.*"))
+    assert tree_digest(root) == before  # raw data is only read
+
+
+def test_non_consecutive_labels_are_refused_in_dataset_json(tmp_path):
+    root = make_dataset(tmp_path / "raw", n_cases=2)
+    spec = json.loads((root / "dataset.json").read_text())
+    spec["labels"] = {"background": 0, "one": 1, "five": 5}
+    (root / "dataset.json").write_text(json.dumps(spec))
+    with pytest.raises(DatasetError, match=r"consecutive 0\.\.2, got \[0, 1, 5\]"):
+        read_spec(root)
+
+
+def test_a_huge_intensity_scale_is_normalised_like_the_original():
+    """z-scores are scale-free: an image x1e30 must normalise to the same values, not to
+    zeros (float32 squares overflow beyond ~1e19)."""
+    from medpipe.preprocessing import normalise
+
+    image = np.random.default_rng(0).normal(100, 30, (1, 12, 11, 10)).astype(np.float32)
+    mask = np.ones(image.shape[1:], bool)
+    plain = normalise(image, mask, ["ZScoreNormalization"], [False], {})
+    scaled = normalise(image * np.float32(1e30), mask, ["ZScoreNormalization"], [False], {})
+    np.testing.assert_allclose(scaled, plain, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def segmentation_run(tiny_pipeline, tmp_path_factory):
+    from medpipe.config import load_config
+    from medpipe.training.segmentation import train_segmentation
+
+    config = load_config(tiny_pipeline / "config.yaml", [
+        "tracking.enabled=false", "training.epochs=1", "training.iterations_per_epoch=1",
+        "training.augment=false"])
+    return train_segmentation(config, "unet", 0, tmp_path_factory.mktemp("seg") / "unet",
+                              progress=False)
+
+
+def test_predict_refuses_a_nan_scan_and_warns_on_an_empty_one(segmentation_run, tmp_path):
+    from medpipe.io import read_image
+
+    scans = sorted(Path(read_json_path(segmentation_run)).glob("*_0000.nii.gz"))
+    scan = read_image(scans[0])
+    array = scan.array.astype(np.float32)
+    array[3, 3, 3] = np.inf
+    write_image(scan.with_array(array), tmp_path / "inf.nii.gz")
+    write_image(scan.with_array(np.zeros_like(array)), tmp_path / "zero.nii.gz")
+    refused = medpipe("predict", "--model", str(segmentation_run), "-i",
+                      str(tmp_path / "inf.nii.gz"), "-o", str(tmp_path / "inf_seg.nii.gz"))
+    one_line_error(refused, "inf.nii.gz", "1 of", "NaN or infinite")
+    assert not (tmp_path / "inf_seg.nii.gz").exists()
+    empty = medpipe("predict", "--model", str(segmentation_run), "-i",
+                    str(tmp_path / "zero.nii.gz"), "-o", str(tmp_path / "zero_seg.nii.gz"))
+    assert empty.returncode == 0, empty.stderr
+    warning = [line for line in empty.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "is constant (every voxel 0)" in warning[0]
+
+
+def read_json_path(run: Path) -> Path:
+    """The raw training images of the dataset RUN was trained on."""
+    config = json.loads((Path(run) / "config.json").read_text())
+    return Path(config["dataset"]) / "imagesTr"
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_the_run_folder_is_touched(
+        tiny_pipeline, tmp_path):
+    from medpipe.config import load_config
+    from medpipe.training.segmentation import train_segmentation
+
+    config = load_config(tiny_pipeline / "config.yaml", [
+        "tracking.enabled=false", "training.batch_size=100000"])
+    with pytest.raises(MedpipeError, match=r"training batch of 100000 x .* needs at least"):
+        train_segmentation(config, "unet", 0, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "model.json").exists()

@@ -67,8 +67,13 @@ class DatasetSpec(BaseModel):
             raise ValueError(f"labels must be non-negative integers, got {sorted(values)}")
         if self.labels.get("background") != 0:
             raise ValueError("labels must declare 'background': 0")
-        if any(isinstance(v, list) for v in self.labels.values()) and not self.regions_class_order:
+        regions = any(isinstance(v, list) for v in self.labels.values())
+        if regions and not self.regions_class_order:
             raise ValueError("region-based labels (lists) need 'regions_class_order'")
+        if not regions and sorted(values) != list(range(len(values))):
+            # nnU-Net's rule too: a network's outputs are the classes 0..K-1
+            raise ValueError(f"label values must be consecutive 0..{len(values) - 1}, got "
+                             f"{sorted(values)}; renumber the label maps and dataset.json")
         return self
 
     @property

@@ -107,6 +107,32 @@ def check_case(case: Case, settings: CheckSettings) -> list[Problem]:
     return problems
 
 
+def read_checked_case(case: Case, label_values: frozenset[int] | None,
+                      tolerance: float = DEFAULT_TOLERANCE):
+    """`read_case` for the stages that take a case in (fingerprint, preprocess): the same
+    checks as `verify` on the voxels just read (finite, integer declared labels, every file
+    on one grid), the first error raised naming its file, so no stage stretches a label
+    map onto another grid or carries NaN into its outputs."""
+    volumes: dict[Path, Volume] = {path: read_image(path) for path in case.images}
+    problems: list[Problem] = []
+    for path, volume in volumes.items():
+        problems += check_image_voxels(volume, path, case.case_id)
+    label = None
+    if case.label is not None:
+        label = read_image(case.label)
+        problems += check_label_voxels(label, case.label, case.case_id, label_values)
+        volumes[case.label] = label
+    problems += check_same_grid(volumes, case.case_id, tolerance)
+    errors = [p for p in problems if p.severity is Severity.ERROR]
+    if errors:
+        raise DatasetError(errors[0].message, errors[0].file)
+    images = np.stack([volumes[path].array for path in case.images]).astype(np.float32)
+    if not np.isfinite(images).all():
+        raise DatasetError("voxel values beyond float32's range (+-3.4e38)", case.images[0])
+    labels = label.array.astype(np.int16) if label is not None else None
+    return images, labels, volumes[case.images[0]].geometry
+
+
 def check_image_voxels(volume: Volume, path: Path, case_id: str) -> list[Problem]:
     array = volume.array
     if array.ndim != 3:

@@ -22,6 +22,7 @@ from medpipe.data.labels import REGION_THRESHOLD, LabelScheme
 from medpipe.device import autocast_dtype, pick_device
 from medpipe.errors import MedpipeError
 from medpipe.inference.images import ScanLike, as_kind, load_channels, stack_channels
+from medpipe.inference.plausibility import check_scan
 from medpipe.io import Volume, image_suffix, orientation, reorient, write_image
 from medpipe.models.sliding_window import predict_probabilities
 from medpipe.planning.plans import Plans
@@ -70,11 +71,19 @@ class Segmenter:
                 mirror: bool = False) -> Any:
         """Labels on SCAN's grid, as the kind passed in (a path gives a `Volume`); with
         PROBABILITIES, `(labels, probabilities)`, the latter a vector image (X, Y, Z, K)."""
-        volumes, kind = load_channels(scan, self.channels)
+        volumes, kind = self._load(scan)
         labels, maps = self.predict_volumes(volumes, mirror, probabilities)
         if probabilities:
             return as_kind(labels, kind), as_kind(maps, kind)
         return as_kind(labels, kind)
+
+    def _load(self, scan: ScanLike | Sequence[ScanLike]) -> tuple[list[Volume], str]:
+        """The channels of SCAN, refused or warned about before any work (`plausibility`)."""
+        volumes, kind = load_channels(scan, self.channels)
+        first = scan[0] if isinstance(scan, list | tuple) else scan
+        check_scan(volumes, self.plan.spacing, self.plan.intensity_properties,
+                   len(self.spec.labels), first if isinstance(first, str | Path) else None)
+        return volumes, kind
 
     def predict_volumes(self, volumes: Sequence[Volume], mirror: bool = False,
                         probabilities: bool = False) -> tuple[Volume, Volume | None]:
@@ -120,7 +129,7 @@ class Segmenter:
         (`probabilities_path`) as a float32 vector image on the same grid."""
         written = []
         for scan, output in zip(inputs, outputs, strict=True):
-            volumes, _ = load_channels(scan, self.channels)
+            volumes, _ = self._load(scan)
             labels, maps = self.predict_volumes(volumes, mirror, probabilities)
             if probabilities:
                 write_image(maps.with_array(maps.array.astype(np.float32)),

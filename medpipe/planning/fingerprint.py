@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medpipe.data.layout import Case, load_dataset, read_case
+from medpipe.data.layout import Case, load_dataset
+from medpipe.data.verify import read_checked_case
 from medpipe.io import write_json
 from medpipe.parallel import map_cases
 from medpipe.preprocessing.resampling import crop_to_nonzero
@@ -24,9 +25,10 @@ FOREGROUND_SAMPLES_TOTAL = 10e7  # nnU-Net: num_foreground_voxels_for_intensitys
 SAMPLE_SEED = 1234
 
 
-def fingerprint_case(case: Case, n_samples: int) -> dict:
-    """Spacing, shapes and a foreground intensity sample of one training case."""
-    images, label, geometry = read_case(case)
+def fingerprint_case(case: Case, n_samples: int, label_values: frozenset[int]) -> dict:
+    """Spacing, shapes and a foreground intensity sample of one training case (its files
+    checked first, as `verify` checks them)."""
+    images, label, geometry = read_checked_case(case, label_values)
     cropped = crop_to_nonzero(images, label)
     foreground = cropped.label > 0
     rng = np.random.RandomState(SAMPLE_SEED)
@@ -56,7 +58,8 @@ def fingerprint_dataset(
     cases = list(dataset.training)
     n_samples = int(FOREGROUND_SAMPLES_TOTAL // len(cases))
     done = (lambda case: on_case_done(case.case_id)) if on_case_done else None
-    results = list(map_cases(fingerprint_case, cases, n_samples, workers=workers, on_done=done))
+    results = list(map_cases(fingerprint_case, cases, n_samples, dataset.spec.label_values,
+                             workers=workers, on_done=done))
 
     channels = {}
     for index, name in dataset.spec.channel_names.items():
@@ -80,7 +83,7 @@ def fingerprint_dataset(
 
 
 def write_fingerprint(fingerprint: dict, path: str | Path) -> Path:
-    return write_json(fingerprint, path)
+    return write_json(fingerprint, path, finite=True)
 
 
 def read_fingerprint(path: str | Path) -> dict:

@@ -149,4 +149,4 @@ def read_plans(path: str | Path) -> Plans:
 
 
 def write_plans(plans: Plans, path: str | Path) -> Path:
-    return write_json(plans.model_dump(mode="json"), path)
+    return write_json(plans.model_dump(mode="json"), path, finite=True)

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from medpipe.data.labels import REGION_THRESHOLD, LabelScheme
-from medpipe.data.layout import Case, read_case
+from medpipe.data.layout import Case
+from medpipe.data.verify import read_checked_case
 from medpipe.errors import DatasetError
 from medpipe.io import Geometry, Volume, atomic_output
 from medpipe.parallel import map_cases
@@ -180,8 +181,9 @@ def case_files(out_dir: Path, case_id: str) -> tuple[Path, Path]:
 
 
 def preprocess_case(case: Case, plan: PreprocessingPlan, out_dir: Path, classes: Sequence[int]):
-    """Preprocess one case to OUT/<case>.npz + OUT/<case>.json (written last, atomically)."""
-    images, label, geometry = read_case(case)
+    """Preprocess one case to OUT/<case>.npz + OUT/<case>.json (written last, atomically);
+    its files are checked first (`read_checked_case`: CLASSES and 0 are the label values)."""
+    images, label, geometry = read_checked_case(case, frozenset({0, *classes}))
     data, seg, properties = preprocess_images(images, geometry, plan, label)
     properties = properties.with_case(
         case.case_id, class_locations(seg, classes) if seg is not None else None)

@@ -82,8 +82,10 @@ def normalise(
         elif scheme == "ZScoreNormalization":
             region = mask if masked else np.ones_like(mask)
             values = image[region]
-            mean, std = (values.mean(), values.std()) if values.size else (0.0, 1.0)
-            normalised = (image - mean) / max(std, 1e-8)
+            # statistics in float64: squares of float32 voxels overflow beyond ~1e19
+            mean, std = ((values.mean(dtype=np.float64), values.std(dtype=np.float64))
+                         if values.size else (0.0, 1.0))
+            normalised = ((image - mean) / max(std, 1e-8)).astype(np.float32)
             out[c] = np.where(region, normalised, 0.0) if masked else normalised
         elif scheme == "RescaleTo01Normalization":
             low, high = image.min(), image.max()

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from medpipe.config import PipelineConfig, TrainingConfig
 from medpipe.data.labels import REGION_THRESHOLD, LabelScheme
-from medpipe.device import pick_device
+from medpipe.device import pick_device, require_memory
 from medpipe.figures import plot_segmentation_overlay
 from medpipe.metrics import dice_per_class, dice_per_region
 from medpipe.models import NetworkShape, build_model, fit_patch_size, model_spec
@@ -189,8 +189,13 @@ def segmentation_setup(config: PipelineConfig, model: str, fold: int,
     plans = read_plans(config.plans_file)
     spec = describe_run(config, plans, model, fold, training)
     folder = RunFolder(run_dir) if run_dir else config.run_folder(model, fold)
-    prepare_run_folder(config, plans, folder, spec, restart, restart_if_changed)
     device = pick_device(training.device)
+    # before the folder is touched: the batch, its one-hot labels and the first layer's
+    # activations in float32 (a lower bound): a batch that cannot fit is refused, not killed
+    voxels = spec.batch_size * float(np.prod(spec.patch_size))
+    require_memory(voxels * (spec.in_channels + len(spec.labels) + 32) * 4, device,
+                   f"a training batch of {spec.batch_size} x {tuple(spec.patch_size)}")
+    prepare_run_folder(config, plans, folder, spec, restart, restart_if_changed)
     torch.manual_seed(training.seed)  # the initial weights
     network = build_model(model, spec.network_shape, spec.model_options)
     dataset = PatchDataset(
