@@ -31,7 +31,7 @@ FLOORS = {
     "medpipe.preprocessing": 5,
     "medpipe.models": 6, "medpipe.config_template": 7,
     "medpipe.runs": 7,
-    "medpipe.tracking": 8,
+    "medpipe.tracking_buffer": 7, "medpipe.tracking": 8,
     "medpipe.registration": 9,
     "medpipe.training": 10, "medpipe.evaluation": 10, "medpipe.inference": 10,
     "medpipe.report": 11,
