@@ -1,9 +1,16 @@
 """medpipe: reproducible 3D medical image segmentation and registration."""
 
+import warnings
 from typing import Any
 
 from medpipe.errors import MedpipeError
 from medpipe.io import Geometry, Volume, read_image, write_image
+
+# MONAI says on every Warp it builds that it uses torch's grid_sample (its own CUDA kernel
+# is not installed); that is the intended path, and the line would bury medpipe's own
+# one-line messages on every `register`
+warnings.filterwarnings("ignore", message="monai.networks.blocks.Warp: Using PyTorch native",
+                        category=UserWarning)
 
 __all__ = [
     "Geometry",

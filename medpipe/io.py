@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 
 import nibabel as nib
@@ -400,8 +402,24 @@ def atomic_output(path: Path) -> Iterator[Path]:
             if companion.name != path.name:
                 os.replace(companion, path.parent / companion.name)
         os.replace(staging, path)
+        _remove_stale_staging(path)
     finally:
         shutil.rmtree(staging_dir, ignore_errors=True)
+
+
+STALE_STAGING_SECONDS = 3600
+
+
+def _remove_stale_staging(path: Path) -> None:
+    """Staging folders of PATH that a killed writer left behind: an hour old, no writer of
+    the same name can still be filling them."""
+    limit = time.time() - STALE_STAGING_SECONDS
+    for stale in path.parent.glob(f".{glob_escape(path.name)}.*"):
+        try:
+            if stale.is_dir() and stale.stat().st_mtime < limit:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            continue
 
 
 @contextmanager

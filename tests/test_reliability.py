@@ -350,3 +350,53 @@ def test_a_batch_that_cannot_fit_is_refused_before_the_run_folder_is_touched(
     with pytest.raises(MedpipeError, match=r"training batch of 100000 x .* needs at least"):
         train_segmentation(config, "unet", 0, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "model.json").exists()
+
+
+def test_a_broken_fingerprint_is_refused_naming_the_file(tmp_path):
+    from medpipe.planning import read_fingerprint
+
+    path = tmp_path / "fingerprint.json"
+    path.write_text("{not json")
+    with pytest.raises(MedpipeError, match="cannot read fingerprint"):
+        read_fingerprint(path)
+    path.write_text(json.dumps({"cases": []}))
+    with pytest.raises(MedpipeError, match="missing dataset_json"):
+        read_fingerprint(path)
+    one_line_error(medpipe("plan", str(path), "-o", str(tmp_path / "plans.json")),
+                   "fingerprint.json", "missing dataset_json")
+
+
+def test_staging_folders_a_killed_writer_left_are_cleaned_by_the_next_write(tmp_path):
+    from medpipe.io import write_json
+
+    stale, fresh = tmp_path / ".out.json.killed1", tmp_path / ".out.json.running"
+    stale.mkdir()
+    fresh.mkdir()
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    write_json({"a": 1}, tmp_path / "out.json")
+    assert not stale.exists() and fresh.exists()  # a writer may still fill the fresh one
+
+
+def test_register_refuses_a_constant_or_nan_scan(tiny_pipeline, tmp_path):
+    from medpipe.config import load_config
+    from medpipe.io import read_image
+    from medpipe.training.registration import train_registration
+
+    config = load_config(tiny_pipeline / "config.yaml", [
+        "tracking.enabled=false", "training.epochs=1", "training.iterations_per_epoch=1",
+        "training.batch_size=1", "registration.atlas=brain_001",
+        "models.voxelmorph.options.channels=[8,16,16,16]",
+        "models.voxelmorph.options.final_conv_channels=[8]"])
+    run = train_registration(config, "voxelmorph", 0, tmp_path / "reg", progress=False)
+    fixed = sorted(read_json_path(run).glob("*_0000.nii.gz"))[0]
+    scan = read_image(fixed)
+    write_image(scan.with_array(np.zeros(scan.shape, np.float32)), tmp_path / "zero.nii.gz")
+    array = scan.array.astype(np.float32)
+    array[0, 0, 0] = np.nan
+    write_image(scan.with_array(array), tmp_path / "nan.nii.gz")
+    for moving, message in (("zero.nii.gz", "the moving scan is constant"),
+                            ("nan.nii.gz", "NaN or infinite")):
+        result = medpipe("register", "--model", str(run), "--moving", str(tmp_path / moving),
+                         "--fixed", str(fixed), "-o", str(tmp_path / "out"))
+        one_line_error(result, message)
+        assert not (tmp_path / "out").exists()

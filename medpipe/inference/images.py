@@ -63,6 +63,13 @@ def load_channels(scans: ScanLike | Sequence[ScanLike], channels: int,
         raise MedpipeError(f"the model takes {channels} channel(s) per scan, got {len(items)}",
                            items[0] if isinstance(items[0], str | Path) else None)
     volumes = [load_scan(item) for item in items]
+    for item, volume in zip(items, volumes, strict=True):
+        if np.issubdtype(volume.array.dtype, np.floating):
+            bad = int(np.count_nonzero(~np.isfinite(volume.array)))
+            if bad:  # every answer from such a scan would be NaN or arbitrary
+                raise MedpipeError(f"{bad} of {volume.array.size} voxels are NaN or "
+                                   "infinite; refused", item if isinstance(item, str | Path)
+                                   else None)
     for item, volume in zip(items[1:], volumes[1:], strict=True):
         if volume.shape != volumes[0].shape or \
                 not volume.geometry.is_close(volumes[0].geometry):

@@ -1,7 +1,7 @@
 """What a scan must be for a trained model to answer it: checked before any work starts.
 
-Refused (`MedpipeError`): voxels that are NaN or infinite (every output would be NaN or
-arbitrary), and scans whose resampled grid cannot fit in this machine's memory (a header
+Refused (`MedpipeError`; NaN or infinite voxels are refused earlier, by `load_channels`):
+scans whose resampled grid cannot fit in this machine's memory (a header
 that says 20 mm would otherwise be resampled to ~100 M voxels and killed, or take minutes).
 Warned (`ImplausibleInput`, a `UserWarning` the CLI prints as one line): a constant scan
 (all zero: there is nothing to segment, yet a network answers something), intensities
@@ -38,13 +38,7 @@ def check_scan(volumes: Sequence[Volume], target_spacing: Sequence[float],
     trained on INTENSITIES at TARGET_SPACING, predicts them."""
     where = f"{source}: " if source else ""
     for channel, volume in enumerate(volumes):
-        array = volume.array
-        if np.issubdtype(array.dtype, np.floating):
-            bad = int(np.count_nonzero(~np.isfinite(array)))
-            if bad:
-                raise MedpipeError(f"{bad} of {array.size} voxels of channel {channel} are "
-                                   "NaN or infinite; a prediction would be meaningless",
-                                   source)
+        array = volume.array  # finite: `load_channels` refused any other
         low, high = float(array.min()), float(array.max())
         if low == high:
             warnings.warn(f"{where}channel {channel} is constant (every voxel {low:g}): there "

@@ -89,6 +89,10 @@ class Registrator:
         return self._field(moving_volumes, fixed_volumes)
 
     def _field(self, moving: list[Volume], fixed: list[Volume]) -> sitk.Image:
+        for name, volumes in (("moving", moving), ("fixed", fixed)):
+            if any(float(v.array.min()) == float(v.array.max()) for v in volumes):
+                raise MedpipeError(f"the {name} scan is constant: there is nothing to "
+                                   "register it by")
         target = fixed[0]
         cases = [self._prepare(name, volumes)
                  for name, volumes in (("moving", moving), ("fixed", fixed))]

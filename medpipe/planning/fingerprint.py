@@ -17,6 +17,7 @@ import numpy as np
 
 from medpipe.data.layout import Case, load_dataset
 from medpipe.data.verify import read_checked_case
+from medpipe.errors import MedpipeError
 from medpipe.io import write_json
 from medpipe.parallel import map_cases
 from medpipe.preprocessing.resampling import crop_to_nonzero
@@ -86,8 +87,33 @@ def write_fingerprint(fingerprint: dict, path: str | Path) -> Path:
     return write_json(fingerprint, path, finite=True)
 
 
+FINGERPRINT_KEYS = ("dataset_json", "cases", "foreground_intensity_properties_per_channel",
+                    "median_relative_size_after_cropping", "data_hash")
+
+
 def read_fingerprint(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
+    """fingerprint.json as `fingerprint_dataset` wrote it; anything else (unreadable, keys
+    missing, a spacing or shape that is not positive) is refused naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise MedpipeError(f"cannot read fingerprint ({error}); `medpipe fingerprint` "
+                           "writes it", path) from None
+    missing = [k for k in FINGERPRINT_KEYS if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise MedpipeError(f"not a medpipe fingerprint: missing {', '.join(missing)}", path)
+    try:
+        for case in data["cases"]:
+            values = [float(v) for v in (*case["spacing"], *case["shape_after_crop"])]
+            if len(values) != 6 or not all(np.isfinite(v) and v > 0 for v in values):
+                raise ValueError(f"case {case.get('case_id')!r}: spacing and shape must be "
+                                 "three positive numbers each")
+    except (KeyError, TypeError, ValueError) as error:
+        raise MedpipeError(f"broken fingerprint ({error})", path) from None
+    if not data["cases"]:
+        raise MedpipeError("broken fingerprint (no cases)", path)
+    return data
 
 
 def _intensity_statistics(values: np.ndarray) -> dict[str, float]:
