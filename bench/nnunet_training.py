@@ -16,6 +16,7 @@ training process's peak resident memory (augmentation workers not counted, on ei
 Writes bench/results/nnunet_training.json.
 
     python bench/nnunet_training.py [--quick] [--epochs 2 --iterations 150] [--seeds 0 1]
+        [--name nnunet_training]
 """
 
 from __future__ import annotations
@@ -117,6 +118,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=150, help="per epoch")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1])
+    parser.add_argument("--name", default="nnunet_training",
+                        help="results file name (a speed-only rerun keeps the Dice run's)")
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.iterations, args.seeds = 2, 5, [0]
@@ -158,7 +161,7 @@ def main() -> None:
             theirs["seconds_per_iteration"] / ours["seconds_per_iteration"])
         summary["dice_difference_medpipe_minus_nnunet"] = (
             ours["mean_foreground_dice"] - theirs["mean_foreground_dice"])
-    write_results("nnunet_training", {
+    write_results(args.name, {
         "quick": args.quick, "epochs": args.epochs, "iterations_per_epoch": args.iterations,
         "patch_size": PATCH, "batch_size": BATCH, "features_per_stage": FEATURES,
         "train_cases": train, "val_cases": val, "summary": summary, "runs": runs},

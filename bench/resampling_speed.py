@@ -10,7 +10,7 @@ equal zoom's answer to ~1e-15, so the labels should be identical. Scans: the dem
 stored (3 mm: nothing to resample) and the same brain at 256^3 (0.8 mm).
 Writes bench/results/resampling_speed.json.
 
-    python bench/resampling_speed.py [--runs demo/results/runs] [--repeats 3]
+    python bench/resampling_speed.py [--quick] [--runs demo/results/runs] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -96,7 +96,10 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, help="folder with nnunet/fold_0 (default: a "
                         "one-step run on the bench's demo data)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="one run per resampling")
     args = parser.parse_args()
+    if args.quick:
+        args.repeats = 1
     root = demo_pipeline()
     if args.runs:
         runs = args.runs

@@ -22,7 +22,7 @@ from common import RESULTS, describe, machine
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ["data_loading", "preprocessing_scaling", "training_throughput", "inference_speed",
-           "registration_speed", "autocast_cpu", "nnunet_training"]
+           "registration_speed", "autocast_cpu", "nnunet_training", "resampling_speed"]
 
 
 def run_script(name: str, arguments: list[str]) -> None:
@@ -61,7 +61,8 @@ def main() -> None:
     jobs = [(name, [*(["--quick"] if args.quick else [])]) for name in SCRIPTS]
     if args.runs:
         jobs = [(n, [*a, "--runs", str(args.runs)] if n in ("inference_speed",
-                                                             "registration_speed") else a)
+                                                             "registration_speed",
+                                                             "resampling_speed") else a)
                 for n, a in jobs]
         scans = args.runs.parent.parent / "raw" / "imagesTs"
         jobs.append(("inference_grid", ["--model", str(args.runs / "unet" / "fold_0"),

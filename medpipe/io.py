@@ -75,6 +75,9 @@ class Geometry:
         if np.any(spacing == 0):
             raise GeometryError(f"affine has a zero-length axis: {affine.tolist()}")
         direction = linear / spacing
+        if not np.all(np.isfinite(affine)) or abs(np.linalg.det(direction)) < 1e-3:
+            raise GeometryError("the affine's axes are (nearly) parallel or not finite: no "
+                                "grid in space (a singular direction matrix)")
         origin = _LPS_FROM_RAS @ affine[:3, 3]
         return cls(
             spacing=_triplet(spacing),

@@ -400,3 +400,16 @@ def test_register_refuses_a_constant_or_nan_scan(tiny_pipeline, tmp_path):
                          "--fixed", str(fixed), "-o", str(tmp_path / "out"))
         one_line_error(result, message)
         assert not (tmp_path / "out").exists()
+
+
+def test_a_scan_with_a_singular_direction_matrix_is_refused_naming_it(tmp_path):
+    import nibabel as nib
+
+    from medpipe.errors import ImageReadError
+    from medpipe.io import read_image
+
+    affine = np.array([[1.0, 1.0, 0, 0], [0, 0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), affine), tmp_path / "flat.nii.gz")
+    with pytest.raises(ImageReadError, match="singular direction matrix") as raised:
+        read_image(tmp_path / "flat.nii.gz")
+    assert raised.value.path == tmp_path / "flat.nii.gz"
