@@ -3,9 +3,11 @@ nothing destroyed, nothing written outside the output, and no work lost to a kil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -28,8 +30,9 @@ CLI = [sys.executable, "-m", "medpipe.cli"]
 
 
 def medpipe(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300,
-                          cwd=cwd)
+    # UTF-8 whatever the locale: MLflow prints emoji when a run ends
+    return subprocess.run([*CLI, *args], capture_output=True, encoding="utf-8",
+                          errors="replace", timeout=300, cwd=cwd)
 
 
 def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -189,18 +192,9 @@ def test_training_goes_on_when_the_tracking_server_is_down_and_syncs_later(
     assert ops.count("log_metrics") == 3 and "log_params" in ops and ops[-1] == "finish"
     assert (run / "training.json").is_file()
 
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = start_mlflow_server(port, tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            result = medpipe("sync-tracking", str(run))
-            if result.returncode == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(2)
+        result = medpipe("sync-tracking", str(run))
         assert result.returncode == 0, result.stderr
         assert not journal.exists()
         from mlflow import MlflowClient
@@ -212,8 +206,7 @@ def test_training_goes_on_when_the_tracking_server_is_down_and_syncs_later(
         assert sorted(m.step for m in history) == [1, 2]
         assert runs[0].data.params["run.model"] == "unet"
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_server(server)
 
 
 # ---------------------------------------------------------------- inputs, where they enter
@@ -413,3 +406,92 @@ def test_a_scan_with_a_singular_direction_matrix_is_refused_naming_it(tmp_path):
     with pytest.raises(ImageReadError, match="singular direction matrix") as raised:
         read_image(tmp_path / "flat.nii.gz")
     assert raised.value.path == tmp_path / "flat.nii.gz"
+
+
+def test_a_model_whose_own_files_hold_an_impossible_patch_or_spacing_is_refused(
+        segmentation_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(segmentation_run, run)
+    plans = json.loads((run / "plans.json").read_text())
+    plans["configurations"]["3d_fullres"]["spacing"][1] = 0.0
+    (run / "plans.json").write_text(json.dumps(plans))
+    scan = sorted(read_json_path(run).glob("*_0000.nii.gz"))[0]
+    one_line_error(medpipe("predict", "--model", str(run), "-i", str(scan), "-o",
+                           str(tmp_path / "seg.nii.gz")), "plans.json", "spacing",
+                   "greater than 0")
+    spec = json.loads((run / "model.json").read_text())
+    spec["patch_size"] = [0, 32, 32]
+    (run / "model.json").write_text(json.dumps(spec))
+    one_line_error(medpipe("predict", "--model", str(run), "-i", str(scan), "-o",
+                           str(tmp_path / "seg.nii.gz")), "model.json", "patch_size")
+    assert not (tmp_path / "seg.nii.gz").exists()
+
+
+def start_mlflow_server(port: int, root: Path) -> subprocess.Popen:
+    """A real `mlflow server` on loopback, its store in ROOT; returns once it answers."""
+    import urllib.request
+
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return server
+        except OSError:
+            time.sleep(0.5)
+    stop_server(server, signal.SIGKILL)
+    pytest.fail("mlflow server did not start within 120 s")
+
+
+def stop_server(server: subprocess.Popen, how: int = signal.SIGTERM) -> None:
+    """The server and its workers (its own process group): nothing left on the port."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, how)
+    server.wait(timeout=30)
+
+
+def test_a_tracking_server_that_dies_mid_run_loses_nothing(tmp_path):
+    """Epoch 1 logged, the server killed, epochs 2-3 logged while it is away (one report,
+    no exception, no stall), the server back on the same store: the next call sends the
+    waiting ones first, and the run's history has every epoch in order."""
+    from mlflow import MlflowClient
+    from test_tracking import free_port
+
+    from medpipe.config import TrackingConfig
+    from medpipe.runs.folder import RunFolder
+    from medpipe.tracking import open_tracker
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    store = TrackingConfig(uri=url, experiment="outage").store(tmp_path)
+    folder = RunFolder(tmp_path / "run")
+    folder.path.mkdir()
+    server = start_mlflow_server(port, tmp_path)
+    reports: list[str] = []
+    tracker = open_tracker(store, "demo", "unet_fold_0", folder)
+    tracker._report = reports.append  # what the user would read on stderr
+    tracker.retry_seconds = 0.0
+    tracker.log_metrics({"train_loss": 1.0}, step=1)
+    stop_server(server, signal.SIGKILL)  # gone, no goodbye
+    start = time.monotonic()
+    tracker.log_metrics({"train_loss": 0.8}, step=2)
+    tracker.log_metrics({"train_loss": 0.7}, step=3)
+    assert time.monotonic() - start < 30 and tracker.pending == 2
+    assert len(reports) == 1 and "the store failed" in reports[0]
+    server = start_mlflow_server(port, tmp_path)
+    try:
+        tracker.log_metrics({"train_loss": 0.6}, step=4)
+        tracker.finish()
+        assert tracker.pending == 0 and not folder.tracking_journal.exists()
+        history = MlflowClient(url).get_metric_history(tracker.run_id, "train_loss")
+        assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
+            (1, 1.0), (2, 0.8), (3, 0.7), (4, 0.6)]
+        assert MlflowClient(url).get_run(tracker.run_id).info.status == "FINISHED"
+    finally:
+        stop_server(server)

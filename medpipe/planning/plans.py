@@ -10,14 +10,18 @@ their order are nnU-Net's plans.json names (per-axis values in medpipe's (i, j, 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from medpipe.data.labels import HasLabels
 from medpipe.errors import MedpipeError
 from medpipe.io import write_json
 
-Triplet = tuple[int, int, int]
+# a model's own files are input too: a zero patch edge or spacing is refused when read
+Triplet = tuple[PositiveInt, PositiveInt, PositiveInt]
+Millimetres = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Spacing = tuple[Millimetres, Millimetres, Millimetres]
 
 
 class _Frozen(BaseModel):
@@ -57,10 +61,10 @@ class PlanConfiguration(_Frozen):
     """One configuration (`3d_fullres`, `3d_lowres`): grid, patch, batch, net, normalisation;
     `reasons` says in words why each value was chosen."""
 
-    batch_size: int
+    batch_size: PositiveInt
     patch_size: Triplet
     median_image_size_in_voxels: tuple[float, float, float]
-    spacing: tuple[float, float, float]
+    spacing: Spacing
     architecture: Architecture
     estimated_activations: int
     reasons: dict[str, str]
@@ -87,7 +91,7 @@ class Plans(_Frozen, HasLabels):
     dataset_name: str
     plans_name: str
     axes: str
-    original_median_spacing: tuple[float, float, float]
+    original_median_spacing: Spacing
     original_median_shape: Triplet
     configurations: dict[str, PlanConfiguration]
     foreground_intensity_properties_per_channel: dict[str, IntensityProperties]

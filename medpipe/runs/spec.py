@@ -22,13 +22,12 @@ from medpipe.config import ClassicalSettings, NetworkRegistrationSettings, Train
 from medpipe.data.labels import HasLabels
 from medpipe.errors import MedpipeError
 from medpipe.io import write_json
-from medpipe.planning.plans import ArchitectureKwargs
+from medpipe.planning.plans import ArchitectureKwargs, Triplet
 from medpipe.runs.folder import RunFolder
 
 if TYPE_CHECKING:
     from medpipe.models import ModelOptions, NetworkShape
 
-Triplet = tuple[int, int, int]
 # settings that do not change what is learned: left out of the run hash
 NOT_HASHED_TRAINING = {"num_workers", "device", "val_every"}
 
