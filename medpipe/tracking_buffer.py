@@ -147,8 +147,8 @@ class BufferedTracker:
         if not self._reported:
             reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else \
                 type(error).__name__
-            self._report(f"tracking: the store failed ({reason}); training goes on, and "
-                         f"what it could not log waits in {self.journal} until the store "
+            self._report(f"tracking: the store failed ({reason}); the work goes on, and "
+                         f"what could not be logged waits in {self.journal} until the store "
                          "answers again (or `medpipe sync-tracking "
                          f"{self.journal.parent}`)")
             self._reported = True
