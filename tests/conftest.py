@@ -77,5 +77,35 @@ def tiny_pipeline(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def segmentation_run(tiny_pipeline, tmp_path_factory):
+    """A unet trained for a few steps on the tiny pipeline (weights barely matter: the
+    tests check geometry, files and refusals)."""
+    from medpipe.config import load_config
+    from medpipe.training.segmentation import train_segmentation
+
+    config = load_config(tiny_pipeline / "config.yaml",
+                         ["tracking.enabled=false", "training.epochs=2",
+                          "training.iterations_per_epoch=4", "training.augment=false"])
+    return train_segmentation(config, "unet", 0, tmp_path_factory.mktemp("seg") / "unet",
+                              progress=False)
+
+
+@pytest.fixture(scope="module")
+def registration_run(tiny_pipeline, tmp_path_factory):
+    """A small voxelmorph trained for two steps on the tiny pipeline, registering to an
+    atlas (its folds hold too few validation cases for pairs)."""
+    from medpipe.config import load_config
+    from medpipe.training.registration import train_registration
+
+    config = load_config(tiny_pipeline / "config.yaml", [
+        "tracking.enabled=false", "training.epochs=1", "training.iterations_per_epoch=2",
+        "training.batch_size=1", "registration.atlas=brain_001",
+        "models.voxelmorph.options.channels=[8,16,16,16]",
+        "models.voxelmorph.options.final_conv_channels=[8]"])
+    return train_registration(config, "voxelmorph", 0,
+                              tmp_path_factory.mktemp("reg") / "voxelmorph", progress=False)
+
+
 def read_json(path):
     return json.loads(Path(path).read_text())

@@ -21,26 +21,6 @@ from medpipe.training.segmentation import train_segmentation
 SCAN = "brain_000_0000.nii.gz"
 
 
-@pytest.fixture(scope="module")
-def segmentation_run(tiny_pipeline, tmp_path_factory):
-    config = load_config(tiny_pipeline / "config.yaml",
-                         ["tracking.enabled=false", "training.epochs=2",
-                          "training.iterations_per_epoch=4", "training.augment=false"])
-    return train_segmentation(config, "unet", 0, tmp_path_factory.mktemp("seg") / "unet",
-                              progress=False)
-
-
-@pytest.fixture(scope="module")
-def registration_run(tiny_pipeline, tmp_path_factory):
-    config = load_config(tiny_pipeline / "config.yaml", [
-        "tracking.enabled=false", "training.epochs=1", "training.iterations_per_epoch=2",
-        "training.batch_size=1", "registration.atlas=brain_001",
-        "models.voxelmorph.options.channels=[8,16,16,16]",
-        "models.voxelmorph.options.final_conv_channels=[8]"])
-    return train_registration(config, "voxelmorph", 0,
-                              tmp_path_factory.mktemp("reg") / "voxelmorph", progress=False)
-
-
 def shifted(volume: Volume, codes: str, shift=(13.5, -7.0, 22.0)) -> Volume:
     """The same scan written another way: axes permuted/flipped to CODES, origin moved."""
     turned = reorient(volume, codes)

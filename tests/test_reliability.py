@@ -295,18 +295,6 @@ def test_a_huge_intensity_scale_is_normalised_like_the_original():
     np.testing.assert_allclose(scaled, plain, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def segmentation_run(tiny_pipeline, tmp_path_factory):
-    from medpipe.config import load_config
-    from medpipe.training.segmentation import train_segmentation
-
-    config = load_config(tiny_pipeline / "config.yaml", [
-        "tracking.enabled=false", "training.epochs=1", "training.iterations_per_epoch=1",
-        "training.augment=false"])
-    return train_segmentation(config, "unet", 0, tmp_path_factory.mktemp("seg") / "unet",
-                              progress=False)
-
-
 def test_predict_refuses_a_nan_scan_and_warns_on_an_empty_one(segmentation_run, tmp_path):
     from medpipe.io import read_image
 
@@ -370,17 +358,10 @@ def test_staging_folders_a_killed_writer_left_are_cleaned_by_the_next_write(tmp_
     assert not stale.exists() and fresh.exists()  # a writer may still fill the fresh one
 
 
-def test_register_refuses_a_constant_or_nan_scan(tiny_pipeline, tmp_path):
-    from medpipe.config import load_config
+def test_register_refuses_a_constant_or_nan_scan(registration_run, tmp_path):
     from medpipe.io import read_image
-    from medpipe.training.registration import train_registration
 
-    config = load_config(tiny_pipeline / "config.yaml", [
-        "tracking.enabled=false", "training.epochs=1", "training.iterations_per_epoch=1",
-        "training.batch_size=1", "registration.atlas=brain_001",
-        "models.voxelmorph.options.channels=[8,16,16,16]",
-        "models.voxelmorph.options.final_conv_channels=[8]"])
-    run = train_registration(config, "voxelmorph", 0, tmp_path / "reg", progress=False)
+    run = registration_run
     fixed = sorted(read_json_path(run).glob("*_0000.nii.gz"))[0]
     scan = read_image(fixed)
     write_image(scan.with_array(np.zeros(scan.shape, np.float32)), tmp_path / "zero.nii.gz")

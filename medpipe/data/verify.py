@@ -92,19 +92,24 @@ def verify_dataset(
 def check_case(case: Case, settings: CheckSettings) -> list[Problem]:
     """Read every file of one case and check voxels, labels and that all share one grid."""
     problems: list[Problem] = []
-    volumes: dict[Path, Volume] = {}
-    for path in case.images:
-        volume = _read(path, case.case_id, problems)
-        if volume is not None:
-            problems += check_image_voxels(volume, path, case.case_id)
-            volumes[path] = volume
-    if case.label is not None:
-        label = _read(case.label, case.case_id, problems)
-        if label is not None:
-            problems += check_label_voxels(label, case.label, case.case_id, settings.label_values)
-            volumes[case.label] = label
-    problems += check_same_grid(volumes, case.case_id, settings.tolerance)
-    return problems
+    images = {path: volume for path in case.images
+              if (volume := _read(path, case.case_id, problems)) is not None}
+    label = _read(case.label, case.case_id, problems) if case.label is not None else None
+    return problems + voxel_problems(case, images, label, settings.label_values,
+                                     settings.tolerance)
+
+
+def voxel_problems(case: Case, images: dict[Path, Volume], label: Volume | None,
+                   label_values: frozenset[int] | None, tolerance: float) -> list[Problem]:
+    """What is wrong with one case's volumes as read: voxels, labels, one shared grid."""
+    problems: list[Problem] = []
+    for path, volume in images.items():
+        problems += check_image_voxels(volume, path, case.case_id)
+    volumes = dict(images)
+    if label is not None:
+        problems += check_label_voxels(label, case.label, case.case_id, label_values)
+        volumes[case.label] = label
+    return problems + check_same_grid(volumes, case.case_id, tolerance)
 
 
 def read_checked_case(case: Case, label_values: frozenset[int] | None,
@@ -113,17 +118,10 @@ def read_checked_case(case: Case, label_values: frozenset[int] | None,
     checks as `verify` on the voxels just read (finite, integer declared labels, every file
     on one grid), the first error raised naming its file, so no stage stretches a label
     map onto another grid or carries NaN into its outputs."""
-    volumes: dict[Path, Volume] = {path: read_image(path) for path in case.images}
-    problems: list[Problem] = []
-    for path, volume in volumes.items():
-        problems += check_image_voxels(volume, path, case.case_id)
-    label = None
-    if case.label is not None:
-        label = read_image(case.label)
-        problems += check_label_voxels(label, case.label, case.case_id, label_values)
-        volumes[case.label] = label
-    problems += check_same_grid(volumes, case.case_id, tolerance)
-    errors = [p for p in problems if p.severity is Severity.ERROR]
+    volumes = {path: read_image(path) for path in case.images}
+    label = read_image(case.label) if case.label is not None else None
+    errors = [p for p in voxel_problems(case, volumes, label, label_values, tolerance)
+              if p.severity is Severity.ERROR]
     if errors:
         raise DatasetError(errors[0].message, errors[0].file)
     images = np.stack([volumes[path].array for path in case.images]).astype(np.float32)
