@@ -610,6 +610,19 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         _python_show_warning(message, category, filename, lineno, file, line)
 
 
+def _given_value(param, argv: list[str]) -> str | None:
+    """What the user typed for an option that failed to parse (click's message omits it)."""
+    for name in getattr(param, "opts", None) or []:
+        if not name.startswith("-"):
+            continue
+        for index, word in enumerate(argv):
+            if word == name and index + 1 < len(argv):
+                return argv[index + 1]
+            if word.startswith(name + "="):
+                return word[len(name) + 1:]
+    return None
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and an exit code."""
     warnings.showwarning = _show_warning
@@ -623,6 +636,8 @@ def main() -> None:
         if message:  # (no message: the help was shown instead, as for a bare `medpipe`)
             context = getattr(error, "ctx", None)
             hint = f" (see `{context.command_path} --help`)" if context is not None else ""
+            given = _given_value(getattr(error, "param", None), sys.argv[1:])
+            message += f" (got {given!r})" if given is not None and given not in message else ""
             err_console.print(f"[bold red]error:[/bold red] {escape(message)}{hint}",
                               highlight=False)
         sys.exit(error.exit_code)

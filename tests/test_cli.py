@@ -32,6 +32,7 @@ def test_version():
     (["verify"], "Missing argument 'dataset'", "medpipe verify"),
     (["plan", "f.json", "-o", "p.json", "--gpu-memory-gb", "lots"],
      "Invalid value for '--gpu-memory-gb'", "medpipe plan"),
+    (["split", "data", "--folds=many"], "(got 'many')", "medpipe split"),
 ])
 def test_a_usage_error_is_one_line_naming_the_help(args, message, help_of):
     result = medpipe(*args)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import re
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +143,13 @@ def test_unreadable_checkpoints_are_refused_in_one_line(tmp_path):
     with pytest.raises(MedpipeError, match="never unpickles code") as raised:
         load_checkpoint(folder, "best")
     assert "weights_only=False" not in str(raised.value)
+    assert not Path("PWNED").exists()
+    # a plain pickle (protocol 4, not torch.save's 2): one line, no torch notice beside it
+    (folder / "best.pt").write_bytes(pickle.dumps(Hostile(), protocol=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(MedpipeError, match="never unpickles code"):
+            load_checkpoint(folder, "best")
     assert not Path("PWNED").exists()
     (folder / "best.pt").write_bytes(b"PK\x03\x04 truncated zip")
     with pytest.raises(MedpipeError, match="cannot read checkpoint"):
@@ -372,7 +381,7 @@ def test_register_refuses_a_constant_or_nan_scan(registration_run, tmp_path):
                             ("nan.nii.gz", "NaN or infinite")):
         result = medpipe("register", "--model", str(run), "--moving", str(tmp_path / moving),
                          "--fixed", str(fixed), "-o", str(tmp_path / "out"))
-        one_line_error(result, message)
+        one_line_error(result, message, moving)
         assert not (tmp_path / "out").exists()
 
 

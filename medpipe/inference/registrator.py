@@ -70,7 +70,7 @@ class Registrator:
         """MOVING registered to FIXED: the field, the warped scan (and labels)."""
         moving_volumes, _ = load_channels(moving, self.channels)
         fixed_volumes, kind = load_channels(fixed, self.channels)
-        field = self._field(moving_volumes, fixed_volumes)
+        field = self._field(moving, moving_volumes, fixed, fixed_volumes)
         warped = warp_with_field(moving_volumes[0], field)
         labels = None
         if moving_labels is not None:
@@ -86,13 +86,19 @@ class Registrator:
         nothing is resampled at the fixed scan's resolution but the field itself)."""
         moving_volumes, _ = load_channels(moving, self.channels)
         fixed_volumes, _ = load_channels(fixed, self.channels)
-        return self._field(moving_volumes, fixed_volumes)
+        return self._field(moving, moving_volumes, fixed, fixed_volumes)
 
-    def _field(self, moving: list[Volume], fixed: list[Volume]) -> sitk.Image:
-        for name, volumes in (("moving", moving), ("fixed", fixed)):
-            if any(float(v.array.min()) == float(v.array.max()) for v in volumes):
-                raise MedpipeError(f"the {name} scan is constant: there is nothing to "
-                                   "register it by")
+    def _field(self, moving_scans: ScanLike | list, moving: list[Volume],
+               fixed_scans: ScanLike | list, fixed: list[Volume]) -> sitk.Image:
+        for name, scans, volumes in (("moving", moving_scans, moving),
+                                     ("fixed", fixed_scans, fixed)):
+            items = list(scans) if isinstance(scans, list | tuple) else [scans]
+            for item, volume in zip(items, volumes, strict=True):
+                if float(volume.array.min()) == float(volume.array.max()):
+                    raise MedpipeError(f"the {name} scan is constant (every voxel "
+                                       f"{float(volume.array.min()):g}): there is nothing to "
+                                       "register it by",
+                                       item if isinstance(item, str | Path) else None)
         target = fixed[0]
         cases = [self._prepare(name, volumes)
                  for name, volumes in (("moving", moving), ("fixed", fixed))]

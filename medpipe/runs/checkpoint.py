@@ -21,6 +21,7 @@ import json
 import os
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,11 @@ def load_checkpoint(
     if weights.stat().st_size == 0:
         raise MedpipeError("cannot read checkpoint: the file is empty (0 bytes)", weights)
     try:
-        state = torch.load(weights, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's notice about the pickle protocol of a
+            # file it is about to refuse (or read) is not the user's concern
+            warnings.filterwarnings("ignore", message="Detected pickle protocol",
+                                    category=UserWarning)
+            state = torch.load(weights, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         raise MedpipeError("refused: the checkpoint holds objects other than tensors and "
                            "numbers, and medpipe never unpickles code", weights) from None
