@@ -6,6 +6,7 @@ traceback; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -472,6 +473,10 @@ def compare(
         "--config", help="Pipeline config: where its runs were tracked (by default "
         "RESULTS/mlflow.db).")] = None,
     overrides: SetOption = None,
+    test_results: Annotated[Path | None, typer.Option(
+        "--test-results", help="Folder of test-set evaluations, MODEL/evaluation/cases.csv "
+        "(default with --config: RESULTS/test); scored there when every model has one, "
+        "else on the cross-validation cases.")] = None,
 ) -> None:
     """Compare every finished model of an experiment: tables, paired statistics, figures;
     report.md + report.html, logged to a parent MLflow run."""
@@ -483,6 +488,7 @@ def compare(
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if config is not None:
         pipeline = load_config(config, overrides)
+        test_results = test_results or pipeline.results / "test"
         store = pipeline.tracking_store
         if store is None:
             raise MedpipeError("tracking is off in this config: the report is built from "
@@ -498,10 +504,11 @@ def compare(
         raise MedpipeError("say where the runs were tracked: --config, --tracking-uri or "
                            "$MLFLOW_TRACKING_URI")
     runs = finished_runs(uri, experiment)
-    summary = build_report(runs, output)
+    summary = build_report(runs, output, test_results)
     files = [output / "report.html", output / "report.md", output / "summary.json",
-             *(output / name for name in summary["figures"])]
-    headline = {f"mean_dice_{r['model']}": r["mean_dice"][0] for r in summary["segmentation"]}
+             *(output / figure["file"] for figure in summary["figures"])]
+    headline = {f"mean_dice_{r['model']}": r["mean_dice"][0] for r in summary["segmentation"]
+                if not math.isnan(r["mean_dice"][0])}
     log_parent_run(uri, experiment, [r.run_id for r in runs], files, headline)
     console.print(f"[green]wrote[/green] {output / 'report.html'} ({len(runs)} runs)")
     for run in champions(runs):

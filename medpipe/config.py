@@ -9,6 +9,7 @@ literature optimiser, `training`, `models.<name>.training`, `--set key=value` ov
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,13 @@ class TrainingConfig(StrictModel):
     fields set in `models.<name>.training` replace those of the shared `training`."""
 
     epochs: int = Field(1000, ge=1, description="epochs (nnU-Net: 1000 x 250 iterations)")
-    iterations_per_epoch: int = Field(250, ge=1, description="optimiser steps per epoch")
+    iterations_per_epoch: int = Field(250, ge=1, description="optimiser steps per epoch "
+                                      "(derived from `budget_samples` when that is set)")
+    budget_samples: int | None = Field(
+        None, ge=1, description="the training budget in samples seen (patches or pairs) over "
+        "the whole run: iterations_per_epoch becomes ceil(budget / (epochs x batch_size)), so "
+        "every model given one budget sees as many samples (within a batch per epoch) and "
+        "validates as often; null: epochs x iterations_per_epoch x batch_size")
     batch_size: int | None = Field(None, ge=1, description="samples per step; null: the "
                                    "plans' (segmentation), 1 (registration)")
     patch_size: tuple[int, int, int] | None = Field(
@@ -83,6 +90,18 @@ class TrainingConfig(StrictModel):
     optimizer: OptimizerConfig = Field(
         OptimizerConfig(),
         description="overrides of the model's optimiser defaults (only the fields given)")
+
+    def within_budget(self, batch_size: int) -> TrainingConfig:
+        """These settings with `iterations_per_epoch` derived from `budget_samples` for
+        BATCH_SIZE samples per step (unchanged when no budget is set)."""
+        if self.budget_samples is None:
+            return self
+        steps = math.ceil(self.budget_samples / (self.epochs * batch_size))
+        return self.model_copy(update={"iterations_per_epoch": steps})
+
+    def samples_seen(self, batch_size: int) -> int:
+        """Samples a finished run of these settings has drawn."""
+        return self.epochs * self.iterations_per_epoch * batch_size
 
     def overridden_by(self, override: TrainingConfig,
                       optimizer_defaults: OptimizerConfig) -> TrainingConfig:

@@ -25,6 +25,10 @@ LEARNING_RATE = "lr"
 EPOCH_SECONDS = "epoch_seconds"
 VAL_SECONDS = "val_seconds"
 VAL_DICE = "val_dice"  # the validation score that picks the `best` checkpoint
+EPOCH_SAMPLES = "epoch_samples"  # patches or pairs drawn in the epoch
+# the costs so far, at the end of each epoch: the x axes of "Dice at equal cost"
+SAMPLES_SEEN = "samples_seen"
+ELAPSED_SECONDS = "elapsed_training_seconds"  # training and validation
 PEAK_MEMORY_MB = "peak_memory_mb"
 
 # ------------------------------------------------------------------ training, at the end

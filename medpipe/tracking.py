@@ -280,7 +280,18 @@ class TrackedRun:
     params: dict[str, str]
     metrics: dict[str, float]  # the latest value of each
     files: dict[str, str]  # local copies: cases.csv / pairs.csv, example.png
-    val_dice_history: list[tuple[int, float]]
+    # per epoch: validation Dice, and the costs so far (samples seen, training seconds)
+    histories: dict[str, list[tuple[int, float]]]
+
+    @property
+    def val_dice_history(self) -> list[tuple[int, float]]:
+        return self.histories.get(tracked.VAL_DICE, [])
+
+    def cost_curve(self, cost: str) -> list[tuple[float, float]]:
+        """(COST so far, validation Dice) at each validated epoch; COST is
+        `tracked.SAMPLES_SEEN` or `tracked.ELAPSED_SECONDS`."""
+        costs = dict(self.histories.get(cost, []))
+        return [(costs[step], dice) for step, dice in self.val_dice_history if step in costs]
 
 
 def finished_runs(uri: str, experiment: str) -> list[TrackedRun]:
@@ -311,10 +322,12 @@ def finished_runs(uri: str, experiment: str) -> list[TrackedRun]:
         example = _example_figure(client, run.info.run_id)
         if example:
             files["example.png"] = example
-        history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id,
-                                                                        tracked.VAL_DICE)]
+        histories = {
+            name: sorted({m.step: m.value
+                          for m in client.get_metric_history(run.info.run_id, name)}.items())
+            for name in (tracked.VAL_DICE, tracked.SAMPLES_SEEN, tracked.ELAPSED_SECONDS)}
         out.append(TrackedRun(run.info.run_id, tags, dict(run.data.params),
-                              dict(run.data.metrics), files, sorted(history)))
+                              dict(run.data.metrics), files, histories))
     return out
 
 

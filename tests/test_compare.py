@@ -17,7 +17,8 @@ from scipy.stats import wilcoxon
 from medpipe.config import load_config
 from medpipe.evaluation.registration import evaluate_registration
 from medpipe.evaluation.segmentation import evaluate_segmentation
-from medpipe.report.compare import _verdict, paired_difference
+from medpipe.report.compare import _verdict
+from medpipe.report.statistics import holm, paired_difference
 from medpipe.training.segmentation import train_segmentation
 
 
@@ -34,25 +35,51 @@ def test_paired_difference_against_an_independent_computation():
     # the interval narrows around the mean with the standard error, roughly 2 x 1.96 x sem
     sem = np.std(a - b) / np.sqrt(12)
     assert stats["ci_high"] - stats["ci_low"] == pytest.approx(2 * 1.96 * sem, rel=0.3)
+    # rank-biserial from the one-sided statistic W+ (no ties, no zeros): 2 W+ / T - 1
+    w_plus = wilcoxon(a - b, alternative="greater").statistic
+    assert stats["rank_biserial"] == pytest.approx(2 * w_plus / (12 * 13 / 2) - 1)
+    assert stats["cohens_dz"] == pytest.approx(np.mean(a - b) / np.std(a - b, ddof=1))
+    assert stats["wins"] + stats["losses"] == 12
+    # too few cases for a bootstrap interval: none is given
+    few = paired_difference(a[:5], b[:5])
+    assert math.isnan(few["ci_low"]) and math.isnan(few["ci_high"])
 
 
-def test_verdict_needs_the_interval_and_the_rank_test():
+def test_holm_against_a_hand_computation():
+    # sorted: 0.01 x 3 = 0.03; 0.03 x 2 = 0.06; 0.04 x 1 = 0.04 -> kept monotone at 0.06
+    adjusted = holm([0.01, 0.04, 0.03, math.nan])
+    assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06])
+    assert math.isnan(adjusted[3])
+    assert holm([0.6, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+
+
+def _compared(a, b, p_adjusted=None, **costs):
+    row = {"a": "swin", "b": "unet", **paired_difference(a, b), **costs}
+    row["holm_p"] = row["wilcoxon_p"] if p_adjusted is None else p_adjusted
+    return row
+
+
+def test_verdict_needs_the_corrected_rank_test_and_the_interval():
     rng = np.random.default_rng(1)
     a = rng.uniform(0.7, 0.9, 12)
     costs = {"parameters_ratio": 4.0, "training_s_ratio": 2.5,
              "inference_s_per_case_ratio": math.nan, "peak_memory_mb_ratio": 1.5}
-    clear = {"a": "swin", "b": "unet", **paired_difference(a, a - 0.05), **costs}
-    assert _verdict(clear).startswith("swin segments better than unet")
-    assert "4x the parameters, 2.5x the training time, 1.5x the peak memory" in _verdict(clear)
-    assert "inference" not in _verdict(clear)  # unknown costs are left out
-    few = {"a": "swin", "b": "unet", **paired_difference(a[:3], a[:3] + 0.05), **costs}
-    assert few["ci_high"] < 0 and few["wilcoxon_p"] == pytest.approx(0.25)
-    assert _verdict(few).startswith("swin scored worse than unet on these cases, but 3 "
-                                    "paired cases are too few")
-    noise = {"a": "swin", "b": "unet",
-             **paired_difference(a, a + rng.normal(0, 0.02, 12)), **costs}
+    clear = _compared(a, a - 0.05, **costs)
+    assert _verdict(clear, "segments").startswith("swin segments better than unet")
+    assert "4x the parameters, 2.5x the training time, 1.5x the peak memory" in \
+        _verdict(clear, "segments")
+    assert "inference" not in _verdict(clear, "segments")  # unknown costs are left out
+    # the same data, corrected across many pairs to above 5 %: no claim
+    corrected = _compared(a, a - 0.05, p_adjusted=0.2, **costs)
+    assert _verdict(corrected, "segments").startswith("no difference between swin and unet")
+    few = _compared(a[:3], a[:3] + 0.05, **costs)
+    assert few["wilcoxon_p"] == pytest.approx(0.25)
+    assert _verdict(few, "segments").startswith(
+        "swin scored worse than unet on these cases, but 3 paired cases are too few")
+    assert "no interval with n = 3" in _verdict(few, "segments")
+    noise = _compared(a, a + rng.normal(0, 0.02, 12), **costs)
     assert noise["ci_low"] < 0 < noise["ci_high"]
-    assert _verdict(noise).startswith("no difference between swin and unet is shown")
+    assert _verdict(noise, "segments").startswith("no difference between swin and unet")
 
 
 def test_compare_builds_the_report_from_mlflow_runs(tiny_pipeline, tmp_path, monkeypatch):
@@ -76,7 +103,7 @@ def test_compare_builds_the_report_from_mlflow_runs(tiny_pipeline, tmp_path, mon
          "-o", str(out), "--tracking-uri", uri], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     markdown = (out / "report.md").read_text(encoding="utf-8")
-    for name in ("unet", "nnunet", "identity", "classical", "Paired comparison"):
+    for name in ("unet", "nnunet", "identity", "classical", "paired over the same cases"):
         assert name in markdown
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "data:image/png;base64," in page and "<table>" in page  # self-contained
@@ -93,13 +120,22 @@ def test_compare_builds_the_report_from_mlflow_runs(tiny_pipeline, tmp_path, mon
     (pair,) = summary["paired"]
     params = {r.data.tags["model"]: r.data.metrics["parameters"] for r in runs
               if r.data.tags.get("task") == "segmentation"}
-    assert (pair["a"], pair["b"]) == ("nnunet", "unet")
-    assert pair["parameters_ratio"] == pytest.approx(params["nnunet"] / params["unet"])
+    first, second = pair["a"], pair["b"]  # the better-scoring model first
+    assert {first, second} == {"nnunet", "unet"}
+    assert [row["model"] for row in summary["segmentation"]] == [first, second]
+    assert summary["segmentation"][0]["winner"] and pair["mean_difference"] >= 0
+    assert pair["parameters_ratio"] == pytest.approx(params[first] / params[second])
     (verdict,) = summary["verdicts"]
     # one fold of the tiny dataset: a single validation case, which can show nothing
-    assert verdict.startswith(("nnunet scored", "no difference between nnunet and unet"))
-    assert f"{params['nnunet'] / params['unet']:.2g}x the parameters" in verdict
+    assert verdict.startswith((f"{first} scored", f"no difference between {first}"))
+    assert f"{params[first] / params[second]:.2g}x the parameters" in verdict
     assert verdict in markdown
+    # every model's budget is stated: both trained 1 epoch x 2 steps x their batch size
+    budgets = summary["budgets"]["samples_seen"]
+    batch = {r.data.tags["model"]: int(r.data.params["run.batch_size"]) for r in runs
+             if r.data.tags.get("task") == "segmentation"}
+    assert budgets == {m: pytest.approx(2 * batch[m]) for m in ("unet", "nnunet")}
+    assert "## Budgets" in markdown and "## Headline" in markdown
     parents = [r for r in runs if r.data.tags.get("task") == "comparison"]
     assert len(parents) == 1
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")

@@ -155,12 +155,14 @@ def test_a_users_region_dataset_goes_from_init_to_report_and_test_predictions(tm
 
     results = tmp_path / "results"
     report = (results / "compare" / "report.md").read_text(encoding="utf-8")
-    assert "| unet |" in report and "white_matter" in report
-    run_dir = results / "runs" / "unet" / "fold_0"
+    # scored on the test set (the fold ensemble's predictions), regions named as declared
+    assert "| ★ unet |" in report and "Dice white matter" in report
+    assert "## Segmentation (test set, n = 2 cases)" in report
+    test = results / "test" / "unet"
     test_ids = sorted(p.name[: -len(".nrrd")] for p in (tmp_path / "raw" / "labelsTs").iterdir())
-    assert sorted(p.name for p in (run_dir / "test_predictions").glob("*.nrrd")) == [
+    assert sorted(p.name for p in (test / "predictions").glob("*.nrrd")) == [
         f"{case}.nrrd" for case in test_ids]
-    scored = json.loads((run_dir / "test_evaluation" / "summary.json").read_text())
+    scored = json.loads((test / "evaluation" / "summary.json").read_text())
     assert list(scored["classes"]) == ["brain", "tissue", "white_matter"]
     for log in (results / "logs").rglob("*.log"):
         assert "Traceback" not in log.read_text(encoding="utf-8", errors="replace"), log

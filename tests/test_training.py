@@ -218,3 +218,24 @@ def test_deep_supervision_scores_each_output_against_labels_at_its_size():
     expected = (2 / 3 * dice_ce(full, label) + 1 / 3 * dice_ce(half, label[:, :, 1::2, 1::2]))
     assert n == 2
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_one_budget_in_samples_gives_every_model_as_many_samples(tiny_pipeline, tmp_path):
+    """`training.budget_samples` sets the steps per epoch from each model's batch size: a
+    segmentation model at batch 2, one at batch 1 and a registration network (2 pairs per
+    step, the shared setting) all see the budget, validate as often, and record it."""
+    from medpipe.training.registration import train_registration
+
+    config = load_config(tiny_pipeline / "config.yaml", [
+        "tracking.enabled=false", "training.augment=false", "training.epochs=2",
+        "training.iterations_per_epoch=50", "training.budget_samples=8",
+        "models.nnunet.training.batch_size=1", "registration.atlas=brain_001"])
+    seen = {}
+    for model, train in (("unet", train_segmentation), ("nnunet", train_segmentation),
+                         ("voxelmorph", train_registration)):
+        folder = train(config, model, 0, tmp_path / model, progress=False)
+        summary = json.loads((folder / "training.json").read_text())
+        spec = read_run_spec(RunFolder(folder))
+        seen[model] = (summary["epochs"], spec.training.iterations_per_epoch, spec.batch_size,
+                       summary["samples_seen"])
+    assert seen == {"unet": (2, 2, 2, 8), "nnunet": (2, 4, 1, 8), "voxelmorph": (2, 2, 2, 8)}

@@ -81,13 +81,13 @@ def test_any_subset_of_models_plans_only_its_jobs(workdir):
     seg = run([*snakemake(workdir, "all"), "-n"])
     assert seg.returncode == 0, seg.stderr[-2000:]
     assert re.search(r"train_segmentation\s+1\n", seg.stdout)
-    assert re.search(r"predict_test_cases\s+1\n", seg.stdout)  # the test images, predicted
-    assert "evaluate_test_cases" not in seg.stdout  # no labelsTs: nothing to score against
+    assert re.search(r"predict_test_set\s+1\n", seg.stdout)  # the test images, predicted
+    assert "evaluate_test_set" not in seg.stdout  # no labelsTs: nothing to score against
     (workdir / "raw" / "labelsTs").mkdir()
     shutil.copy(next((workdir / "raw" / "labelsTr").iterdir()),
                 workdir / "raw" / "labelsTs" / "new.nii.gz")
     scored = run([*snakemake(workdir, "all"), "-n"])
-    assert re.search(r"evaluate_test_cases\s+1\n", scored.stdout), scored.stdout[-1500:]
+    assert re.search(r"evaluate_test_set\s+1\n", scored.stdout), scored.stdout[-1500:]
     assert "registration" not in seg.stdout.split("Job stats:")[1].split("Reasons")[0]
     (workdir / "config.yaml").write_text(yaml.safe_dump({
         "dataset": "raw", "results": "results", "segmentation_models": [],
@@ -241,7 +241,7 @@ def test_whole_workflow_end_to_end_killed_during_training_and_resumed(workdir):
         assert path.stat().st_mtime_ns == mtime, f"{path} was trained again"
     report = (workdir / "results" / "compare" / "report.md").read_text(encoding="utf-8")
     for method in ("unet", "nnunet", "voxelmorph", "identity", "classical"):
-        assert f"| {method} |" in report
+        assert re.search(rf"\| (★ )?{method} \|", report), method
     html = run([*snakemake(workdir, "all"), "--report", str(workdir / "workflow.html")])
     assert html.returncode == 0, html.stderr[-3000:]
     page = (workdir / "workflow.html").read_text(encoding="utf-8", errors="replace")

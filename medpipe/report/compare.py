@@ -1,68 +1,129 @@
-"""`medpipe compare`: one report across every model, built from the MLflow runs alone.
+"""`medpipe compare`: one report across every model, built from the MLflow runs (costs,
+budgets, recipes, per-case validation scores) and the workflow's test-set evaluations.
 
-Segmentation: per model, Dice per class (mean +- std over folds), HD95, and the costs
-(training time, inference seconds per case, parameters, peak memory). Is the transformer
-worth it? For each pair of models, the paired difference in per-case mean Dice on the same
-validation cases: mean, a bootstrap 95% interval (10,000 resamples, seeded) and the
-Wilcoxon signed-rank p-value (scipy), next to what each costs. Registration: identity, the
-classical baselines (SimpleITK, ANTs SyN) and each network on the same held-out pairs.
-Written as `report.md` and a self-contained `report.html` (figures inlined), and logged to a
-parent MLflow run under which the compared runs are nested.
+Segmentation is scored on the held-out test set (`RESULTS/test/MODEL/evaluation/cases.csv`,
+the fold ensemble's predictions of imagesTs) when every model has one, else on the
+cross-validation cases of the trained folds; registration on the held-out pairs. Every
+table shows the spread over cases (not over folds), is sorted by the score and marks the
+winner; every pair of methods gets a paired comparison over the same cases
+(`report.statistics`: Wilcoxon with Holm's correction, effect sizes, an interval where n
+allows). Each model's budget (samples seen, seconds) is stated and an unequal comparison
+flagged. Written as `report.md` and a self-contained `report.html` (`report.render`), and
+logged to a parent MLflow run under which the compared runs are nested.
 """
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import itertools
 import math
 import shutil
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.stats import wilcoxon
 
 from medpipe import tracked
 from medpipe.errors import MedpipeError
-from medpipe.figures import save_figure
-from medpipe.io import atomic_output, write_json
+from medpipe.io import write_json
+from medpipe.report.statistics import holm, paired_difference, shows_difference
 from medpipe.tracking import TrackedRun
 
-BOOTSTRAP_SAMPLES = 10_000
-BOOTSTRAP_SEED = 0
-SIGNIFICANCE = 0.05  # a verdict needs the bootstrap interval off zero and Wilcoxon p below it
+UNEQUAL_BUDGET = 1.05  # samples seen differing by more than 5 % make a comparison unequal
+
+BASELINES = {
+    "identity": "no registration: the moving scan as it is, centres of mass matched (the floor)",
+    "classical": "SimpleITK: affine (Mattes mutual information) then diffeomorphic demons, "
+                 "iterated per pair",
+    "ants": "ANTs SyN (antspyx): affine then symmetric diffeomorphic normalisation, iterated "
+            "per pair",
+}
 
 
-def build_report(runs: Sequence[TrackedRun], out_dir: Path) -> dict[str, Any]:
-    """Tables, statistics and figures from RUNS (`tracking.finished_runs`); files in OUT_DIR."""
+@dataclass
+class Scores:
+    """One method's per-case results: case key -> class -> value, for Dice and HD95."""
+
+    dice: dict[tuple, dict[str, float]] = field(default_factory=dict)
+    hd95: dict[tuple, dict[str, float]] = field(default_factory=dict)
+
+    def mean_dice(self) -> dict[tuple, float]:
+        """Per case, the mean Dice over its scored classes."""
+        return {key: float(np.mean(list(v.values()))) for key, v in self.dice.items() if v}
+
+    def classes(self) -> list[str]:
+        return sorted({name for values in self.dice.values() for name in values})
+
+
+def read_scores(path: str | Path, key_columns: Sequence[str], prefix: tuple = ()) -> Scores:
+    """Scores from an evaluation's cases.csv (or pairs.csv): one row per case and class."""
+    scores = Scores()
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            key = (*prefix, *(row[c] for c in key_columns))
+            for metric, table in (("dice", scores.dice), ("hd95", scores.hd95)):
+                value = float(row.get(metric) or "nan")
+                if not math.isnan(value):
+                    table.setdefault(key, {})[row["class"]] = value
+    return scores
+
+
+def build_report(runs: Sequence[TrackedRun], out_dir: Path,
+                 test_results: Path | None = None) -> dict[str, Any]:
+    """Tables, statistics and figures from RUNS (`tracking.finished_runs`) and the test-set
+    evaluations under TEST_RESULTS (`RESULTS/test`); files in OUT_DIR."""
+    from medpipe.report import figures, render
+
     segmentation = [r for r in runs if r.tags.get(tracked.TASK) == "segmentation"]
     registration = [r for r in runs if r.tags.get(tracked.TASK) == "registration"]
     if not segmentation and not registration:
         raise MedpipeError("no finished segmentation or registration runs to compare")
     out_dir.mkdir(parents=True, exist_ok=True)
-    cases = _per_case_dice(segmentation)
-    table = _segmentation_table(segmentation)
-    paired = _with_costs(_paired_statistics(cases), table)
+    seg_models = _by_model(segmentation)
+    seg_scores, seg_scope = _segmentation_scores(seg_models, test_results)
+    reg_methods = _by_model([r for r in registration if "pairs.csv" in r.files])
+    reg_scores = {m: _pooled(folds, "pairs.csv", ("moving", "fixed"))
+                  for m, folds in reg_methods.items()}
+    table = _table(seg_models, seg_scores, "segmentation")
+    reg_table = _table(reg_methods, reg_scores, "registration")
+    paired = _paired(seg_scores, table)
+    reg_paired = _paired(reg_scores, reg_table)
     summary = {
+        "segmentation_scope": seg_scope,
         "segmentation": table,
         "paired": paired,
-        "verdicts": [_verdict(row) for row in paired],
-        "registration": _registration_table(registration),
+        "verdicts": [_verdict(row, "segments") for row in paired],
+        "budgets": _budget_check(table),
+        "registration": reg_table,
+        "registration_paired": reg_paired,
+        "registration_verdicts": [_verdict(row, "registers") for row in reg_paired],
+        "methods": [_describe(row, runs_of) for row, runs_of in
+                    [*((r, seg_models[r["model"]]) for r in table),
+                     *((r, reg_methods[r["model"]]) for r in reg_table)]],
         "figures": [],
         "examples": _examples(segmentation + registration, out_dir),
     }
-    if cases:
-        summary["figures"].append(_dice_boxplot(cases, out_dir / "dice_per_case.png"))
+    summary["headline"] = _headlines(summary)
+    if seg_scores:
+        order = [row["model"] for row in table]
+        summary["figures"].append(figures.per_case(
+            {m: seg_scores[m].mean_dice() for m in order}, out_dir / "dice_per_case.png",
+            f"Mean Dice per case ({seg_scope}; a line joins one case across models)"))
+    if reg_scores:
+        order = [row["model"] for row in reg_table]
+        summary["figures"].append(figures.per_case(
+            {m: reg_scores[m].mean_dice() for m in order}, out_dir / "registration_per_pair.png",
+            "Mean Dice of warped labels per held-out pair (a line joins one pair)"))
     curves = [r for r in segmentation + registration if r.val_dice_history]
     if curves:
-        summary["figures"].append(_learning_curves(curves, out_dir / "learning_curves.png"))
+        summary["figures"].append(figures.dice_versus_cost(
+            curves, {row["model"]: row for row in table + reg_table},
+            out_dir / "dice_versus_cost.png"))
     write_json(summary, out_dir / "summary.json")
-    _write(out_dir / "report.md", _markdown(summary))
-    _write(out_dir / "report.html", _html(summary, out_dir))
+    render.write_reports(summary, out_dir)
     return summary
 
 
@@ -80,152 +141,219 @@ def champions(runs: Sequence[TrackedRun]) -> list[TrackedRun]:
     return list(best.values())
 
 
-# --------------------------------------------------------------------------- tables
+# --------------------------------------------------------------------------- scores
 
 
-def _metric_mean(runs: Sequence[TrackedRun], name: str) -> tuple[float, float]:
-    values = [r.metrics[name] for r in runs if name in r.metrics]
-    if not values:
+def _by_model(runs: Sequence[TrackedRun]) -> dict[str, list[TrackedRun]]:
+    out: dict[str, list[TrackedRun]] = defaultdict(list)
+    for run in sorted(runs, key=lambda r: int(r.tags.get(tracked.FOLD, 0))):
+        out[run.tags[tracked.MODEL]].append(run)
+    return dict(out)
+
+
+def _pooled(folds: Sequence[TrackedRun], name: str, key_columns: Sequence[str]) -> Scores:
+    """Every fold's cases (keyed by fold and case): the cross-validation scores."""
+    pooled = Scores()
+    for run in folds:
+        if name in run.files:
+            scores = read_scores(run.files[name], key_columns, (run.tags.get(tracked.FOLD),))
+            pooled.dice.update(scores.dice)
+            pooled.hd95.update(scores.hd95)
+    return pooled
+
+
+def _segmentation_scores(models: dict[str, list[TrackedRun]], test_results: Path | None,
+                         ) -> tuple[dict[str, Scores], str]:
+    """The test set's scores when every model has them, else the cross-validation cases'."""
+    test_files = {m: test_results / m / "evaluation" / "cases.csv" for m in models} \
+        if test_results is not None else {}
+    if models and test_files and all(path.is_file() for path in test_files.values()):
+        scores = {m: read_scores(path, ("case_id",)) for m, path in test_files.items()}
+        n = len(next(iter(scores.values())).dice)
+        return scores, f"test set, n = {n} cases"
+    scores = {m: _pooled(folds, "cases.csv", ("case_id",)) for m, folds in models.items()}
+    scores = {m: s for m, s in scores.items() if s.dice}
+    n = len(next(iter(scores.values())).dice) if scores else 0
+    return scores, f"cross-validation cases, n = {n}"
+
+
+def _spread(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard deviation over cases (ddof 1; NaN for a single case)."""
+    array = np.asarray([v for v in values if not math.isnan(v)], float)
+    if not len(array):
         return math.nan, math.nan
-    return float(np.mean(values)), float(np.std(values))
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else math.nan
 
 
-def _segmentation_table(runs: Sequence[TrackedRun]) -> list[dict[str, Any]]:
-    by_model: dict[str, list[dict]] = defaultdict(list)
-    for run in runs:
-        by_model[run.tags[tracked.MODEL]].append(run)
+def _metric(runs: Sequence[TrackedRun], name: str) -> float:
+    values = [r.metrics[name] for r in runs if name in r.metrics]
+    return float(np.mean(values)) if values else math.nan
+
+
+def _table(models: dict[str, list[TrackedRun]], scores: dict[str, Scores],
+           task: str) -> list[dict[str, Any]]:
+    """One row per method, best mean Dice first: scores as (mean, sd over cases), costs as
+    the mean over folds."""
     rows = []
-    for model, folds in sorted(by_model.items()):
-        classes = sorted({name for r in folds for k in r.metrics
-                          if (name := tracked.class_of_eval_metric(k, "dice")) is not None})
-        row = {"model": model, "folds": len(folds)}
-        for name in classes:
-            row[f"dice_{name}"] = _metric_mean(folds, tracked.eval_class_metric("dice", name))
-        for key, metric in (("mean_dice", tracked.EVAL_MEAN_DICE),
-                            ("hd95_mm", tracked.EVAL_MEAN_HD95),
-                            ("training_s", tracked.TRAINING_SECONDS),
-                            ("inference_s_per_case", tracked.EVAL_SECONDS_PER_CASE),
-                            ("parameters", tracked.PARAMETERS),
-                            ("peak_memory_mb", tracked.PEAK_MEMORY_MB)):
-            row[key] = _metric_mean(folds, metric)
+    for model, folds in models.items():
+        score = scores.get(model, Scores())
+        row: dict[str, Any] = {"model": model, "folds": len(folds), "cases": len(score.dice),
+                               "mean_dice": _spread(list(score.mean_dice().values()))}
+        for name in score.classes():
+            row[f"dice_{name}"] = _spread([v[name] for v in score.dice.values() if name in v])
+        row["hd95_mm"] = _spread([float(np.mean(list(v.values())))
+                                  for v in score.hd95.values() if v])
+        costs = {"training_s": tracked.TRAINING_SECONDS, "samples_seen": tracked.SAMPLES_SEEN,
+                 "parameters": tracked.PARAMETERS, "peak_memory_mb": tracked.PEAK_MEMORY_MB,
+                 "inference_s_per_case": tracked.EVAL_SECONDS_PER_CASE if task ==
+                 "segmentation" else tracked.EVAL_SECONDS_PER_PAIR}
+        for key, metric in costs.items():
+            row[key] = _metric(folds, metric)
+        if task == "registration":
+            for key, metric in (("folding_percent", tracked.EVAL_FOLDING_PERCENT),
+                                ("sdlogj", tracked.EVAL_SDLOGJ),
+                                ("dice30_learn2reg", tracked.EVAL_DICE30),
+                                ("hd95_voxels_learn2reg", tracked.EVAL_MEAN_HD95_VOXELS),
+                                ("sdlogj_learn2reg", tracked.EVAL_SDLOGJ_LEARN2REG)):
+                row[key] = _metric(folds, metric)
+        row["trained"] = not math.isnan(row["samples_seen"]) or \
+            any(tracked.TRAINING_SECONDS in r.metrics for r in folds)
         rows.append(row)
-    return rows
-
-
-def _registration_table(runs: Sequence[TrackedRun]) -> list[dict[str, Any]]:
-    by_method: dict[str, list[dict]] = defaultdict(list)
-    for run in runs:
-        if tracked.EVAL_MEAN_DICE in run.metrics:
-            by_method[run.tags[tracked.MODEL]].append(run)
-    order = {"identity": 0, "classical": 1, "ants": 2}
-    rows = []
-    for method, folds in sorted(by_method.items(), key=lambda kv: (order.get(kv[0], 3), kv[0])):
-        row = {"method": method, "folds": len(folds)}
-        for key, metric in (("mean_dice", tracked.EVAL_MEAN_DICE),
-                            ("hd95_mm", tracked.EVAL_MEAN_HD95),
-                            ("folding_percent", tracked.EVAL_FOLDING_PERCENT),
-                            ("sdlogj", tracked.EVAL_SDLOGJ),
-                            ("inverse_consistency_mm",
-                             tracked.eval_metric("inverse_consistency_mm")),
-                            ("dice30_learn2reg", tracked.EVAL_DICE30),
-                            ("hd95_voxels_learn2reg", tracked.EVAL_MEAN_HD95_VOXELS),
-                            ("sdlogj_learn2reg", tracked.EVAL_SDLOGJ_LEARN2REG),
-                            ("seconds_per_pair", tracked.EVAL_SECONDS_PER_PAIR)):
-            row[key] = _metric_mean(folds, metric)
-        rows.append(row)
+    rows.sort(key=lambda r: -r["mean_dice"][0] if not math.isnan(r["mean_dice"][0]) else 1)
+    if rows and not math.isnan(rows[0]["mean_dice"][0]):
+        rows[0]["winner"] = True
     return rows
 
 
 # --------------------------------------------------------------------------- statistics
 
 
-def _per_case_dice(runs: Sequence[TrackedRun]) -> dict[str, dict[tuple, float]]:
-    """model -> {(fold, case): mean Dice over classes} from each run's cases.csv."""
-    out: dict[str, dict[tuple, float]] = defaultdict(dict)
-    for run in runs:
-        path = run.files.get("cases.csv")
-        if path is None:
-            continue
-        per_case: dict[str, list[float]] = defaultdict(list)
-        with open(path, newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
-                value = float(row["dice"])
-                if not math.isnan(value):
-                    per_case[row["case_id"]].append(value)
-        fold = run.tags.get(tracked.FOLD, "0")
-        for case_id, values in per_case.items():
-            out[run.tags[tracked.MODEL]][(fold, case_id)] = float(np.mean(values))
-    return dict(out)
-
-
-def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
-    """Mean of a - b over paired cases, its bootstrap 95% interval (percentile, resampling
-    cases) and the two-sided Wilcoxon signed-rank p-value (NaN when all differences are 0)."""
-    diff = np.asarray(a, float) - np.asarray(b, float)
-    rng = np.random.default_rng(BOOTSTRAP_SEED)
-    means = diff[rng.integers(0, len(diff), (BOOTSTRAP_SAMPLES, len(diff)))].mean(axis=1)
-    p = float(wilcoxon(diff).pvalue) if np.any(diff != 0) else math.nan
-    return {"n": len(diff), "mean_difference": float(diff.mean()),
-            "ci_low": float(np.percentile(means, 2.5)),
-            "ci_high": float(np.percentile(means, 97.5)), "wilcoxon_p": p}
-
-
-def _paired_statistics(cases: dict[str, dict[tuple, float]]) -> list[dict[str, Any]]:
-    rows = []
-    for first, second in itertools.combinations(sorted(cases), 2):
-        shared = sorted(set(cases[first]) & set(cases[second]))
-        if not shared:
-            continue
-        stats = paired_difference([cases[first][k] for k in shared],
-                                  [cases[second][k] for k in shared])
-        rows.append({"a": first, "b": second, **stats})
-    return rows
-
-
 COSTS = {"parameters": "parameters", "training_s": "training time",
          "inference_s_per_case": "inference time", "peak_memory_mb": "peak memory"}
 
 
-def _with_costs(paired: list[dict[str, Any]], table: list[dict[str, Any]],
-                ) -> list[dict[str, Any]]:
-    """Each paired comparison with what model a costs relative to model b (ratios a / b)."""
+def _paired(scores: dict[str, Scores], table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every pair of methods (better-scoring first) over the cases both were scored on, the
+    p-values Holm-corrected across the pairs, with a's costs relative to b's."""
+    order = [row["model"] for row in table if row["model"] in scores]
     by_model = {row["model"]: row for row in table}
-    out = []
-    for row in paired:
-        a, b = by_model.get(row["a"], {}), by_model.get(row["b"], {})
-        ratios = {}
+    rows = []
+    for a, b in itertools.combinations(order, 2):
+        first, second = scores[a].mean_dice(), scores[b].mean_dice()
+        shared = sorted(set(first) & set(second))
+        if not shared:
+            continue
+        row = {"a": a, "b": b, **paired_difference([first[k] for k in shared],
+                                                   [second[k] for k in shared])}
         for key in COSTS:
-            top, bottom = a.get(key, (math.nan,))[0], b.get(key, (math.nan,))[0]
-            ratios[f"{key}_ratio"] = top / bottom if bottom and not math.isnan(bottom) \
+            top, bottom = by_model[a].get(key, math.nan), by_model[b].get(key, math.nan)
+            row[f"{key}_ratio"] = top / bottom if bottom and not math.isnan(bottom) \
                 else math.nan
-        out.append({**row, **ratios})
-    return out
+        rows.append(row)
+    for row, adjusted in zip(rows, holm([r["wilcoxon_p"] for r in rows]), strict=True):
+        row["holm_p"] = adjusted
+    return rows
 
 
-def _verdict(row: dict[str, Any]) -> str:
-    """The paired comparison in one sentence: is a better than b, and at what cost? "Better"
-    needs both the bootstrap interval to exclude zero and the Wilcoxon test to reject at 5%:
-    with a handful of cases a bootstrap interval is narrow by chance (with 3 cases the
-    smallest possible two-sided Wilcoxon p is 0.25)."""
-    a, b = row["a"], row["b"]
-    evidence = (f"mean Dice difference {row['mean_difference']:+.3f}, 95% CI "
-                f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}], Wilcoxon p = "
-                f"{_fmt(row['wilcoxon_p'])}, n = {row['n']} cases")
-    p = row["wilcoxon_p"]
-    excludes_zero = row["ci_low"] > 0 or row["ci_high"] < 0
+def _verdict(row: dict[str, Any], verb: str) -> str:
+    """The paired comparison in one sentence: is a better than b, and at what cost?"""
+    a, b, n = row["a"], row["b"], row["n"]
+    interval = (f"95% CI [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
+                if not math.isnan(row["ci_low"]) else f"no interval with n = {n} < 10")
+    evidence = (f"mean Dice difference {row['mean_difference']:+.3f}, {interval}, "
+                f"better on {row['wins']} of {n}, Wilcoxon p = {_p(row['wilcoxon_p'])} "
+                f"(Holm-adjusted {_p(row['holm_p'])}), rank-biserial r = "
+                f"{_num(row['rank_biserial'], '+.2f')}, n = {n}")
     direction = "better" if row["mean_difference"] > 0 else "worse"
-    if excludes_zero and p < SIGNIFICANCE:  # NaN compares False
-        claim = f"{a} segments {direction} than {b}"
-    elif excludes_zero:  # consistent on these cases, too few of them for the rank test
-        cases = f"{row['n']} paired case" + ("s are" if row["n"] != 1 else " is")
-        claim = (f"{a} scored {direction} than {b} on these cases, but {cases} too few to "
-                 "show a difference")
+    if shows_difference(row):
+        claim = f"{a} {verb} {direction} than {b}"
+    elif n < 6:  # the smallest two-sided Wilcoxon p with 5 cases is 0.0625
+        claim = (f"{a} scored {direction} than {b} on these cases, but {n} paired "
+                 f"case{'s are' if n != 1 else ' is'} too few to show a difference")
     else:
         claim = f"no difference between {a} and {b} is shown"
     costs = [f"{row[f'{key}_ratio']:.2g}x the {name}" for key, name in COSTS.items()
              if not math.isnan(row.get(f"{key}_ratio", math.nan))]
     cost = f"; {a} takes {', '.join(costs)} of {b}" if costs else ""
     return f"{claim} ({evidence}){cost}."
+
+
+def _budget_check(table: list[dict[str, Any]]) -> dict[str, Any]:
+    """Whether the trained models saw as many samples (the stated, equal-by-default budget)."""
+    seen = {r["model"]: r["samples_seen"] for r in table if not math.isnan(r["samples_seen"])}
+    seconds = {r["model"]: r["training_s"] for r in table if not math.isnan(r["training_s"])}
+    equal = not seen or max(seen.values()) <= UNEQUAL_BUDGET * min(seen.values())
+    return {"samples_seen": seen, "training_seconds": seconds, "equal": equal,
+            "note": "every model saw the same number of training samples" if equal and seen
+            else "UNEQUAL budgets: " + ", ".join(f"{m} {v:,.0f}" for m, v in seen.items())
+            + " samples; differences in score mix the models with their budgets"
+            if seen else "no budget recorded"}
+
+
+def _headlines(summary: dict[str, Any]) -> list[str]:
+    """Who won, by how much, with what uncertainty, at what cost: one line per task."""
+    lines = []
+    for task, table, paired, verb in (
+            ("Segmentation", summary["segmentation"], summary["paired"], "segments"),
+            ("Registration", summary["registration"], summary["registration_paired"],
+             "registers")):
+        if not table or math.isnan(table[0]["mean_dice"][0]):
+            continue
+        winner = table[0]
+        mean, sd = winner["mean_dice"]
+        unit = "case" if task == "Segmentation" else "pair"
+        n = winner["cases"]
+        spread = f"SD {sd:.3f} over {n} {unit}s" if not math.isnan(sd) else f"one {unit}"
+        line = f"{task}: {winner['model']} {verb} best, mean Dice {mean:.3f} ({spread})"
+        if len(table) > 1:
+            runner = table[1]
+            row = next((r for r in paired if r["a"] == winner["model"]
+                        and r["b"] == runner["model"]), None)
+            if row is not None:
+                shown = "shown" if shows_difference(row) else "not shown"
+                line += (f"; {row['mean_difference']:+.3f} over {runner['model']} "
+                         f"(Holm-adjusted p = {_p(row['holm_p'])}: a difference is {shown})")
+                ratio = row.get("training_s_ratio", math.nan)
+                if not math.isnan(ratio):
+                    line += f", at {ratio:.2g}x its training time"
+        lines.append(line + ".")
+    if summary["budgets"]["samples_seen"] and not summary["budgets"]["equal"]:
+        lines.append(summary["budgets"]["note"] + ".")
+    return lines
+
+
+def _describe(row: dict[str, Any], folds: Sequence[TrackedRun]) -> dict[str, str]:
+    """What the method is: its network, parameters, recipe and budget; baselines named."""
+    from medpipe.models import model_spec
+
+    model = row["model"]
+    base = model.removesuffix("_io")
+    if model in BASELINES:
+        return {"model": model, "text": BASELINES[model]}
+    try:
+        what = model_spec(base).description
+    except MedpipeError:
+        what = base
+    if model != base:
+        what += ", refined per pair by instance optimisation"
+    params = folds[0].params if folds else {}
+    parts = [what]
+    if not math.isnan(row["parameters"]):
+        parts.append(f"{row['parameters'] / 1e6:.2f} M parameters")
+    optimizer = params.get("run.training.optimizer.name")
+    if optimizer:
+        augment = "with" if params.get("run.training.augment") == "true" else "without"
+        parts.append(f"{optimizer} lr {params.get('run.training.optimizer.lr')} "
+                     f"{params.get('run.training.optimizer.schedule')}, {augment} augmentation")
+    if not math.isnan(row["samples_seen"]):
+        unit = "patches" if folds[0].tags.get(tracked.TASK) == "segmentation" else "pairs"
+        patch = params.get("run.patch_size")
+        parts.append(f"budget {row['samples_seen']:,.0f} {unit}"
+                     + (f" of {patch}" if patch and unit == "patches" else "")
+                     + f" ({params.get('run.training.epochs')} epochs x "
+                     f"{params.get('run.training.iterations_per_epoch')} steps x "
+                     f"{params.get('run.batch_size')}), {row['training_s'] / 60:.1f} min")
+    return {"model": model, "text": "; ".join(parts)}
 
 
 def _examples(runs: Sequence[TrackedRun], out_dir: Path) -> list[dict[str, str]]:
@@ -244,107 +372,9 @@ def _examples(runs: Sequence[TrackedRun], out_dir: Path) -> list[dict[str, str]]
             for (task, model), name in sorted(chosen.items())]
 
 
-# --------------------------------------------------------------------------- figures
+def _p(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2g}" if value < 0.01 else f"{value:.3f}"
 
 
-def _dice_boxplot(cases: dict[str, dict[tuple, float]], path: Path) -> str:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    models = sorted(cases)
-    ax.boxplot([list(cases[m].values()) for m in models], tick_labels=models)
-    ax.set_ylabel("per-case mean Dice")
-    ax.set_ylim(0, 1)
-    fig.tight_layout()
-    return save_figure(fig, path).name
-
-
-def _learning_curves(runs: Sequence[TrackedRun], path: Path) -> str:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for run in runs:
-        steps, values = zip(*run.val_dice_history, strict=True)
-        tags = run.tags
-        ax.plot(steps, values, "o-", label=f"{tags[tracked.MODEL]} fold {tags.get(tracked.FOLD)}")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation Dice")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return save_figure(fig, path).name
-
-
-# --------------------------------------------------------------------------- writing
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, tuple):
-        mean, std = value
-        return "-" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}" if abs(mean) < 10 \
-            else f"{mean:,.0f} ± {std:,.0f}"
-    if isinstance(value, float):
-        return "-" if math.isnan(value) else f"{value:.3g}" if abs(value) < 1e-2 \
-            else f"{value:.3f}"
-    return str(value)
-
-
-def _tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
-    tables = []
-    for title, rows in (("Segmentation", summary["segmentation"]),
-                        ("Paired comparison: mean Dice difference a - b (same cases)",
-                         summary["paired"]),
-                        ("Registration", summary["registration"])):
-        if rows:
-            header = list(rows[0])
-            tables.append((title, header, [[_fmt(r.get(h)) for h in header] for r in rows]))
-    return tables
-
-
-def _markdown(summary: dict) -> str:
-    lines = ["# medpipe comparison", ""]
-    for title, header, rows in _tables(summary):
-        lines += [f"## {title}", "", "| " + " | ".join(header) + " |",
-                  "|" + " --- |" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        lines.append("")
-    if summary["verdicts"]:
-        lines += ["## Is the bigger model worth it?", ""]
-        lines += [f"- {verdict}" for verdict in summary["verdicts"]] + [""]
-    lines += [f"![{name}]({name})" for name in summary["figures"]]
-    if summary["examples"]:
-        lines += ["", "## Examples", ""]
-        lines += [f"### {e['task']}: {e['model']}\n\n![{e['model']}]({e['file']})\n"
-                  for e in summary["examples"]]
-    return "\n".join(lines) + "\n"
-
-
-def _html(summary: dict, folder: Path) -> str:
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>medpipe comparison"
-             "</title><style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
-             "</style></head><body><h1>medpipe comparison</h1>"]
-    for title, header, rows in _tables(summary):
-        parts.append(f"<h2>{html.escape(title)}</h2><table><tr>")
-        parts += [f"<th>{html.escape(h)}</th>" for h in header]
-        parts.append("</tr>")
-        for row in rows:
-            parts.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
-        parts.append("</table>")
-    if summary["verdicts"]:
-        parts.append("<h2>Is the bigger model worth it?</h2><ul>")
-        parts += [f"<li>{html.escape(v)}</li>" for v in summary["verdicts"]]
-        parts.append("</ul>")
-    figures = [(name, name) for name in summary["figures"]] + [
-        (f"Example, {e['task']}: {e['model']}", e["file"]) for e in summary["examples"]]
-    for title, name in figures:
-        data = base64.b64encode((folder / name).read_bytes()).decode()
-        parts.append(f"<h2>{html.escape(title)}</h2><img style='max-width:100%' "
-                     f"src='data:image/png;base64,{data}'>")
-    parts.append("</body></html>")
-    return "".join(parts)
-
-
-def _write(path: Path, text: str) -> None:
-    with atomic_output(path) as staging:
-        staging.write_text(text, encoding="utf-8")
+def _num(value: float, spec: str = ".3f") -> str:
+    return "-" if math.isnan(value) else format(value, spec)

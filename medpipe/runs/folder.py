@@ -12,7 +12,6 @@ holds everything needed to use the model later without the pipeline:
     mlflow_run.json        which MLflow run the folder logs to
     training.json          written last: the run is complete when it exists
     validation/            predictions of the fold's validation cases on the raw grid
-    test_predictions/      the workflow's predictions of the dataset's imagesTs
     evaluation/            cases.csv or pairs.csv, summary.json, figures
 """
 

@@ -141,5 +141,6 @@ class TrackingCallback(Callback):
         self.tracker.log_metrics(
             {tracked.BEST_VAL_DICE: summary["best_score"],
              tracked.PARAMETERS: summary["parameters"],
-             tracked.TRAINING_SECONDS: summary["training_seconds"]}, step=trainer.epoch)
+             tracked.TRAINING_SECONDS: summary["training_seconds"],
+             tracked.SAMPLES_SEEN: summary["samples_seen"]}, step=trainer.epoch)
         self.tracker.finish("FINISHED")

@@ -165,6 +165,12 @@ class Trainer:
                 if math.isfinite(score) and score > self.best_score:
                     self.best_score, self.best_epoch, improved = score, self.epoch, True
             metrics[tracked.PEAK_MEMORY_MB] = peak_memory_mb(self.settings.device)
+            before = self.history[-1] if self.history else {}
+            metrics[tracked.SAMPLES_SEEN] = (before.get(tracked.SAMPLES_SEEN, 0)
+                                             + metrics[tracked.EPOCH_SAMPLES])
+            metrics[tracked.ELAPSED_SECONDS] = (before.get(tracked.ELAPSED_SECONDS, 0.0)
+                                                + metrics[tracked.EPOCH_SECONDS]
+                                                + metrics.get(tracked.VAL_SECONDS, 0.0))
             self.history.append({"epoch": self.epoch, **metrics})
             self._save(improved)
             for callback in self.callbacks:
@@ -182,6 +188,7 @@ class Trainer:
             "training_seconds": sum(
                 h[tracked.EPOCH_SECONDS] + h.get(tracked.VAL_SECONDS, 0.0) for h in self.history
             ),
+            "samples_seen": sum(h.get(tracked.EPOCH_SAMPLES, 0) for h in self.history),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "peak_memory_mb": max((h[tracked.PEAK_MEMORY_MB] for h in self.history),
                                   default=None),
@@ -224,6 +231,7 @@ class Trainer:
             tracked.LEARNING_RATE: lr,
             tracked.throughput(self.task.unit): samples / seconds,
             tracked.EPOCH_SECONDS: seconds,
+            tracked.EPOCH_SAMPLES: samples,
         }
 
     def _autocast(self):

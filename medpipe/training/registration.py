@@ -152,6 +152,7 @@ def registration_setup(config: PipelineConfig, model: str, fold: int,
     cases = [resample_case(c, settings.spacing) for c in preprocessed]
     shape = NetworkShape(plans.in_channels, 3)
     divisor = spec_of_model.patch_divisor(shape, config.model_options(model))
+    training = training.within_budget(training.batch_size or 1)
     spec = RegistrationRunSpec(
         **common_fields(config, plans, model, fold, training),
         batch_size=training.batch_size or 1,  # VoxelMorph trains on one pair at a time

@@ -154,6 +154,7 @@ def describe_run(config: PipelineConfig, plans: Plans, model: str, fold: int,
     shape = NetworkShape(plans.in_channels, plans.out_channels, architecture)
     patch = fit_patch_size(model, training.patch_size or plan.patch_size, shape,
                            config.model_options(model))
+    training = training.within_budget(training.batch_size or plan.batch_size)
     return SegmentationRunSpec(
         **common_fields(config, plans, model, fold, training),
         out_channels=plans.out_channels,
@@ -188,6 +189,7 @@ def segmentation_setup(config: PipelineConfig, model: str, fold: int,
     training = config.training_for(model)
     plans = read_plans(config.plans_file)
     spec = describe_run(config, plans, model, fold, training)
+    training = spec.training  # with the budget's iterations per epoch
     folder = RunFolder(run_dir) if run_dir else config.run_folder(model, fold)
     device = pick_device(training.device)
     # before the folder is touched: the batch, its one-hot labels and the first layer's

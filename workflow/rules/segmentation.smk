@@ -1,6 +1,7 @@
-# Train each segmentation model on each fold, then score it on the fold's validation cases
-# and predict the dataset's test images (imagesTs), when it has some, scored against labelsTs
-# where those exist.
+# Train each segmentation model on each fold, then score it on the fold's validation cases;
+# each model's trained folds together (the fold ensemble) predict the dataset's test images
+# (imagesTs), when it has some, into RESULTS/test/MODEL/predictions, scored against labelsTs
+# where those exist (RESULTS/test/MODEL/evaluation: what the comparison reports).
 # Training resumes from its last checkpoint when re-run after a crash: the rule's output is
 # the summary written at the very end, so Snakemake never deletes the checkpoints.
 # Every command is told its results folder (the one holding plans.json) and its run folder
@@ -63,37 +64,40 @@ rule evaluate_segmentation:
         " --run-dir {params.run_dir:q} > {log:q} 2>&1"
 
 
-rule predict_test_cases:
+rule predict_test_set:
     input:
-        training=f"{RESULTS}/runs/{{model}}/fold_{{fold}}/training.json",
+        expand(f"{RESULTS}/runs/{{{{model}}}}/fold_{{fold}}/training.json",
+               fold=config["train_folds"]),
     output:
-        directory(f"{RESULTS}/runs/{{model}}/fold_{{fold}}/test_predictions"),
+        directory(f"{RESULTS}/test/{{model}}/predictions"),
     log:
-        f"{RESULTS}/logs/predict_test_cases/{{model}}_fold_{{fold}}.log",
+        f"{RESULTS}/logs/predict_test_set/{{model}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/predict_test_cases/{{model}}_fold_{{fold}}.tsv"
+        f"{RESULTS}/benchmarks/predict_test_set/{{model}}.tsv"
     wildcard_constraints:
         model=one_of(SEG_MODELS),
     params:
         images=f"{DATASET}/imagesTs",
-        run_dir=subpath(input.training, parent=True),
+        # every trained fold of the model: `predict` averages their probabilities (nnU-Net's
+        # fold ensemble); one fold trained, that fold alone
+        model_dir=f"{RESULTS}/runs/{{model}}",
     threads: 2
     resources:
         mem_mb=8000,
         runtime=60,
         gpu=1,
     shell:
-        "medpipe predict --model {params.run_dir:q} -i {params.images:q} -o {output:q}"
+        "medpipe predict --model {params.model_dir:q} -i {params.images:q} -o {output:q}"
         " > {log:q} 2>&1"
 
 
-rule evaluate_test_cases:
+rule evaluate_test_set:
     input:
-        f"{RESULTS}/runs/{{model}}/fold_{{fold}}/test_predictions",
+        f"{RESULTS}/test/{{model}}/predictions",
     output:
-        f"{RESULTS}/runs/{{model}}/fold_{{fold}}/test_evaluation/summary.json",
+        f"{RESULTS}/test/{{model}}/evaluation/summary.json",
     log:
-        f"{RESULTS}/logs/evaluate_test_cases/{{model}}_fold_{{fold}}.log",
+        f"{RESULTS}/logs/evaluate_test_set/{{model}}.log",
     wildcard_constraints:
         model=one_of(SEG_MODELS),
     params:
@@ -115,13 +119,6 @@ rule segmentation_all:
             model=SEG_MODELS,
             fold=config["train_folds"],
         ),
-        expand(
-            f"{RESULTS}/runs/{{model}}/fold_{{fold}}/test_predictions",
-            model=SEG_MODELS if TEST_CASES else [],
-            fold=config["train_folds"],
-        ),
-        expand(
-            f"{RESULTS}/runs/{{model}}/fold_{{fold}}/test_evaluation/summary.json",
-            model=SEG_MODELS if TEST_CASES and TEST_LABELS else [],
-            fold=config["train_folds"],
-        ),
+        expand(f"{RESULTS}/test/{{model}}/predictions", model=SEG_MODELS if TEST_CASES else []),
+        expand(f"{RESULTS}/test/{{model}}/evaluation/summary.json",
+               model=SEG_MODELS if TEST_CASES and TEST_LABELS else []),
