@@ -58,7 +58,7 @@ test: lint $(NNUNET_VENV)/.installed $(ANTS_VENV)/.installed
 	$(ANTS) MEDPIPE_NNUNET_BIN="$(CURDIR)/$(NNUNET_VENV)/bin" $(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup $(ANTS_VENV)/.installed
-	$(VENV)/bin/medpipe demo-data $(DEMO_DIR)/raw --cases 12 --test-cases 2 --seed 0
+	$(VENV)/bin/medpipe demo-data $(DEMO_DIR)/raw --cases 12 --test-cases 20 --seed 0
 	$(ANTS) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/snakemake all --profile configs/profiles/local \
 		--configfile configs/demo.yaml --config dataset=$(DEMO_DIR)/raw results=$(DEMO_DIR)/results
 	@echo "Demo dataset: $(DEMO_DIR)/raw (preview: $(DEMO_DIR)/raw/preview.png)"

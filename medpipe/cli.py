@@ -411,13 +411,19 @@ def predict(
     probabilities: Annotated[bool, typer.Option(
         help="Also write CASE_probabilities (float32, one component per label).")] = False,
     device: DeviceOption = "auto",
+    postprocessing: Annotated[Path | None, typer.Option(
+        "--postprocessing", help="postprocessing.json from `medpipe postprocessing`: keep "
+        "the largest component where cross-validation said it helps.")] = None,
 ) -> None:
     """Segment new scans; results lie on each input's exact grid. A folder uses nnU-Net's
     naming: CASE_0000.nii.gz (channel 0), ... in; CASE.nii.gz out."""
     from medpipe.inference.files import plan_predictions
     from medpipe.inference.segmenter import load_segmenter
+    from medpipe.postprocessing import read_postprocessing
 
+    steps = read_postprocessing(postprocessing) if postprocessing is not None else None
     segmenter = load_segmenter(model, checkpoint, device)
+    segmenter.postprocessing = steps
     jobs = plan_predictions(input, output, segmenter.channels)
     with _progress() as progress:
         task = progress.add_task("predicting", total=len(jobs))
@@ -426,6 +432,38 @@ def predict(
                                     probabilities=probabilities)
             progress.advance(task)
     console.print(f"[green]wrote[/green] {len(jobs)} prediction(s) to {output}")
+
+
+@app.command("postprocessing")
+def postprocessing_command(
+    model_dir: Annotated[Path, typer.Argument(
+        help="A model's folder holding its fold_K run folders, each evaluated.")],
+    dataset: Annotated[Path, typer.Option(
+        help="The dataset whose labelsTr are the references.")],
+) -> None:
+    """Decide nnU-Net's postprocessing on the folds' validation predictions (keep the
+    largest component of the foreground, then of each class, where that raises the
+    cross-validation Dice); writes MODEL_DIR/postprocessing.json for `predict
+    --postprocessing`."""
+    from medpipe.data.labels import LabelScheme
+    from medpipe.data.layout import read_spec
+    from medpipe.postprocessing import postprocessing_for_model
+
+    spec = read_spec(dataset)
+    scheme = LabelScheme.from_labels(spec.labels, spec.regions_class_order)
+    decision = postprocessing_for_model(model_dir, dataset / "labelsTr", scheme,
+                                        spec.file_ending)
+    chosen = (["the foreground"] if decision.foreground_largest_component else []) + list(
+        decision.largest_component_classes)
+    console.print(f"largest component kept for: {', '.join(chosen) or 'nothing'} "
+                  f"({decision.cases} cases; mean Dice {_mean(decision.dice_before):.4f} -> "
+                  f"{_mean(decision.dice_after):.4f})")
+    console.print(f"[green]wrote[/green] {model_dir / 'postprocessing.json'}")
+
+
+def _mean(values: dict[str, float]) -> float:
+    finite = [v for v in values.values() if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
 
 
 @app.command()
@@ -473,10 +511,11 @@ def compare(
         "--config", help="Pipeline config: where its runs were tracked (by default "
         "RESULTS/mlflow.db).")] = None,
     overrides: SetOption = None,
-    test_results: Annotated[Path | None, typer.Option(
-        "--test-results", help="Folder of test-set evaluations, MODEL/evaluation/cases.csv "
-        "(default with --config: RESULTS/test); scored there when every model has one, "
-        "else on the cross-validation cases.")] = None,
+    results: Annotated[Path | None, typer.Option(
+        "--results", help="The workflow's results folder (default with --config: the "
+        "config's): its test-set evaluations (test/MODEL/evaluation/cases.csv, used when "
+        "every model has one, else the cross-validation cases) and postprocessing "
+        "decisions.")] = None,
 ) -> None:
     """Compare every finished model of an experiment: tables, paired statistics, figures;
     report.md + report.html, logged to a parent MLflow run."""
@@ -488,7 +527,7 @@ def compare(
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if config is not None:
         pipeline = load_config(config, overrides)
-        test_results = test_results or pipeline.results / "test"
+        results = results or pipeline.results
         store = pipeline.tracking_store
         if store is None:
             raise MedpipeError("tracking is off in this config: the report is built from "
@@ -504,7 +543,7 @@ def compare(
         raise MedpipeError("say where the runs were tracked: --config, --tracking-uri or "
                            "$MLFLOW_TRACKING_URI")
     runs = finished_runs(uri, experiment)
-    summary = build_report(runs, output, test_results)
+    summary = build_report(runs, output, results)
     files = [output / "report.html", output / "report.md", output / "summary.json",
              *(output / figure["file"] for figure in summary["figures"])]
     headline = {f"mean_dice_{r['model']}": r["mean_dice"][0] for r in summary["segmentation"]

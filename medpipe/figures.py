@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -67,17 +67,28 @@ def plot_learning_curve(history: Sequence[dict[str, float]], path: str | Path) -
 
 def plot_segmentation_overlay(
     image: np.ndarray, reference: np.ndarray, prediction: np.ndarray, n_classes: int,
-    path: str | Path, title: str = "",
+    path: str | Path, title: str = "", legend: Mapping[int, str] | None = None,
 ) -> Path:
-    """Mid slices along each axis: the image, the reference and the prediction overlaid."""
-    fig, axes = plt.subplots(3, 3, figsize=(8, 8))
+    """Mid slices along each axis: the image, the reference and the prediction overlaid;
+    LEGEND (label value -> class name) names the colours below the panels."""
+    from matplotlib.patches import Patch
+
+    fig, axes = plt.subplots(3, 3, figsize=(8, 8.4))
     for axis in range(3):
         index = image.shape[axis] // 2
         cut = [np.take(a, index, axis=axis) for a in (image, reference, prediction)]
         show_slice(axes[axis, 0], cut[0], None, n_classes, f"{title} image, axis {axis}")
         show_slice(axes[axis, 1], cut[0], cut[1], n_classes, "reference")
         show_slice(axes[axis, 2], cut[0], cut[2], n_classes, "prediction")
-    fig.tight_layout()
+    if legend:
+        colours = label_colours(n_classes, alpha=1.0).colors
+        handles = [Patch(color=colours[value], label=name)
+                   for value, name in sorted(legend.items()) if 0 < value < len(colours)]
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
+                   frameon=False)
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
+    else:
+        fig.tight_layout()
     return save_figure(fig, path)
 
 

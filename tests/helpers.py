@@ -77,3 +77,33 @@ def tree_digest(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def browser_screenshot(page: Path, name: str, width: int = 1200, height: int = 2400):
+    """PAGE as headless Chromium draws it, kept as test-artifacts/NAME (RGB array back).
+
+    A missing browser fails the test where MEDPIPE_REQUIRE_BROWSER is set (CI installs
+    one), else skips it."""
+    import os
+    import shutil
+    import subprocess
+
+    import pytest
+    from PIL import Image
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        if os.environ.get("MEDPIPE_REQUIRE_BROWSER"):
+            pytest.fail("no chromium to look at the report with (apt-get install chromium)")
+        pytest.skip("no chromium: the report is not looked at")
+    ARTIFACTS.mkdir(exist_ok=True)
+    target = ARTIFACTS / name
+    result = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+         f"--window-size={width},{height}", f"--screenshot={target}", page.resolve().as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and target.is_file(), result.stderr[-2000:]
+    return np.asarray(Image.open(target).convert("RGB"))

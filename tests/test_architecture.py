@@ -22,7 +22,7 @@ FLOORS = {
     "medpipe.config": 1, "medpipe.runs.folder": 1, "medpipe.tracked": 1,
     "medpipe.device": 1, "medpipe.sampling": 1, "medpipe.progress": 1,
     "medpipe.metrics": 1, "medpipe.figures": 1,
-    "medpipe.data": 2,
+    "medpipe.data": 2, "medpipe.postprocessing": 2,
     # the typed plans and the array steps of preprocessing come before the fingerprint
     # (which crops as preprocessing does) and the planner
     "medpipe.planning.plans": 3, "medpipe.preprocessing.resampling": 3,

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import browser_screenshot
 from mlflow import MlflowClient
 from scipy.stats import wilcoxon
 
@@ -107,6 +108,13 @@ def test_compare_builds_the_report_from_mlflow_runs(tiny_pipeline, tmp_path, mon
         assert name in markdown
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "data:image/png;base64," in page and "<table>" in page  # self-contained
+    # as a reader sees it: Chromium draws it with its style (the headline's box, the
+    # winner's row) and its figures (many colours), kept as test-artifacts/report.png
+    shot = browser_screenshot(out / "report.html", "report.png")
+    assert shot.shape[:2] == (2400, 1200)
+    for colour in ((0xf5, 0xf8, 0xff), (0xee, 0xf7, 0xee)):  # headline box, winner's row
+        assert np.all(shot == colour, axis=-1).sum() > 2000, colour
+    assert len(np.unique(shot.reshape(-1, 3), axis=0)) > 500  # figures, not only text
     # one example figure per model, taken from its run's artifacts
     examples = sorted(p.name for p in out.glob("example_*.png"))
     assert examples == ["example_registration_classical.png",

@@ -26,6 +26,7 @@ from medpipe.inference.plausibility import check_scan
 from medpipe.io import Volume, image_suffix, orientation, reorient, write_image
 from medpipe.models.sliding_window import predict_probabilities
 from medpipe.planning.plans import Plans
+from medpipe.postprocessing import Postprocessing
 from medpipe.preprocessing import (
     PreprocessingPlan,
     preprocess_images,
@@ -53,6 +54,8 @@ class Segmenter:
         self.plan = PreprocessingPlan.from_plans(plans, self.spec.configuration)
         self.device = device
         self.dtype = autocast_dtype(device, True)
+        # nnU-Net's largest-component step, as decided on cross-validation (None: none)
+        self.postprocessing: Postprocessing | None = None
 
     @property
     def labels(self) -> dict[str, int | tuple[int, ...]]:
@@ -131,6 +134,8 @@ class Segmenter:
         for scan, output in zip(inputs, outputs, strict=True):
             volumes, _ = self._load(scan)
             labels, maps = self.predict_volumes(volumes, mirror, probabilities)
+            if self.postprocessing is not None:
+                labels = labels.with_array(self.postprocessing.apply(labels.array))
             if probabilities:
                 write_image(maps.with_array(maps.array.astype(np.float32)),
                             probabilities_path(output))

@@ -72,9 +72,10 @@ def read_scores(path: str | Path, key_columns: Sequence[str], prefix: tuple = ()
 
 
 def build_report(runs: Sequence[TrackedRun], out_dir: Path,
-                 test_results: Path | None = None) -> dict[str, Any]:
-    """Tables, statistics and figures from RUNS (`tracking.finished_runs`) and the test-set
-    evaluations under TEST_RESULTS (`RESULTS/test`); files in OUT_DIR."""
+                 results: Path | None = None) -> dict[str, Any]:
+    """Tables, statistics and figures from RUNS (`tracking.finished_runs`) and, in the
+    workflow's RESULTS folder, the test-set evaluations and postprocessing decisions; files
+    in OUT_DIR."""
     from medpipe.report import figures, render
 
     segmentation = [r for r in runs if r.tags.get(tracked.TASK) == "segmentation"]
@@ -83,7 +84,8 @@ def build_report(runs: Sequence[TrackedRun], out_dir: Path,
         raise MedpipeError("no finished segmentation or registration runs to compare")
     out_dir.mkdir(parents=True, exist_ok=True)
     seg_models = _by_model(segmentation)
-    seg_scores, seg_scope = _segmentation_scores(seg_models, test_results)
+    seg_scores, seg_scope = _segmentation_scores(
+        seg_models, results / "test" if results is not None else None)
     reg_methods = _by_model([r for r in registration if "pairs.csv" in r.files])
     reg_scores = {m: _pooled(folds, "pairs.csv", ("moving", "fixed"))
                   for m, folds in reg_methods.items()}
@@ -100,7 +102,7 @@ def build_report(runs: Sequence[TrackedRun], out_dir: Path,
         "registration": reg_table,
         "registration_paired": reg_paired,
         "registration_verdicts": [_verdict(row, "registers") for row in reg_paired],
-        "methods": [_describe(row, runs_of) for row, runs_of in
+        "methods": [_describe(row, runs_of, results) for row, runs_of in
                     [*((r, seg_models[r["model"]]) for r in table),
                      *((r, reg_methods[r["model"]]) for r in reg_table)]],
         "figures": [],
@@ -305,6 +307,8 @@ def _headlines(summary: dict[str, Any]) -> list[str]:
         n = winner["cases"]
         spread = f"SD {sd:.3f} over {n} {unit}s" if not math.isnan(sd) else f"one {unit}"
         line = f"{task}: {winner['model']} {verb} best, mean Dice {mean:.3f} ({spread})"
+        if not math.isnan(winner["samples_seen"]):
+            line += f" at a budget of {winner['samples_seen']:,.0f} training samples"
         if len(table) > 1:
             runner = table[1]
             row = next((r for r in paired if r["a"] == winner["model"]
@@ -322,8 +326,10 @@ def _headlines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _describe(row: dict[str, Any], folds: Sequence[TrackedRun]) -> dict[str, str]:
-    """What the method is: its network, parameters, recipe and budget; baselines named."""
+def _describe(row: dict[str, Any], folds: Sequence[TrackedRun],
+              results: Path | None) -> dict[str, str]:
+    """What the method is: its network, parameters, recipe, budget and postprocessing;
+    baselines named."""
     from medpipe.models import model_spec
 
     model = row["model"]
@@ -353,7 +359,23 @@ def _describe(row: dict[str, Any], folds: Sequence[TrackedRun]) -> dict[str, str
                      + f" ({params.get('run.training.epochs')} epochs x "
                      f"{params.get('run.training.iterations_per_epoch')} steps x "
                      f"{params.get('run.batch_size')}), {row['training_s'] / 60:.1f} min")
+    decision = results / "runs" / model / "postprocessing.json" if results else None
+    if decision is not None and decision.is_file():
+        parts.append(_postprocessing_line(decision))
     return {"model": model, "text": "; ".join(parts)}
+
+
+def _postprocessing_line(path: Path) -> str:
+    from medpipe.postprocessing import read_postprocessing
+
+    decision = read_postprocessing(path)
+    chosen = (["the foreground"] if decision.foreground_largest_component else []) + list(
+        decision.largest_component_classes)
+    if not chosen:
+        return (f"no postprocessing (keeping the largest component helped nothing on "
+                f"{decision.cases} cross-validation cases)")
+    return (f"postprocessing: largest component kept for {', '.join(chosen)} (it raised the "
+            f"cross-validation Dice on {decision.cases} cases)")
 
 
 def _examples(runs: Sequence[TrackedRun], out_dir: Path) -> list[dict[str, str]]:

@@ -137,9 +137,11 @@ class SegmentationTask:
             return []
         example = self.example
         n_colours = max(self.labels.regions_class_order or (self.n_classes - 1,)) + 1
+        values = self.labels.regions_class_order or range(1, len(self.labels.names) + 1)
         return [plot_segmentation_overlay(
             example["image"], example["reference"], example["prediction"], n_colours,
             folder / "validation_overlay.png", title=example["case_id"],
+            legend=dict(zip(values, self.labels.names, strict=True)),
         )]
 
 

@@ -1,5 +1,7 @@
 # Train each segmentation model on each fold, then score it on the fold's validation cases;
-# each model's trained folds together (the fold ensemble) predict the dataset's test images
+# nnU-Net's postprocessing (keep the largest component where that raised the validation
+# Dice) is decided on the folds' validation predictions; then each model's trained folds
+# together (the fold ensemble) predict the dataset's test images
 # (imagesTs), when it has some, into RESULTS/test/MODEL/predictions, scored against labelsTs
 # where those exist (RESULTS/test/MODEL/evaluation: what the comparison reports).
 # Training resumes from its last checkpoint when re-run after a crash: the rule's output is
@@ -64,10 +66,31 @@ rule evaluate_segmentation:
         " --run-dir {params.run_dir:q} > {log:q} 2>&1"
 
 
+rule determine_postprocessing:
+    input:
+        expand(f"{RESULTS}/runs/{{{{model}}}}/fold_{{fold}}/evaluation/summary.json",
+               fold=config["train_folds"]),
+    output:
+        f"{RESULTS}/runs/{{model}}/postprocessing.json",
+    log:
+        f"{RESULTS}/logs/determine_postprocessing/{{model}}.log",
+    wildcard_constraints:
+        model=one_of(SEG_MODELS),
+    params:
+        model_dir=f"{RESULTS}/runs/{{model}}",
+        dataset=DATASET,
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "medpipe postprocessing {params.model_dir:q} --dataset {params.dataset:q} > {log:q} 2>&1"
+
+
 rule predict_test_set:
     input:
-        expand(f"{RESULTS}/runs/{{{{model}}}}/fold_{{fold}}/training.json",
-               fold=config["train_folds"]),
+        training=expand(f"{RESULTS}/runs/{{{{model}}}}/fold_{{fold}}/training.json",
+                        fold=config["train_folds"]),
+        postprocessing=f"{RESULTS}/runs/{{model}}/postprocessing.json",
     output:
         directory(f"{RESULTS}/test/{{model}}/predictions"),
     log:
@@ -88,7 +111,7 @@ rule predict_test_set:
         gpu=1,
     shell:
         "medpipe predict --model {params.model_dir:q} -i {params.images:q} -o {output:q}"
-        " > {log:q} 2>&1"
+        " --postprocessing {input.postprocessing:q} > {log:q} 2>&1"
 
 
 rule evaluate_test_set:
