@@ -29,6 +29,7 @@ import numpy as np
 from medpipe import tracked
 from medpipe.errors import MedpipeError
 from medpipe.io import write_json
+from medpipe.report.render import ratio_text
 from medpipe.report.statistics import holm, paired_difference, shows_difference
 from medpipe.tracking import TrackedRun
 
@@ -218,8 +219,8 @@ def _table(models: dict[str, list[TrackedRun]], scores: dict[str, Scores],
                                 ("hd95_voxels_learn2reg", tracked.EVAL_MEAN_HD95_VOXELS),
                                 ("sdlogj_learn2reg", tracked.EVAL_SDLOGJ_LEARN2REG)):
                 row[key] = _metric(folds, metric)
-        row["trained"] = not math.isnan(row["samples_seen"]) or \
-            any(tracked.TRAINING_SECONDS in r.metrics for r in folds)
+        row["device"] = next((r.tags[tracked.DEVICE] for r in folds
+                              if tracked.DEVICE in r.tags), None)
         rows.append(row)
     rows.sort(key=lambda r: -r["mean_dice"][0] if not math.isnan(r["mean_dice"][0]) else 1)
     if rows and not math.isnan(rows[0]["mean_dice"][0]):
@@ -274,7 +275,7 @@ def _verdict(row: dict[str, Any], verb: str) -> str:
                  f"case{'s are' if n != 1 else ' is'} too few to show a difference")
     else:
         claim = f"no difference between {a} and {b} is shown"
-    costs = [f"{row[f'{key}_ratio']:.2g}x the {name}" for key, name in COSTS.items()
+    costs = [f"{ratio_text(row[f'{key}_ratio'])} the {name}" for key, name in COSTS.items()
              if not math.isnan(row.get(f"{key}_ratio", math.nan))]
     cost = f"; {a} takes {', '.join(costs)} of {b}" if costs else ""
     return f"{claim} ({evidence}){cost}."
@@ -308,7 +309,9 @@ def _headlines(summary: dict[str, Any]) -> list[str]:
         spread = f"SD {sd:.3f} over {n} {unit}s" if not math.isnan(sd) else f"one {unit}"
         line = f"{task}: {winner['model']} {verb} best, mean Dice {mean:.3f} ({spread})"
         if not math.isnan(winner["samples_seen"]):
-            line += f" at a budget of {winner['samples_seen']:,.0f} training samples"
+            where = {"cpu": "a CPU"}.get(winner.get("device"), winner.get("device"))
+            device = f" on {where}" if where else ""
+            line += f" at a budget of {winner['samples_seen']:,.0f} training samples{device}"
         if len(table) > 1:
             runner = table[1]
             row = next((r for r in paired if r["a"] == winner["model"]
@@ -319,7 +322,7 @@ def _headlines(summary: dict[str, Any]) -> list[str]:
                          f"(Holm-adjusted p = {_p(row['holm_p'])}: a difference is {shown})")
                 ratio = row.get("training_s_ratio", math.nan)
                 if not math.isnan(ratio):
-                    line += f", at {ratio:.2g}x its training time"
+                    line += f", at {ratio_text(ratio)} its training time"
         lines.append(line + ".")
     if summary["budgets"]["samples_seen"] and not summary["budgets"]["equal"]:
         lines.append(summary["budgets"]["note"] + ".")

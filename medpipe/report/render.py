@@ -44,6 +44,11 @@ PAIRED = [("pair", "a vs b"), ("n", "n"), ("mean_difference", "Mean Dice differe
           ("training_s_ratio", "Training time a / b")]
 
 
+def ratio_text(value: float) -> str:
+    """A cost ratio as people say it: 0.42x, 4.4x, 210x (never 2.1e+02x)."""
+    return f"{value:.2g}x" if value < 10 else f"{value:,.0f}x"
+
+
 def _show(value: Any, how: str) -> str:
     if isinstance(value, tuple | list):
         mean, sd = value
@@ -89,7 +94,7 @@ def _paired_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
                   "holm_p": _show(row["holm_p"], "number"),
                   "rank_biserial": _show(row["rank_biserial"], "number"),
                   "training_s_ratio": "-" if math.isnan(row.get("training_s_ratio", math.nan))
-                  else f"{row['training_s_ratio']:.2g}x"}
+                  else ratio_text(row["training_s_ratio"])}
         body.append([values[key] for key, _ in PAIRED])
     return [title for _, title in PAIRED], body
 

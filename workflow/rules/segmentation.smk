@@ -77,7 +77,7 @@ rule determine_postprocessing:
     wildcard_constraints:
         model=one_of(SEG_MODELS),
     params:
-        model_dir=f"{RESULTS}/runs/{{model}}",
+        model_dir=subpath(output[0], parent=True),
         dataset=DATASET,
     resources:
         mem_mb=4000,
@@ -103,7 +103,7 @@ rule predict_test_set:
         images=f"{DATASET}/imagesTs",
         # every trained fold of the model: `predict` averages their probabilities (nnU-Net's
         # fold ensemble); one fold trained, that fold alone
-        model_dir=f"{RESULTS}/runs/{{model}}",
+        model_dir=subpath(input.postprocessing, parent=True),
     threads: 2
     resources:
         mem_mb=8000,
