@@ -99,10 +99,6 @@ class TrainingConfig(StrictModel):
         steps = math.ceil(self.budget_samples / (self.epochs * batch_size))
         return self.model_copy(update={"iterations_per_epoch": steps})
 
-    def samples_seen(self, batch_size: int) -> int:
-        """Samples a finished run of these settings has drawn."""
-        return self.epochs * self.iterations_per_epoch * batch_size
-
     def overridden_by(self, override: TrainingConfig,
                       optimizer_defaults: OptimizerConfig) -> TrainingConfig:
         """These shared settings with the fields OVERRIDE sets replacing them, and the
