@@ -453,9 +453,7 @@ def postprocessing_command(
     scheme = LabelScheme.from_labels(spec.labels, spec.regions_class_order)
     decision = postprocessing_for_model(model_dir, dataset / "labelsTr", scheme,
                                         spec.file_ending)
-    chosen = (["the foreground"] if decision.foreground_largest_component else []) + list(
-        decision.largest_component_classes)
-    console.print(f"largest component kept for: {', '.join(chosen) or 'nothing'} "
+    console.print(f"largest component kept for: {', '.join(decision.chosen) or 'nothing'} "
                   f"({decision.cases} cases; mean Dice {_mean(decision.dice_before):.4f} -> "
                   f"{_mean(decision.dice_after):.4f})")
     console.print(f"[green]wrote[/green] {model_dir / 'postprocessing.json'}")

@@ -42,6 +42,12 @@ class Postprocessing(BaseModel):
     dice_before: dict[str, float]
     dice_after: dict[str, float]
 
+    @property
+    def chosen(self) -> list[str]:
+        """What keeps only its largest component, in words, in the order applied."""
+        return (["the foreground"] if self.foreground_largest_component else []) + list(
+            self.largest_component_classes)
+
     def apply(self, labels: np.ndarray) -> np.ndarray:
         """LABELS with the chosen components removed (a copy)."""
         out = labels.copy()

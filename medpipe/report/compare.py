@@ -372,8 +372,7 @@ def _postprocessing_line(path: Path) -> str:
     from medpipe.postprocessing import read_postprocessing
 
     decision = read_postprocessing(path)
-    chosen = (["the foreground"] if decision.foreground_largest_component else []) + list(
-        decision.largest_component_classes)
+    chosen = decision.chosen
     if not chosen:
         return (f"no postprocessing (keeping the largest component helped nothing on "
                 f"{decision.cases} cross-validation cases)")
