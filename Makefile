@@ -17,7 +17,7 @@ TORCH_GPU_SPEC ?= torch>=2.4
 DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: setup ants-env test lint demo bench clean-demo
+.PHONY: setup ants-env test lint demo study bench clean-demo
 
 setup: $(VENV)/.installed
 
@@ -65,6 +65,17 @@ demo: setup $(ANTS_VENV)/.installed
 	@echo "Workflow outputs: $(DEMO_DIR)/results (plans.json, preprocessed/, runs/MODEL/fold_0/evaluation/)"
 	@echo "Report: $(DEMO_DIR)/results/compare/report.html"
 	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(DEMO_DIR)/results/mlflow.db"
+
+# The study: the demo's workflow with budgets large enough to converge (configs/study.yaml);
+# its report and the MLflow store's summary are copied to docs/study/, the recorded answer
+STUDY_DIR ?= study
+study: setup $(ANTS_VENV)/.installed
+	mkdir -p $(STUDY_DIR) && test -f $(STUDY_DIR)/started || date +%s > $(STUDY_DIR)/started
+	$(VENV)/bin/medpipe demo-data $(STUDY_DIR)/raw --cases 12 --test-cases 20 --seed 0
+	$(ANTS) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/snakemake all --profile configs/profiles/local \
+		--configfile configs/study.yaml --config dataset=$(STUDY_DIR)/raw results=$(STUDY_DIR)/results
+	$(PY) bench/study_record.py $(STUDY_DIR)/results docs/study --started $$(cat $(STUDY_DIR)/started)
+	@echo "Report: $(STUDY_DIR)/results/compare/report.html (recorded in docs/study/)"
 
 # The benchmarks' quick mode (bench/README.md); nnU-Net's environment for its own predictor
 bench: setup $(NNUNET_VENV)/.installed $(ANTS_VENV)/.installed

@@ -44,6 +44,10 @@ CASES = glob_wildcards(f"{DATASET}/labelsTr/{{case}}{dataset_file_ending(DATASET
 TEST_CASES = glob_wildcards(
     f"{DATASET}/imagesTs/{{case}}_0000{dataset_file_ending(DATASET)}").case
 TEST_LABELS = glob_wildcards(f"{DATASET}/labelsTs/{{case}}{dataset_file_ending(DATASET)}").case
+# registration.eval_cases: test scores registration on pairs of the labelled test cases,
+# which are then preprocessed like the training cases
+REG_TEST_CASES = (sorted(set(TEST_CASES) & set(TEST_LABELS))
+                  if config["registration"].get("eval_cases") == "test" else [])
 
 
 include: "workflow/rules/data.smk"

@@ -200,21 +200,24 @@ def preprocess(
         "3d_fullres"
     ),
     case: Annotated[
-        list[str] | None, typer.Option(help="Only these case ids (repeatable).")
+        list[str] | None, typer.Option(help="Only these case ids (repeatable); labelled test "
+                                       "cases too (registration scored on test pairs).")
     ] = None,
     workers: Annotated[int, typer.Option(help="Cases preprocessed in parallel.")] = 1,
 ) -> None:
-    """Crop, normalise and resample training cases; finished cases are not redone."""
+    """Crop, normalise and resample training cases (or the labelled cases named by --case);
+    finished cases are not redone."""
     from medpipe.data import load_dataset
     from medpipe.planning import read_plans
     from medpipe.preprocessing import PreprocessingPlan, preprocess_dataset
 
     raw = load_dataset(dataset)
     settings = PreprocessingPlan.from_plans(read_plans(plans_json), configuration)
-    cases = [c for c in raw.training if not case or c.case_id in case]
-    unknown = set(case or []) - {c.case_id for c in raw.training}
+    labelled = raw.training + tuple(c for c in raw.test if c.label is not None)
+    cases = [c for c in labelled if c.case_id in case] if case else list(raw.training)
+    unknown = set(case or []) - {c.case_id for c in labelled}
     if unknown:
-        raise DatasetError(f"no training case(s) {', '.join(sorted(unknown))}", dataset)
+        raise DatasetError(f"no labelled case(s) {', '.join(sorted(unknown))}", dataset)
     classes = sorted(v for v in raw.spec.label_values if v > 0)
     with _progress() as progress:
         task = progress.add_task("preprocessing", total=len(cases))
@@ -381,7 +384,8 @@ def evaluate_reg(
         "--network-dir", help="For NETWORK_io: the network's run folder (default: "
         "RESULTS/runs/NETWORK/fold_K).")] = None,
 ) -> None:
-    """Score a registration method on the fold's held-out pairs: Dice of warped labels,
+    """Score a registration method on held-out pairs (the fold's validation cases, or the
+    labelled test cases with registration.eval_cases=test): Dice of warped labels,
     HD95, folding, SDlogJ and seconds per pair."""
     from medpipe.config import load_config
     from medpipe.evaluation.registration import evaluate_registration
@@ -544,9 +548,11 @@ def compare(
     summary = build_report(runs, output, results)
     files = [output / "report.html", output / "report.md", output / "summary.json",
              *(output / figure["file"] for figure in summary["figures"])]
-    headline = {f"mean_dice_{r['model']}": r["mean_dice"][0] for r in summary["segmentation"]
-                if not math.isnan(r["mean_dice"][0])}
-    log_parent_run(uri, experiment, [r.run_id for r in runs], files, headline)
+    headline = {f"{prefix}mean_dice_{r['model']}": r["mean_dice"][0]
+                for prefix, task in (("", "segmentation"), ("registration_", "registration"))
+                for r in summary[task] if not math.isnan(r["mean_dice"][0])}
+    scopes = {key: summary[key] for key in ("segmentation_scope", "registration_scope")}
+    log_parent_run(uri, experiment, [r.run_id for r in runs], files, headline, scopes)
     console.print(f"[green]wrote[/green] {output / 'report.html'} ({len(runs)} runs)")
     for run in champions(runs):
         name = run.tags[tracked.REGISTERED_MODEL]

@@ -209,6 +209,9 @@ class RegistrationConfig(NetworkRegistrationSettings):
         ["identity", "classical"], description="the baselines the workflow scores (ants: "
         "ANTs SyN, needs ANTsPy, see `make ants-env`)")
     eval_pairs: int = Field(20, ge=1, description="held-out pairs scored by evaluate-reg")
+    eval_cases: Literal["validation", "test"] = Field(
+        "validation", description="the cases evaluate-reg pairs: the fold's validation cases, "
+        "or the labelled test cases (imagesTs with labelsTs), the same pairs for every fold")
     classical: ClassicalSettings = Field(
         ClassicalSettings(), description="the SimpleITK baseline and the pre-alignment")
     ants: AntsSettings = Field(AntsSettings(), description="the ANTs baseline")

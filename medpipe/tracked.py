@@ -13,6 +13,7 @@ FOLD = "fold"
 GIT_COMMIT = "git_commit"
 DATA_HASH = "data_hash"
 DEVICE = "device"
+EVAL_CASES = "eval_cases"  # a registration evaluation's pairs: "validation" or "test"
 DATASET = "dataset"
 MODEL_ID = "model_id"  # the logged MLflow model of a training run
 REGISTERED_MODEL = "registered_model"  # its name in the model registry

@@ -346,8 +346,9 @@ def _example_figure(client: Any, run_id: str) -> str | None:
 
 
 def log_parent_run(uri: str, experiment: str, children: list[str], files: list[Path],
-                   metrics: Mapping[str, float]) -> str:
-    """A run holding the comparison report, with the compared runs nested under it."""
+                   metrics: Mapping[str, float], params: Mapping[str, str]) -> str:
+    """A run holding the comparison report, its headline numbers as metrics and what they
+    were scored on as params, with the compared runs nested under it."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -357,6 +358,7 @@ def log_parent_run(uri: str, experiment: str, children: list[str], files: list[P
                                      tracked.GIT_COMMIT: git_commit()})
     tracker = MlflowTracker(client, parent.info.run_id)
     tracker.log_metrics(metrics)
+    tracker.log_params(dict(params))
     for path in files:
         tracker.log_artifact(path, tracked.REPORT_FOLDER)
     for child in children:

@@ -138,6 +138,9 @@ def test_compare_builds_the_report_from_mlflow_runs(tiny_pipeline, tmp_path, mon
     assert verdict.startswith((f"{first} scored", f"no difference between {first}"))
     assert f"{params[first] / params[second]:.2g}x the parameters" in verdict
     assert verdict in markdown
+    # registration scored on the fold's validation case (to the atlas), and said so
+    assert summary["registration_scope"] == "validation pairs, n = 1"
+    assert "Registration (validation pairs, n = 1)" in markdown
     # every model's budget is stated: both trained 1 epoch x 2 steps x their batch size
     budgets = summary["budgets"]["samples_seen"]
     batch = {r.data.tags["model"]: int(r.data.params["run.batch_size"]) for r in runs

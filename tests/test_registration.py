@@ -439,3 +439,56 @@ def test_inverse_consistency_is_zero_for_an_exact_inverse_and_adds_up_otherwise(
     mean, p95 = inverse_consistency(to_itk_field(constant, geometry),
                                     to_itk_field(constant, geometry), mask)
     assert mean == pytest.approx(2 * np.linalg.norm(shift)) and p95 == pytest.approx(mean)
+
+
+def test_evaluation_pairs_use_every_case_evenly_then_every_ordered_pair():
+    from medpipe.registration.pairs import evaluation_pairs
+
+    ids = ["a", "b", "c", "d"]
+    first = evaluation_pairs(ids, None, 4)  # one round: each case moved once, fixed once
+    assert sorted(m for m, _ in first) == ids and sorted(f for _, f in first) == ids
+    assert all(m != f for m, f in first)
+    everything = evaluation_pairs(ids, None, 100)
+    assert sorted(everything) == sorted((m, f) for m in ids for f in ids if m != f)
+    assert evaluation_pairs(ids, "b", 100) == [("a", "b"), ("c", "b"), ("d", "b")]
+
+
+def test_registration_is_scored_on_test_pairs_when_asked(tiny_pipeline, tmp_path):
+    """eval_cases=test: `preprocess --case` takes the labelled test cases, and every method
+    is scored on their pairs alone, tagged so in MLflow for the report."""
+    from medpipe.data.demo import DemoSettings, build_demo_dataset
+    from medpipe.tracking import finished_runs
+
+    raw = tmp_path / "raw"
+    build_demo_dataset(raw, DemoSettings(cases=3, test_cases=2, spacing=6.0, seed=3))
+    results = tmp_path / "results"
+    plans = tiny_pipeline / "results" / "plans.json"
+    preprocessed = results / "preprocessed" / "3d_fullres"
+    command = [sys.executable, "-m", "medpipe.cli", "preprocess", str(raw), str(plans),
+               "-o", str(preprocessed), "--case", "brain_003", "--case", "brain_004"]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    assert sorted(p.name for p in preprocessed.glob("*.npz")) == ["brain_003.npz",
+                                                                   "brain_004.npz"]
+    (results / "plans.json").write_bytes(plans.read_bytes())
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = load_config(tiny_pipeline / "config.yaml", [
+        f"dataset={raw}", f"results={results}", "registration.eval_cases=test",
+        f"tracking.uri={store}"])
+    summary = evaluate_registration(config, "identity", 0, tmp_path / "identity")
+    rows = list(csv.DictReader((tmp_path / "identity" / "evaluation" / "pairs.csv").open()))
+    assert summary["pairs"] == 2
+    assert {(r["moving"], r["fixed"]) for r in rows} == {("brain_003", "brain_004"),
+                                                          ("brain_004", "brain_003")}
+    [run] = finished_runs(config.tracking_store.uri, "tiny")
+    assert run.tags["eval_cases"] == "test"
+
+    unknown = subprocess.run([*command[:-4], "--case", "brain_009"], capture_output=True,
+                             text=True)
+    assert unknown.returncode != 0 and "no labelled case(s) brain_009" in unknown.stderr
+
+
+def test_test_pairs_need_labelled_test_cases(tiny_pipeline):
+    config = load_config(tiny_pipeline / "config.yaml", ["registration.eval_cases=test",
+                                                         "tracking.enabled=false"])
+    with pytest.raises(MedpipeError, match="0 labelled test case"):
+        evaluate_registration(config, "identity", 0, None)

@@ -71,13 +71,13 @@ def evaluate_registration(
     network_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Score METHOD (a baseline: identity, classical, ants; a trained network's name; or
-    NETWORK_io) on FOLD's held-out pairs; write `evaluation/pairs.csv`,
+    NETWORK_io) on the held-out pairs (`held_out_cases`); write `evaluation/pairs.csv`,
     `evaluation/summary.json` and a figure in the run folder and log them to its MLflow run.
     NETWORK_io reads the network from NETWORK_DIR (default: NETWORK's run folder) and writes
     to its own. Returns the summary."""
     folder = RunFolder(run_dir) if run_dir else config.run_folder(method, fold)
     plans = read_plans(config.plans_file)
-    _, val_ids = fold_case_ids(config.splits_file, fold)
+    val_ids = held_out_cases(config, fold)
     torch_device = pick_device(device)
     if method in BASELINES:
         network_folder = None
@@ -89,6 +89,20 @@ def evaluate_registration(
     with ExitStack() as resources:
         return _evaluate(config, method, fold, folder, network_folder, plans, val_ids,
                          torch_device, checkpoint, resources)
+
+
+def held_out_cases(config: PipelineConfig, fold: int) -> list[str]:
+    """The cases whose pairs score every method: FOLD's validation cases, or (with
+    `registration.eval_cases: test`) the labelled test cases, which no fold trained on."""
+    if config.registration.eval_cases == "validation":
+        return fold_case_ids(config.splits_file, fold)[1]
+    labelled = sorted(c.case_id for c in load_dataset(config.dataset).test
+                      if c.label is not None)
+    if len(labelled) < 2:
+        raise MedpipeError("registration.eval_cases is test, but the dataset has "
+                           f"{len(labelled)} labelled test case(s) (imagesTs with labelsTs); "
+                           "pairs need 2", config.dataset)
+    return labelled
 
 
 def refined_network(method: str) -> str | None:
@@ -281,7 +295,8 @@ def _log(config: PipelineConfig, folder: RunFolder, method: str, fold: int, plan
 
     tracker = open_tracker(
         config.tracking_store, plans.dataset_name, f"{method}_fold_{fold}", folder,
-        tags={tracked.MODEL: method, tracked.FOLD: str(fold), tracked.TASK: "registration"},
+        tags={tracked.MODEL: method, tracked.FOLD: str(fold), tracked.TASK: "registration",
+              tracked.EVAL_CASES: config.registration.eval_cases},
     )
     if not trained and not tracker.resumed:  # a baseline or NETWORK_io: its run starts here
         tracker.log_params({"method": method, "fold": fold, **_method_params(config, method)})

@@ -18,7 +18,6 @@ each pair directly; the network learns to correct the rougher training alignment
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,13 +186,17 @@ def _pad(array: np.ndarray, shape: Sequence[int], per_channel_min: bool = False)
     return out
 
 
-def evaluation_pairs(val_ids: Sequence[str], atlas: str | None, limit: int) -> list[tuple]:
-    """Held-out (moving, fixed) pairs: every ordered pair of distinct validation cases, or
-    each validation case to the atlas; the first LIMIT in a fixed order."""
+def evaluation_pairs(case_ids: Sequence[str], atlas: str | None, limit: int) -> list[tuple]:
+    """Held-out (moving, fixed) pairs, the first LIMIT in a fixed order: each case to the
+    atlas, or every ordered pair of distinct cases taken round by round (each case to the
+    next one, cyclically, then to the one after that, ...), so that LIMIT pairs use every
+    case as evenly as they can: 20 pairs of 20 test cases move each case once and fix each
+    once, where plain permutations would move the first case 19 times."""
     if atlas is not None:
-        pairs = [(case_id, atlas) for case_id in val_ids if case_id != atlas]
-    else:
-        pairs = list(itertools.permutations(val_ids, 2))
+        return [(case_id, atlas) for case_id in case_ids if case_id != atlas][:limit]
+    n = len(case_ids)
+    pairs = [(case_ids[i], case_ids[(i + offset) % n])
+             for offset in range(1, n) for i in range(n)]
     return pairs[:limit]
 
 

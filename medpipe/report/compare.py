@@ -3,7 +3,8 @@ budgets, recipes, per-case validation scores) and the workflow's test-set evalua
 
 Segmentation is scored on the held-out test set (`RESULTS/test/MODEL/evaluation/cases.csv`,
 the fold ensemble's predictions of imagesTs) when every model has one, else on the
-cross-validation cases of the trained folds; registration on the held-out pairs. Every
+cross-validation cases of the trained folds; registration on the pairs its evaluations
+scored (test pairs with `registration.eval_cases: test`, else validation pairs). Every
 table shows the spread over cases (not over folds), is sorted by the score and marks the
 winner; every pair of methods gets a paired comparison over the same cases
 (`report.statistics`: Wilcoxon with Holm's correction, effect sizes, an interval where n
@@ -90,6 +91,7 @@ def build_report(runs: Sequence[TrackedRun], out_dir: Path,
     reg_methods = _by_model([r for r in registration if "pairs.csv" in r.files])
     reg_scores = {m: _pooled(folds, "pairs.csv", ("moving", "fixed"))
                   for m, folds in reg_methods.items()}
+    reg_scope = _registration_scope(reg_methods, reg_scores)
     table = _table(seg_models, seg_scores, "segmentation")
     reg_table = _table(reg_methods, reg_scores, "registration")
     paired = _paired(seg_scores, table)
@@ -100,6 +102,7 @@ def build_report(runs: Sequence[TrackedRun], out_dir: Path,
         "paired": paired,
         "verdicts": [_verdict(row, "segments") for row in paired],
         "budgets": _budget_check(table),
+        "registration_scope": reg_scope,
         "registration": reg_table,
         "registration_paired": reg_paired,
         "registration_verdicts": [_verdict(row, "registers") for row in reg_paired],
@@ -119,7 +122,7 @@ def build_report(runs: Sequence[TrackedRun], out_dir: Path,
         order = [row["model"] for row in reg_table]
         summary["figures"].append(figures.per_case(
             {m: reg_scores[m].mean_dice() for m in order}, out_dir / "registration_per_pair.png",
-            "Mean Dice of warped labels per held-out pair (a line joins one pair)"))
+            f"Mean Dice of warped labels per pair ({reg_scope}; a line joins one pair)"))
     curves = [r for r in segmentation + registration if r.val_dice_history]
     if curves:
         summary["figures"].append(figures.dice_versus_cost(
@@ -178,6 +181,16 @@ def _segmentation_scores(models: dict[str, list[TrackedRun]], test_results: Path
     scores = {m: s for m, s in scores.items() if s.dice}
     n = len(next(iter(scores.values())).dice) if scores else 0
     return scores, f"cross-validation cases, n = {n}"
+
+
+def _registration_scope(methods: dict[str, list[TrackedRun]],
+                        scores: dict[str, Scores]) -> str:
+    """Which pairs registration was scored on: the test cases' when every evaluation says
+    so (`registration.eval_cases: test`), else the trained folds' validation cases'."""
+    runs = [run for folds in methods.values() for run in folds]
+    test = bool(runs) and all(r.tags.get(tracked.EVAL_CASES) == "test" for r in runs)
+    n = max((len(s.dice) for s in scores.values()), default=0)
+    return f"test pairs, n = {n}" if test else f"validation pairs, n = {n}"
 
 
 def _spread(values: Sequence[float]) -> tuple[float, float]:

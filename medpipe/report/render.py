@@ -115,7 +115,7 @@ def sections(summary: dict[str, Any]) -> list[tuple[str, str, Any]]:
                     _paired_table(summary["paired"])))
         out.append(("Is the bigger model worth it?", "list", summary["verdicts"]))
     if summary["registration"]:
-        out.append(("Registration (held-out pairs)", "table",
+        out.append((f"Registration ({summary['registration_scope']})", "table",
                     _score_table(summary["registration"], "registration")))
     if summary["registration_paired"]:
         out.append(("Registration, paired over the same pairs", "table",

@@ -6,7 +6,8 @@ from pathlib import Path
 
 
 # registration settings that change what a network learns (not which methods are compared)
-REG_EVALUATION_ONLY = {"models", "baselines", "eval_pairs", "ants", "instance_optimisation"}
+REG_EVALUATION_ONLY = {"models", "baselines", "eval_pairs", "eval_cases", "ants",
+                       "instance_optimisation"}
 
 
 # the dataset and results folders for the `medpipe` commands' `--set`, which parses values as
@@ -46,4 +47,5 @@ def training_settings(wildcards):
 def evaluation_settings(wildcards):
     """What a registration evaluation depends on besides the trained network."""
     return json.dumps({k: config["registration"][k] for k in (
-        "atlas", "eval_pairs", "classical", "ants", "instance_optimisation")}, sort_keys=True)
+        "atlas", "eval_pairs", "eval_cases", "classical", "ants", "instance_optimisation")},
+        sort_keys=True)

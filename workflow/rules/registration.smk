@@ -1,6 +1,7 @@
 # Train each registration network on each fold; score the networks, each network with
 # instance optimisation (NETWORK_io, when registration.instance_optimisation.steps > 0) and
-# the baselines (identity, classical SimpleITK, ANTs SyN) on the fold's held-out pairs. Like segmentation, training
+# the baselines (identity, classical SimpleITK, ANTs SyN) on the fold's validation pairs or, with
+# registration.eval_cases: test, on pairs of the labelled test cases. Like segmentation, training
 # resumes from its last checkpoint: the rule's output is the summary written at the end.
 # The model lists (REG_MODELS, REG_BASELINES, set in the Snakefile) default to the schema's
 # (medpipe.config.RegistrationConfig).
@@ -39,6 +40,8 @@ rule evaluate_registration_network:
     input:
         plans=f"{RESULTS}/plans.json",
         training=f"{RESULTS}/runs/{{model}}/fold_{{fold}}/training.json",
+        test_cases=expand(f"{RESULTS}/preprocessed/{CONFIGURATION}/{{case}}.npz",
+                          case=REG_TEST_CASES),
     output:
         f"{RESULTS}/runs/{{model}}/fold_{{fold}}/evaluation/summary.json",
     log:
@@ -67,6 +70,8 @@ rule evaluate_registration_refined:
     input:
         plans=f"{RESULTS}/plans.json",
         training=f"{RESULTS}/runs/{{model}}/fold_{{fold}}/training.json",
+        test_cases=expand(f"{RESULTS}/preprocessed/{CONFIGURATION}/{{case}}.npz",
+                          case=REG_TEST_CASES),
     output:
         f"{RESULTS}/runs/{{model}}_io/fold_{{fold}}/evaluation/summary.json",
     log:
@@ -96,7 +101,8 @@ rule evaluate_registration_baseline:
     input:
         plans=f"{RESULTS}/plans.json",
         splits=f"{RESULTS}/splits.json",
-        cases=expand(f"{RESULTS}/preprocessed/{CONFIGURATION}/{{case}}.npz", case=CASES),
+        cases=expand(f"{RESULTS}/preprocessed/{CONFIGURATION}/{{case}}.npz",
+                     case=CASES + REG_TEST_CASES),
     output:
         f"{RESULTS}/runs/{{baseline}}/fold_{{fold}}/evaluation/summary.json",
     log:

@@ -1,0 +1,94 @@
+"""The study's recorded answer: `make study`'s report and what its MLflow store says, copied
+into the repository (docs/study/) with the machine it ran on.
+
+What is read back from the store, not from the workflow's files: the latest comparison
+run's headline metrics (each model's mean foreground Dice on the scope its params name: the
+test set's cases, the test pairs) and, per compared run, its budget and costs. The targets
+of the study (nnunet and unet >= 0.80 mean foreground Dice on >= 20 test brains) are checked
+against those numbers and written beside them.
+
+    python bench/study_record.py study/results docs/study [--started EPOCH_SECONDS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from common import machine
+
+from medpipe import tracked
+
+TARGET_DICE = 0.80
+TARGET_MODELS = ("nnunet", "unet")
+MIN_TEST_CASES = 20
+REPORT_FILES = ("report.html", "report.md", "summary.json")
+
+
+def read_store(uri: str) -> dict:
+    """The latest comparison run of the store and the runs nested under it."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiments = client.search_experiments()
+    runs = client.search_runs([e.experiment_id for e in experiments],
+                              f"tags.{tracked.TASK} = '{tracked.COMPARISON}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise SystemExit(f"{uri}: no comparison run (run `medpipe compare` first)")
+    parent = runs[0]
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    compared = []
+    for run in sorted(children, key=lambda r: (r.data.tags.get(tracked.TASK, ""),
+                                               r.data.tags.get(tracked.MODEL, ""))):
+        metrics = run.data.metrics
+        compared.append({
+            "task": run.data.tags.get(tracked.TASK), "model": run.data.tags.get(tracked.MODEL),
+            "fold": run.data.tags.get(tracked.FOLD), "device": run.data.tags.get(tracked.DEVICE),
+            **{key: metrics.get(key) for key in (
+                tracked.SAMPLES_SEEN, tracked.TRAINING_SECONDS, tracked.PARAMETERS,
+                tracked.EVAL_MEAN_DICE, tracked.EVAL_SECONDS_PER_CASE,
+                tracked.EVAL_SECONDS_PER_PAIR) if key in metrics}})
+    return {"comparison_run": parent.info.run_id, "git_commit":
+            parent.data.tags.get(tracked.GIT_COMMIT), "scores": dict(parent.data.metrics),
+            "scopes": dict(parent.data.params), "runs": compared}
+
+
+def check_targets(store: dict) -> dict:
+    scope = store["scopes"].get("segmentation_scope", "")
+    n = int(scope.rsplit("= ", 1)[-1].split()[0]) if "test set" in scope else 0
+    checks = {f"{model} mean foreground Dice >= {TARGET_DICE}":
+              store["scores"].get(f"mean_dice_{model}", float("nan")) >= TARGET_DICE
+              for model in TARGET_MODELS}
+    checks[f"scored on >= {MIN_TEST_CASES} test cases"] = n >= MIN_TEST_CASES
+    return checks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="the study's results folder")
+    parser.add_argument("out", type=Path, help="where the record goes (docs/study)")
+    parser.add_argument("--started", type=float, help="the study's start, seconds since "
+                        "the epoch (the Makefile writes it), for its wall time")
+    args = parser.parse_args()
+    store = read_store(f"sqlite:///{(args.results / 'mlflow.db').resolve()}")
+    record = {"machine": machine(), "recorded": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+              "wall_minutes": round((time.time() - args.started) / 60, 1)
+              if args.started else None,
+              **store, "targets": check_targets(store)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in REPORT_FILES:
+        shutil.copyfile(args.results / "compare" / name, args.out / name)
+    (args.out / "mlflow_summary.json").write_text(json.dumps(record, indent=2) + "\n",
+                                                  encoding="utf-8")
+    for target, met in record["targets"].items():
+        print(f"{'met' if met else 'MISSED'}: {target}")
+    print(f"wrote {args.out} (wall time {record['wall_minutes']} min)")
+
+
+if __name__ == "__main__":
+    main()
