@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pytest
 from scipy.spatial.transform import Rotation
 
 from medpipe.io import Geometry, Volume, write_image
@@ -107,3 +116,36 @@ def browser_screenshot(page: Path, name: str, width: int = 1200, height: int = 2
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and target.is_file(), result.stderr[-2000:]
     return np.asarray(Image.open(target).convert("RGB"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(port: int, root: Path) -> subprocess.Popen:
+    """A real `mlflow server` on loopback (its URL as `.url`), its store and artifacts in
+    ROOT, in its own process group; returns once it answers."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server.url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{server.url}/health", timeout=2):
+                return server
+        except OSError:
+            time.sleep(0.5)
+    stop_server(server, signal.SIGKILL)
+    pytest.fail("mlflow server did not start within 120 s")
+
+
+def stop_server(server: subprocess.Popen, how: int = signal.SIGTERM) -> None:
+    """The server and its workers (its own process group): nothing left on the port."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, how)
+    server.wait(timeout=30)

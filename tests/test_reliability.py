@@ -3,7 +3,6 @@ nothing destroyed, nothing written outside the output, and no work lost to a kil
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
@@ -19,7 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_dataset, random_volume, tree_digest
+from helpers import (
+    free_port,
+    make_dataset,
+    random_volume,
+    start_mlflow_server,
+    stop_server,
+    tree_digest,
+)
 
 from medpipe.data.layout import read_spec
 from medpipe.device import pick_device
@@ -182,8 +188,6 @@ def test_training_goes_on_when_the_tracking_server_is_down_and_syncs_later(
     """Nothing listens at the tracking URI for the whole training: the training ends
     normally, says so once, keeps every call in the run's journal, and `medpipe
     sync-tracking` sends them all to the server once it is up."""
-    from test_tracking import free_port
-
     from medpipe.config import load_config
     from medpipe.training.segmentation import train_segmentation
 
@@ -419,39 +423,11 @@ def test_a_model_whose_own_files_hold_an_impossible_patch_or_spacing_is_refused(
     assert not (tmp_path / "seg.nii.gz").exists()
 
 
-def start_mlflow_server(port: int, root: Path) -> subprocess.Popen:
-    """A real `mlflow server` on loopback, its store in ROOT; returns once it answers."""
-    import urllib.request
-
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return server
-        except OSError:
-            time.sleep(0.5)
-    stop_server(server, signal.SIGKILL)
-    pytest.fail("mlflow server did not start within 120 s")
-
-
-def stop_server(server: subprocess.Popen, how: int = signal.SIGTERM) -> None:
-    """The server and its workers (its own process group): nothing left on the port."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, how)
-    server.wait(timeout=30)
-
-
 def test_a_tracking_server_that_dies_mid_run_loses_nothing(tmp_path):
     """Epoch 1 logged, the server killed, epochs 2-3 logged while it is away (one report,
     no exception, no stall), the server back on the same store: the next call sends the
     waiting ones first, and the run's history has every epoch in order."""
     from mlflow import MlflowClient
-    from test_tracking import free_port
 
     from medpipe.config import TrackingConfig
     from medpipe.runs.folder import RunFolder

@@ -3,15 +3,11 @@ a sqlite file, and a `mlflow server` process over HTTP."""
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
+from helpers import free_port, start_mlflow_server, stop_server
 from mlflow import MlflowClient
 
 from medpipe.config import load_config
@@ -73,36 +69,11 @@ def test_sqlite_store_holds_params_metrics_tags_and_artifacts(tiny_pipeline, tmp
     assert Path(local).read_text() == (tmp_path / "run/evaluation/summary.json").read_text()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("mlflow server did not start within 120 s")
-    yield url, tmp_path / "server-artifacts"
-    process.terminate()
-    process.wait(timeout=30)
+    server = start_mlflow_server(free_port(), tmp_path)
+    yield server.url, tmp_path / "artifacts"
+    stop_server(server)
 
 
 @pytest.mark.slow

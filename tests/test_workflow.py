@@ -123,7 +123,7 @@ def test_schema_rejects_a_bad_config_naming_the_setting(workdir):
     assert not (workdir / "results").exists()  # nothing ran
 
 
-def test_slurm_profile_sends_training_to_the_gpu_partition(workdir):
+def test_slurm_profiles_send_network_jobs_to_the_gpu_partition_or_none(workdir):
     command = snakemake(workdir, "all")
     command[command.index("--profile") + 1] = str(REPO / "configs" / "profiles" / "slurm")
     result = run([*command, "-n"])
@@ -135,14 +135,17 @@ def test_slurm_profile_sends_training_to_the_gpu_partition(workdir):
     for job in training:
         assert "gpu=1" in job and "slurm_partition=gpu" in job
     preprocessing = [j for j in jobs if j.startswith("rule preprocess_case")]
-    assert preprocessing and all("gpu=" not in j and "slurm_partition=cpu" in j
-                                 for j in preprocessing)
-    # the cheap per-case jobs go to the cluster together, as one sbatch job
-    assert "Group job preprocess" in result.stdout
+    assert preprocessing and all("gpu=" not in j and "slurm_partition" not in j
+                                 for j in preprocessing)  # the cluster's default partition
     # the job count line of the DAG: 5 cases, all 3 segmentation models and 4 registration
     # methods on the 5 default folds
     assert re.search(r"train_segmentation\s+15\n", result.stdout)
     assert re.search(r"train_registration\s+10\n", result.stdout)
+    # a cluster without GPUs: no job asks for one
+    command[command.index("--profile") + 1] = str(REPO / "configs" / "profiles" / "slurm-cpu")
+    cpu = run([*command, "-n"])
+    assert cpu.returncode == 0, cpu.stderr
+    assert "rule train_segmentation" in cpu.stdout and "gpu=" not in cpu.stdout
 
 
 def test_paths_with_shell_and_yaml_characters_reach_the_commands_whole(tmp_path):

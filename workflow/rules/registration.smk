@@ -29,7 +29,6 @@ rule train_registration:
     resources:
         mem_mb=16000,
         runtime=24 * 60,
-        gpu=1,
     shell:
         "medpipe train-reg --config {params.config_file:q} {params.paths:q}"
         " --model {wildcards.model:q} --fold {wildcards.fold:q}"
@@ -59,7 +58,6 @@ rule evaluate_registration_network:
     resources:
         mem_mb=8000,
         runtime=60,
-        gpu=1,
     shell:
         "medpipe evaluate-reg --config {params.config_file:q} {params.paths:q}"
         " --model {wildcards.model:q} --fold {wildcards.fold:q}"
@@ -90,7 +88,6 @@ rule evaluate_registration_refined:
     resources:
         mem_mb=8000,
         runtime=60,
-        gpu=1,
     shell:
         "medpipe evaluate-reg --config {params.config_file:q} {params.paths:q}"
         " --model {wildcards.model:q}_io --fold {wildcards.fold:q}"

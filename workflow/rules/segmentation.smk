@@ -32,7 +32,6 @@ rule train_segmentation:
     resources:
         mem_mb=16000,
         runtime=24 * 60,
-        gpu=1,
     shell:
         "medpipe train-seg --config {params.config_file:q} {params.paths:q}"
         " --model {wildcards.model:q} --fold {wildcards.fold:q}"
@@ -59,7 +58,6 @@ rule evaluate_segmentation:
     resources:
         mem_mb=8000,
         runtime=60,
-        gpu=1,
     shell:
         "medpipe evaluate-seg --config {params.config_file:q} {params.paths:q}"
         " --model {wildcards.model:q} --fold {wildcards.fold:q}"
@@ -108,7 +106,6 @@ rule predict_test_set:
     resources:
         mem_mb=8000,
         runtime=60,
-        gpu=1,
     shell:
         "medpipe predict --model {params.model_dir:q} -i {params.images:q} -o {output:q}"
         " --postprocessing {input.postprocessing:q} > {log:q} 2>&1"
