@@ -244,6 +244,37 @@ RestartIfChangedOption = Annotated[bool, typer.Option(
 RunDirOption = Annotated[
     Path | None, typer.Option("--run-dir", help="Run folder (default: RESULTS/runs/MODEL/fold_K).")
 ]
+ProcessesOption = Annotated[int, typer.Option(
+    "--processes", min=1,
+    help="Processes training the one model together (DistributedDataParallel; one per GPU, "
+         "else CPU processes): this command runs again under torchrun on this machine. "
+         "Under torchrun or srun already: leave it at 1.")]
+
+
+def _relaunched_under_torchrun(processes: int) -> bool:
+    """Run this same command again as PROCESSES processes started by torchrun (one machine),
+    when more than one is asked for and no launcher started this one; True when it ran."""
+    from medpipe.training.distributed import from_environment
+
+    if processes == 1 or from_environment().several:
+        return False
+    args, skip = [], False
+    for arg in sys.argv[1:]:  # this command's own arguments, less --processes
+        if skip or arg.startswith("--processes="):
+            skip = False
+            continue
+        if arg == "--processes":
+            skip = True
+            continue
+        args.append(arg)
+    import subprocess
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={processes}", "-m", "medpipe.cli", *args]
+    returncode = subprocess.run(command).returncode
+    if returncode:
+        raise typer.Exit(returncode)
+    return True
 
 
 @app.command("train-seg")
@@ -257,14 +288,20 @@ def train_seg(
         bool, typer.Option(help="Discard this run's checkpoints and train from scratch.")
     ] = False,
     restart_if_changed: RestartIfChangedOption = False,
+    processes: ProcessesOption = 1,
 ) -> None:
     """Train a segmentation model on one fold; an interrupted run resumes where it stopped."""
     from medpipe.config import load_config
+    from medpipe.training.distributed import from_environment
     from medpipe.training.segmentation import train_segmentation
 
+    if _relaunched_under_torchrun(processes):
+        return
+    ranks = from_environment()
     folder = train_segmentation(load_config(config, overrides), model, fold, run_dir, restart,
-                                restart_if_changed=restart_if_changed)
-    console.print(f"[green]trained[/green] {model} fold {fold}: {folder}")
+                                restart_if_changed=restart_if_changed, processes=ranks)
+    if ranks.is_main:
+        console.print(f"[green]trained[/green] {model} fold {fold}: {folder}")
 
 
 @app.command("evaluate-seg")
@@ -358,15 +395,21 @@ def train_reg(
         bool, typer.Option(help="Discard this run's checkpoints and train from scratch.")
     ] = False,
     restart_if_changed: RestartIfChangedOption = False,
+    processes: ProcessesOption = 1,
 ) -> None:
     """Train a registration network on one fold's training pairs; resumes when interrupted."""
     from medpipe.config import load_config
+    from medpipe.training.distributed import from_environment
     from medpipe.training.registration import train_registration
 
+    if _relaunched_under_torchrun(processes):
+        return
+    ranks = from_environment()
     overrides = list(overrides or []) + ([f"registration.atlas={atlas}"] if atlas else [])
     folder = train_registration(load_config(config, overrides), model, fold, run_dir, restart,
-                                restart_if_changed=restart_if_changed)
-    console.print(f"[green]trained[/green] {model} fold {fold}: {folder}")
+                                restart_if_changed=restart_if_changed, processes=ranks)
+    if ranks.is_main:
+        console.print(f"[green]trained[/green] {model} fold {fold}: {folder}")
 
 
 @app.command("evaluate-reg")

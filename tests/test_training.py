@@ -172,7 +172,7 @@ def test_a_diverging_loss_stops_training_before_the_step(tmp_path):
     class NaNTask:
         unit = "patches"
 
-        def batches(self, epoch):
+        def batches(self, epoch, processes):
             return [torch.ones(1, 1, 4, 4, 4)] * 3
 
         def loss(self, model, batch, device):

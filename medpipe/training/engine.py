@@ -28,6 +28,7 @@ from medpipe import tracked
 from medpipe.device import autocast, autocast_dtype, peak_memory_mb
 from medpipe.errors import MedpipeError
 from medpipe.runs.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
+from medpipe.training.distributed import ONE_PROCESS, Processes, mean_over_ranks, wrap
 
 
 class TrainingTask(Protocol):
@@ -36,7 +37,9 @@ class TrainingTask(Protocol):
 
     unit: str  # what one sample is: "patches", "pairs"
 
-    def batches(self, epoch: int) -> Iterable[Any]: ...
+    def batches(self, epoch: int, processes: Processes) -> Iterable[Any]:
+        """The epoch's batches, PROCESSES' rank's share of each (`rank_batches`)."""
+        ...
 
     def loss(self, model: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, int]:
         """The loss of one batch and how many samples it held."""
@@ -83,8 +86,11 @@ class Trainer:
         checkpoint_dir: Path,
         metadata: dict[str, Any] | None = None,
         callbacks: Sequence[Callback] = (),
+        processes: Processes = ONE_PROCESS,
     ) -> None:
         self.model = model.to(settings.device)
+        self.processes = processes
+        self.step_model = wrap(self.model, processes, settings.device)  # DDP with several
         self.task = task
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -154,7 +160,8 @@ class Trainer:
             self.epoch += 1
             improved = False
             last = self.epoch == self.settings.epochs
-            if last or self.epoch % self.settings.val_every == 0:
+            validates = last or self.epoch % self.settings.val_every == 0
+            if validates and self.processes.is_main:  # the other ranks do not repeat it
                 self.model.eval()
                 start = time.perf_counter()
                 with torch.no_grad(), self._autocast():
@@ -172,7 +179,8 @@ class Trainer:
                                                 + metrics[tracked.EPOCH_SECONDS]
                                                 + metrics.get(tracked.VAL_SECONDS, 0.0))
             self.history.append({"epoch": self.epoch, **metrics})
-            self._save(improved)
+            if self.processes.is_main:
+                self._save(improved)
             for callback in self.callbacks:
                 callback.on_epoch_end(self, metrics)
         for callback in self.callbacks:
@@ -204,13 +212,17 @@ class Trainer:
         losses, samples = [], 0
         start = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
-        for iteration, batch in enumerate(self.task.batches(self.epoch)):
+        for iteration, batch in enumerate(self.task.batches(self.epoch, self.processes)):
             self.optimizer.zero_grad(set_to_none=True)
             with self._autocast():
-                loss, count = self.task.loss(self.model, batch, device)
-            if not torch.isfinite(loss.detach()):  # before the step: weights stay usable
+                loss, count = self.task.loss(self.step_model, batch, device)
+            # the global batch's loss (every rank's share averaged): each rank sees the same
+            # value, so a divergence stops all of them at once
+            global_loss = mean_over_ranks(loss.detach(), self.processes)
+            if not torch.isfinite(global_loss):  # before the step: weights stay usable
                 raise MedpipeError(
-                    f"training diverged: the loss is {float(loss)} at epoch {self.epoch + 1}, "
+                    f"training diverged: the loss is {float(global_loss)} at epoch "
+                    f"{self.epoch + 1}, "
                     f"iteration {iteration + 1}; the last checkpoint is from before it (check "
                     "the data with `medpipe verify`, or lower the learning rate)",
                     self.checkpoint_dir)
@@ -221,8 +233,8 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
-            losses.append(float(loss.detach()))
-            samples += count
+            losses.append(float(global_loss))
+            samples += count * self.processes.world_size
             for callback in self.callbacks:
                 callback.on_iteration_end(self, iteration, losses[-1])
         seconds = time.perf_counter() - start

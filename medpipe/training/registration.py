@@ -42,6 +42,7 @@ from medpipe.registration.pairs import (
 )
 from medpipe.runs.folder import RunFolder
 from medpipe.runs.spec import RegistrationRunSpec
+from medpipe.training.distributed import ONE_PROCESS, Processes, start, wait_for_main
 from medpipe.training.runs import RunSetup, common_fields, fit_run, prepare_run_folder
 
 
@@ -71,9 +72,10 @@ class RegistrationTask:
         self.warp_nearest = Warp(mode="nearest", padding_mode="zeros")
         self.example: dict[str, Any] | None = None
 
-    def batches(self, epoch: int) -> DataLoader:
+    def batches(self, epoch: int, processes: Processes = ONE_PROCESS) -> DataLoader:
         self.dataset.set_epoch(epoch)
-        return DataLoader(self.dataset, batch_size=self.dataset.batch_size, shuffle=False,
+        batches = self.dataset.rank_batches(processes.rank, processes.world_size)
+        return DataLoader(self.dataset, batch_sampler=batches,
                           num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def loss(self, model: nn.Module, batch: dict, device: torch.device):
@@ -130,15 +132,18 @@ def train_registration(
     restart: bool = False,
     progress: bool = True,
     restart_if_changed: bool = False,
+    processes: Processes = ONE_PROCESS,
 ) -> Path:
-    """Train a registration network on FOLD's training cases; resumes in the same folder."""
+    """Train a registration network on FOLD's training cases (as one of PROCESSES:
+    `training.distributed`); resumes in the same folder."""
     return fit_run(config, registration_setup(config, model, fold, run_dir, restart,
-                                           restart_if_changed), progress)
+                                           restart_if_changed, processes), progress)
 
 
 def registration_setup(config: PipelineConfig, model: str, fold: int,
                        run_dir: Path | None = None, restart: bool = False,
-                       restart_if_changed: bool = False) -> RunSetup:
+                       restart_if_changed: bool = False,
+                       processes: Processes = ONE_PROCESS) -> RunSetup:
     """The described run folder with its pre-alignment, the network, the pair task and the
     device: what `train_registration` fits, and what benchmarks time."""
     spec_of_model = model_spec(model, task="registration")
@@ -162,10 +167,13 @@ def registration_setup(config: PipelineConfig, model: str, fold: int,
         reference_case=settings.atlas or train_ids[0],
     )
     folder = RunFolder(run_dir) if run_dir else config.run_folder(model, fold)
-    prepare_run_folder(config, plans, folder, spec, restart, restart_if_changed)
-    matrices = prealignment(folder, spec, preprocessed)
+    device = start(processes, pick_device(training.device))
+    if processes.is_main:  # the others read what it writes
+        prepare_run_folder(config, plans, folder, spec, restart, restart_if_changed)
+        prealignment(folder, spec, preprocessed)
+    wait_for_main(processes)
+    matrices = prealignment(folder, spec, preprocessed)  # stored: read back
 
-    device = pick_device(training.device)
     torch.manual_seed(training.seed)
     network = build_model(model, spec.network_shape, spec.model_options)
     by_id = {case.case_id: case for case in cases}
@@ -190,7 +198,7 @@ def registration_setup(config: PipelineConfig, model: str, fold: int,
     loss = RegistrationLoss(settings, n_classes=len(spec.labels))
     task = RegistrationTask(dataset, validation, loss, num_workers=training.num_workers,
                             pin_memory=device.type == "cuda")
-    return RunSetup(folder, spec, plans, network, task, device)
+    return RunSetup(folder, spec, plans, network, task, device, processes)
 
 
 def prealignment(folder: RunFolder, spec: RegistrationRunSpec,

@@ -24,6 +24,7 @@ from medpipe.runs.lock import lock_run_folder, unlock_run_folder
 from medpipe.runs.spec import RunSpec, read_run_spec, write_run_spec
 from medpipe.tracking import git_commit, open_tracker
 from medpipe.training.callbacks import ProgressPrinter, TrackingCallback
+from medpipe.training.distributed import ONE_PROCESS, Processes, stop
 from medpipe.training.engine import EngineSettings, Trainer, TrainingTask
 from medpipe.training.optim import build_optimizer, build_scheduler
 
@@ -90,6 +91,7 @@ class RunSetup:
     network: nn.Module
     task: TrainingTask
     device: torch.device
+    processes: Processes = ONE_PROCESS
 
     @property
     def training(self) -> TrainingConfig:
@@ -111,34 +113,41 @@ def trainer_for(setup: RunSetup, callbacks: list | None = None) -> Trainer:
     return Trainer(setup.network, setup.task, optimizer, scheduler, settings,
                    setup.folder.checkpoints,
                    metadata={"model": setup.spec.model_dump(mode="json")},
-                   callbacks=callbacks or [])
+                   callbacks=callbacks or [], processes=setup.processes)
 
 
 def fit_run(config: PipelineConfig, setup: RunSetup, progress: bool = True) -> Path:
     """Train SETUP's network on its task in its run folder (resuming from `latest`), tracked;
-    write the summary."""
-    spec, folder = setup.spec, setup.folder
-    tracker = open_tracker(
-        config.tracking_store, spec.dataset_name, spec.run_name, folder,
-        tags={"model": spec.model, "fold": str(spec.fold), "task": spec.task},
-    )
-    callbacks = [TrackingCallback(tracker, folder, spec,
-                                  setup.plans.configuration(spec.configuration), git_commit())]
-    if progress:
-        callbacks.append(ProgressPrinter(f"{spec.model} fold {spec.fold}"))
-    lock_run_folder(folder.path)
+    write the summary. With several processes only rank 0 tracks, prints and writes."""
+    spec, folder, main = setup.spec, setup.folder, setup.processes.is_main
+    tracker, callbacks = None, []
+    if main:
+        tracker = open_tracker(
+            config.tracking_store, spec.dataset_name, spec.run_name, folder,
+            tags={"model": spec.model, "fold": str(spec.fold), "task": spec.task},
+        )
+        callbacks.append(TrackingCallback(tracker, folder, spec, setup.plans.configuration(
+            spec.configuration), git_commit()))
+        if progress:
+            callbacks.append(ProgressPrinter(f"{spec.model} fold {spec.fold}"))
+        lock_run_folder(folder.path)
     try:
         trainer = trainer_for(setup, callbacks)
         trainer.resume()
         try:
             trainer.fit()
         except (KeyboardInterrupt, SystemExit):
-            tracker.finish("KILLED")
+            if tracker:
+                tracker.finish("KILLED")
             raise
         except BaseException:
-            tracker.finish("FAILED")
+            if tracker:
+                tracker.finish("FAILED")
             raise
-        write_json(trainer.summary(), folder.training_summary)
+        if main:
+            write_json(trainer.summary(), folder.training_summary)
     finally:
-        unlock_run_folder(folder.path)
+        if main:
+            unlock_run_folder(folder.path)
+        stop(setup.processes)
     return folder.path

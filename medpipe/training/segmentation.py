@@ -27,6 +27,7 @@ from medpipe.preprocessing import PreprocessedCase, load_labelled_cases
 from medpipe.runs.folder import RunFolder
 from medpipe.runs.spec import SegmentationRunSpec
 from medpipe.training.augment import Augmenter
+from medpipe.training.distributed import ONE_PROCESS, Processes, start, wait_for_main
 from medpipe.training.patches import PatchDataset
 from medpipe.training.runs import RunSetup, common_fields, fit_run, prepare_run_folder
 
@@ -67,12 +68,11 @@ class SegmentationTask:
         self.deep_loss: DeepSupervisionLoss | None = None
         self.example: dict[str, Any] | None = None  # last validation example, for figures
 
-    def batches(self, epoch: int) -> DataLoader:
+    def batches(self, epoch: int, processes: Processes = ONE_PROCESS) -> DataLoader:
         self.dataset.set_epoch(epoch)
-        return DataLoader(
-            self.dataset, batch_size=self.dataset.batch_size, shuffle=False,
-            num_workers=self.num_workers, pin_memory=self.pin_memory,
-        )
+        batches = self.dataset.rank_batches(processes.rank, processes.world_size)
+        return DataLoader(self.dataset, batch_sampler=batches,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def targets(self, label: torch.Tensor) -> torch.Tensor:
         """What the loss compares with: the label map, or (B, R, ...) region masks."""
@@ -175,15 +175,18 @@ def train_segmentation(
     restart: bool = False,
     progress: bool = True,
     restart_if_changed: bool = False,
+    processes: Processes = ONE_PROCESS,
 ) -> Path:
-    """Train MODEL on FOLD; resumes an interrupted run in the same folder. Returns the folder."""
+    """Train MODEL on FOLD (as one of PROCESSES: `training.distributed`); resumes an
+    interrupted run in the same folder. Returns the folder."""
     return fit_run(config, segmentation_setup(config, model, fold, run_dir, restart,
-                                           restart_if_changed), progress)
+                                           restart_if_changed, processes), progress)
 
 
 def segmentation_setup(config: PipelineConfig, model: str, fold: int,
                        run_dir: Path | None = None, restart: bool = False,
-                       restart_if_changed: bool = False) -> RunSetup:
+                       restart_if_changed: bool = False,
+                       processes: Processes = ONE_PROCESS) -> RunSetup:
     """The described run folder (resume guard checked), the network with its seeded initial
     weights, the task with its patch sampler, and the device: what `train_segmentation`
     fits, and what benchmarks time."""
@@ -193,13 +196,15 @@ def segmentation_setup(config: PipelineConfig, model: str, fold: int,
     spec = describe_run(config, plans, model, fold, training)
     training = spec.training  # with the budget's iterations per epoch
     folder = RunFolder(run_dir) if run_dir else config.run_folder(model, fold)
-    device = pick_device(training.device)
+    device = start(processes, pick_device(training.device))
     # before the folder is touched: the batch, its one-hot labels and the first layer's
     # activations in float32 (a lower bound): a batch that cannot fit is refused, not killed
     voxels = spec.batch_size * float(np.prod(spec.patch_size))
     require_memory(voxels * (spec.in_channels + len(spec.labels) + 32) * 4, device,
                    f"a training batch of {spec.batch_size} x {tuple(spec.patch_size)}")
-    prepare_run_folder(config, plans, folder, spec, restart, restart_if_changed)
+    if processes.is_main:
+        prepare_run_folder(config, plans, folder, spec, restart, restart_if_changed)
+    wait_for_main(processes)
     torch.manual_seed(training.seed)  # the initial weights
     network = build_model(model, spec.network_shape, spec.model_options)
     dataset = PatchDataset(
@@ -214,4 +219,4 @@ def segmentation_setup(config: PipelineConfig, model: str, fold: int,
         overlap=training.val_overlap, num_workers=training.num_workers,
         pin_memory=device.type == "cuda",
     )
-    return RunSetup(folder, spec, plans, network, task, device)
+    return RunSetup(folder, spec, plans, network, task, device, processes)

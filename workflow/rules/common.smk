@@ -49,3 +49,9 @@ def evaluation_settings(wildcards):
     return json.dumps({k: config["registration"][k] for k in (
         "atlas", "eval_pairs", "eval_cases", "classical", "ants", "instance_optimisation")},
         sort_keys=True)
+
+
+def training_processes(wildcards, resources):
+    """Processes a training job runs (`medpipe train-* --processes`, DDP over torchrun): one
+    per GPU the job was given (a profile's `gpu` resource), else one."""
+    return max(1, int(resources.get("gpu", 1) or 1))

@@ -25,6 +25,7 @@ rule train_registration:
         paths=PATH_OVERRIDES,
         run_dir=subpath(output[0], parent=True),
         settings=training_settings,
+        processes=training_processes,
     threads: 2
     resources:
         mem_mb=16000,
@@ -32,7 +33,8 @@ rule train_registration:
     shell:
         "medpipe train-reg --config {params.config_file:q} {params.paths:q}"
         " --model {wildcards.model:q} --fold {wildcards.fold:q}"
-        " --run-dir {params.run_dir:q} --restart-if-changed > {log:q} 2>&1"
+        " --run-dir {params.run_dir:q} --restart-if-changed --processes {params.processes}"
+        " > {log:q} 2>&1"
 
 
 rule evaluate_registration_network:

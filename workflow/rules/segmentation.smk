@@ -28,6 +28,7 @@ rule train_segmentation:
         paths=PATH_OVERRIDES,
         run_dir=subpath(output[0], parent=True),
         settings=training_settings,
+        processes=training_processes,
     threads: 2
     resources:
         mem_mb=16000,
@@ -35,7 +36,8 @@ rule train_segmentation:
     shell:
         "medpipe train-seg --config {params.config_file:q} {params.paths:q}"
         " --model {wildcards.model:q} --fold {wildcards.fold:q}"
-        " --run-dir {params.run_dir:q} --restart-if-changed > {log:q} 2>&1"
+        " --run-dir {params.run_dir:q} --restart-if-changed --processes {params.processes}"
+        " > {log:q} 2>&1"
 
 
 rule evaluate_segmentation:
