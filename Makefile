@@ -67,7 +67,8 @@ demo: setup $(ANTS_VENV)/.installed
 	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(DEMO_DIR)/results/mlflow.db"
 
 # The study: the demo's workflow with budgets large enough to converge (configs/study.yaml);
-# its report and the MLflow store's summary are copied to docs/study/, the recorded answer
+# its report and the MLflow store's summary are copied to docs/study/, the recorded answer.
+# Its wall time counts from the first `make study` in STUDY_DIR (a resumed study included)
 STUDY_DIR ?= study
 study: setup $(ANTS_VENV)/.installed
 	mkdir -p $(STUDY_DIR) && test -f $(STUDY_DIR)/started || date +%s > $(STUDY_DIR)/started
