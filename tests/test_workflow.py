@@ -141,6 +141,11 @@ def test_slurm_profiles_send_network_jobs_to_the_gpu_partition_or_none(workdir):
     # methods on the 5 default folds
     assert re.search(r"train_segmentation\s+15\n", result.stdout)
     assert re.search(r"train_registration\s+10\n", result.stdout)
+    assert all("--processes 1" in j for j in training)  # one GPU each: one process
+    # four GPUs for segmentation training: four processes (DDP under torchrun)
+    four = run([*command, "-n", "--set-resources", "train_segmentation:gpu=4"])
+    assert re.search(r"medpipe train-seg .*--processes 4", four.stdout), four.stdout[-2000:]
+    assert re.search(r"medpipe train-reg .*--processes 1", four.stdout)
     # a cluster without GPUs: no job asks for one
     command[command.index("--profile") + 1] = str(REPO / "configs" / "profiles" / "slurm-cpu")
     cpu = run([*command, "-n"])
