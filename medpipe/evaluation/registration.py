@@ -295,9 +295,10 @@ def _log(config: PipelineConfig, folder: RunFolder, method: str, fold: int, plan
 
     tracker = open_tracker(
         config.tracking_store, plans.dataset_name, f"{method}_fold_{fold}", folder,
-        tags={tracked.MODEL: method, tracked.FOLD: str(fold), tracked.TASK: "registration",
-              tracked.EVAL_CASES: config.registration.eval_cases},
+        tags={tracked.MODEL: method, tracked.FOLD: str(fold), tracked.TASK: "registration"},
     )
+    # set on every evaluation: a network's run was opened by its training (whose tags stay)
+    tracker.set_tags({tracked.EVAL_CASES: config.registration.eval_cases})
     if not trained and not tracker.resumed:  # a baseline or NETWORK_io: its run starts here
         tracker.log_params({"method": method, "fold": fold, **_method_params(config, method)})
         tracker.set_tags({tracked.GIT_COMMIT: git_commit(), tracked.DEVICE: summary["device"]})
