@@ -251,6 +251,19 @@ ProcessesOption = Annotated[int, typer.Option(
          "Under torchrun or srun already: leave it at 1.")]
 
 
+def _train_as(processes: int, model: str, fold: int, train) -> None:
+    """Run TRAIN(this process's ranks) here, or this command again under torchrun when
+    PROCESSES > 1 and no launcher started it; rank 0 alone says where the run went."""
+    from medpipe.training.distributed import from_environment
+
+    if _relaunched_under_torchrun(processes):
+        return
+    ranks = from_environment()
+    folder = train(ranks)
+    if ranks.is_main:
+        console.print(f"[green]trained[/green] {model} fold {fold}: {folder}")
+
+
 def _relaunched_under_torchrun(processes: int) -> bool:
     """Run this same command again as PROCESSES processes started by torchrun (one machine),
     when more than one is asked for and no launcher started this one; True when it ran."""
@@ -292,16 +305,11 @@ def train_seg(
 ) -> None:
     """Train a segmentation model on one fold; an interrupted run resumes where it stopped."""
     from medpipe.config import load_config
-    from medpipe.training.distributed import from_environment
     from medpipe.training.segmentation import train_segmentation
 
-    if _relaunched_under_torchrun(processes):
-        return
-    ranks = from_environment()
-    folder = train_segmentation(load_config(config, overrides), model, fold, run_dir, restart,
-                                restart_if_changed=restart_if_changed, processes=ranks)
-    if ranks.is_main:
-        console.print(f"[green]trained[/green] {model} fold {fold}: {folder}")
+    _train_as(processes, model, fold, lambda ranks: train_segmentation(
+        load_config(config, overrides), model, fold, run_dir, restart,
+        restart_if_changed=restart_if_changed, processes=ranks))
 
 
 @app.command("evaluate-seg")
@@ -399,17 +407,12 @@ def train_reg(
 ) -> None:
     """Train a registration network on one fold's training pairs; resumes when interrupted."""
     from medpipe.config import load_config
-    from medpipe.training.distributed import from_environment
     from medpipe.training.registration import train_registration
 
-    if _relaunched_under_torchrun(processes):
-        return
-    ranks = from_environment()
     overrides = list(overrides or []) + ([f"registration.atlas={atlas}"] if atlas else [])
-    folder = train_registration(load_config(config, overrides), model, fold, run_dir, restart,
-                                restart_if_changed=restart_if_changed, processes=ranks)
-    if ranks.is_main:
-        console.print(f"[green]trained[/green] {model} fold {fold}: {folder}")
+    _train_as(processes, model, fold, lambda ranks: train_registration(
+        load_config(config, overrides), model, fold, run_dir, restart,
+        restart_if_changed=restart_if_changed, processes=ranks))
 
 
 @app.command("evaluate-reg")
