@@ -31,11 +31,15 @@ EPOCH_SAMPLES = "epoch_samples"  # patches or pairs drawn in the epoch
 SAMPLES_SEEN = "samples_seen"
 ELAPSED_SECONDS = "elapsed_training_seconds"  # training and validation
 PEAK_MEMORY_MB = "peak_memory_mb"
+SKIPPED_STEPS = "skipped_steps"  # steps not taken: a non-finite loss or gradient
+GRAD_NORM = "grad_norm"  # the epoch's mean gradient norm before clipping, taken steps
+GRAD_NORM_MAX = "grad_norm_max"
 
 # ------------------------------------------------------------------ training, at the end
 BEST_VAL_DICE = "best_val_dice"
 PARAMETERS = "parameters"
 TRAINING_SECONDS = "training_seconds"
+SKIPPED_STEPS_TOTAL = "skipped_steps_total"
 
 # ------------------------------------------------------------------ evaluation
 EVAL_MEAN_DICE = "eval_mean_dice"

@@ -4,6 +4,7 @@ resume after a hard kill, checkpoints that load with weights_only, clear errors.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -163,34 +164,63 @@ def test_cli_errors_name_the_problem(tiny_pipeline, tmp_path):
     assert result.returncode == 2 and "fold 7" in result.stderr
 
 
-def test_a_diverging_loss_stops_training_before_the_step(tmp_path):
-    """A NaN loss (a NaN voxel in a case, say) is an error naming where it happened, and the
-    weights are not updated with it."""
-    from medpipe.errors import MedpipeError
+class _LossWithNaNs:
+    """A task whose loss is NaN at the iterations in NAN_AT (a NaN voxel in a case, say)."""
+
+    unit = "patches"
+
+    def __init__(self, nan_at, iterations=3):
+        self.nan_at, self.iterations = set(nan_at), iterations
+
+    def batches(self, epoch, processes):
+        return [(i, torch.ones(1, 1, 4, 4, 4)) for i in range(self.iterations)]
+
+    def loss(self, model, batch, device):
+        index, image = batch
+        loss = (model(image) - 2.0).pow(2).mean()
+        return (loss * torch.tensor(float("nan")) if index in self.nan_at else loss), 1
+
+    def validate(self, model, device):
+        return {"score": 0.0}
+
+
+def _nan_trainer(task, folder, epochs=1):
     from medpipe.training.engine import EngineSettings, Trainer
 
-    class NaNTask:
-        unit = "patches"
-
-        def batches(self, epoch, processes):
-            return [torch.ones(1, 1, 4, 4, 4)] * 3
-
-        def loss(self, model, batch, device):
-            return model(batch).mean() * torch.tensor(float("nan")), 1
-
-        def validate(self, model, device):
-            return {"score": 0.0}
-
+    torch.manual_seed(0)
     net = torch.nn.Conv3d(1, 1, 1)
-    before = {k: v.clone() for k, v in net.state_dict().items()}
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    trainer = Trainer(net, NaNTask(), optimizer, torch.optim.lr_scheduler.ConstantLR(optimizer),
-                      EngineSettings(epochs=1, iterations_per_epoch=3, val_every=1),
-                      tmp_path / "checkpoints")
+    return Trainer(net, task, optimizer, torch.optim.lr_scheduler.ConstantLR(optimizer),
+                   EngineSettings(epochs=epochs, iterations_per_epoch=task.iterations,
+                                  val_every=1), folder)
+
+
+def test_a_diverging_loss_stops_training_before_the_step(tmp_path):
+    """Three non-finite losses in a row are an error naming where it happened, and the
+    weights are not updated with any of them."""
+    from medpipe.errors import MedpipeError
+
+    trainer = _nan_trainer(_LossWithNaNs(nan_at={0, 1, 2}), tmp_path / "checkpoints")
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     with pytest.raises(MedpipeError, match="training diverged: the loss is nan at epoch 1, "
-                                           "iteration 1"):
+                                           "iteration 3, 3 non-finite steps in a row"):
         trainer.fit()
-    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_a_single_non_finite_step_is_skipped_counted_and_training_goes_on(tmp_path):
+    """A lone NaN loss skips its step, as GradScaler skips an fp16 overflow: the run ends
+    with the weights of a run that never drew that batch, and the skip is recorded."""
+    skipping = _nan_trainer(_LossWithNaNs(nan_at={1}, iterations=4), tmp_path / "a")
+    history = skipping.fit()
+    assert history[0]["skipped_steps"] == 1 and skipping.summary()["skipped_steps"] == 1
+    assert history[0]["epoch_samples"] == 4  # the budget was drawn, one step not taken
+    # the same updates as a run of the 3 finite steps only (SGD without momentum)
+    clean = _nan_trainer(_LossWithNaNs(nan_at=set(), iterations=3), tmp_path / "b")
+    clean.fit()
+    for key, value in skipping.model.state_dict().items():
+        assert torch.allclose(value, clean.model.state_dict()[key])
+    assert math.isfinite(history[0]["train_loss"]) and math.isfinite(history[0]["grad_norm"])
 
 
 def test_deep_supervision_scores_each_output_against_labels_at_its_size():

@@ -375,6 +375,9 @@ def _describe(row: dict[str, Any], folds: Sequence[TrackedRun],
                      + f" ({params.get('run.training.epochs')} epochs x "
                      f"{params.get('run.training.iterations_per_epoch')} steps x "
                      f"{params.get('run.batch_size')}), {row['training_s'] / 60:.1f} min")
+    skipped = _metric(folds, tracked.SKIPPED_STEPS_TOTAL)
+    if skipped > 0:  # NaN (an older run) and 0 say nothing
+        parts.append(f"{skipped:.0f} steps skipped (a non-finite loss or gradient)")
     decision = results / "runs" / model / "postprocessing.json" if results else None
     if decision is not None and decision.is_file():
         parts.append(_postprocessing_line(decision))

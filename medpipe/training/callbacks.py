@@ -142,5 +142,6 @@ class TrackingCallback(Callback):
             {tracked.BEST_VAL_DICE: summary["best_score"],
              tracked.PARAMETERS: summary["parameters"],
              tracked.TRAINING_SECONDS: summary["training_seconds"],
-             tracked.SAMPLES_SEEN: summary["samples_seen"]}, step=trainer.epoch)
+             tracked.SAMPLES_SEEN: summary["samples_seen"],
+             tracked.SKIPPED_STEPS_TOTAL: summary["skipped_steps"]}, step=trainer.epoch)
         self.tracker.finish("FINISHED")

@@ -1,7 +1,8 @@
 """The one training engine, shared by segmentation and registration.
 
 A task supplies its batches, its loss and its validation; the engine owns everything else:
-the epoch x iteration loop, device and mixed precision, gradient clipping, the schedule,
+the epoch x iteration loop, device and mixed precision, gradient clipping, skipping a step
+whose loss or gradient is not finite (and stopping on a run of them), the schedule,
 checkpoints (`latest` every epoch, `best` on the validation score), exact resume, and the
 callbacks that draw progress or log to a tracker. It never imports a tracking library.
 
@@ -56,6 +57,9 @@ class EngineSettings:
     seed: int = 0
     amp: bool = True
     grad_clip: float | None = 12.0
+    # a step whose loss or gradient is not finite is skipped (counted as `skipped_steps`), as
+    # GradScaler skips an fp16 overflow; this many in a row stop the run as diverged
+    nonfinite_limit: int = 3
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
@@ -197,6 +201,7 @@ class Trainer:
                 h[tracked.EPOCH_SECONDS] + h.get(tracked.VAL_SECONDS, 0.0) for h in self.history
             ),
             "samples_seen": sum(h.get(tracked.EPOCH_SAMPLES, 0) for h in self.history),
+            "skipped_steps": sum(h.get(tracked.SKIPPED_STEPS, 0) for h in self.history),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "peak_memory_mb": max((h[tracked.PEAK_MEMORY_MB] for h in self.history),
                                   default=None),
@@ -212,34 +217,51 @@ class Trainer:
         losses, samples = [], 0
         start = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
+        skipped, in_a_row, norms = 0, 0, []
         for iteration, batch in enumerate(self.task.batches(self.epoch, self.processes)):
             self.optimizer.zero_grad(set_to_none=True)
             with self._autocast():
                 loss, count = self.task.loss(self.step_model, batch, device)
-            # the global batch's loss (every rank's share averaged): each rank sees the same
-            # value, so a divergence stops all of them at once
+            # the global batch's loss (every rank's share averaged) and, after DDP's
+            # all-reduce, one gradient: every rank takes the same decision below
             global_loss = mean_over_ranks(loss.detach(), self.processes)
-            if not torch.isfinite(global_loss):  # before the step: weights stay usable
-                raise MedpipeError(
-                    f"training diverged: the loss is {float(global_loss)} at epoch "
-                    f"{self.epoch + 1}, "
-                    f"iteration {iteration + 1}; the last checkpoint is from before it (check "
-                    "the data with `medpipe verify`, or lower the learning rate)",
-                    self.checkpoint_dir)
-            self.scaler.scale(loss).backward()
-            if self.settings.grad_clip:
+            problem = None
+            if not torch.isfinite(global_loss):
+                problem = f"the loss is {float(global_loss)}"
+            else:
+                self.scaler.scale(loss).backward()
                 self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            losses.append(float(global_loss))
+                norm = nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                self.settings.grad_clip or math.inf)
+                # fp16: the scaler skips an overflowing step and lowers its scale itself
+                if torch.isfinite(norm) or self.scaler.is_enabled():
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    norms.append(float(norm))
+                else:
+                    problem = f"the gradient norm is {float(norm)}"
+            if problem is None:
+                in_a_row = 0
+                losses.append(float(global_loss))
+            else:  # skipped, the weights untouched; several in a row end the run
+                skipped, in_a_row = skipped + 1, in_a_row + 1
+                self.optimizer.zero_grad(set_to_none=True)
+                if in_a_row >= self.settings.nonfinite_limit:
+                    raise MedpipeError(
+                        f"training diverged: {problem} at epoch {self.epoch + 1}, iteration "
+                        f"{iteration + 1}, {in_a_row} non-finite steps in a row; the last "
+                        "checkpoint is from before it (check the data with `medpipe verify`, "
+                        "or lower the learning rate)", self.checkpoint_dir)
+            self.scheduler.step()  # the schedule follows the budget, taken steps or not
             samples += count * self.processes.world_size
             for callback in self.callbacks:
-                callback.on_iteration_end(self, iteration, losses[-1])
+                callback.on_iteration_end(self, iteration, float(global_loss))
         seconds = time.perf_counter() - start
         return {
-            tracked.TRAIN_LOSS: float(np.mean(losses)),
+            tracked.TRAIN_LOSS: float(np.mean(losses)) if losses else math.nan,
+            tracked.SKIPPED_STEPS: skipped,
+            tracked.GRAD_NORM: float(np.mean(norms)) if norms else math.nan,
+            tracked.GRAD_NORM_MAX: max(norms, default=math.nan),
             tracked.LEARNING_RATE: lr,
             tracked.throughput(self.task.unit): samples / seconds,
             tracked.EPOCH_SECONDS: seconds,
