@@ -570,7 +570,7 @@ def compare(
     from medpipe import tracked
     from medpipe.config import load_config
     from medpipe.report.compare import build_report, champions
-    from medpipe.tracking import finished_runs, log_parent_run, set_champion
+    from medpipe.tracking import finished_runs, log_parent_run, set_champion, unfinished_runs
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if config is not None:
@@ -591,7 +591,7 @@ def compare(
         raise MedpipeError("say where the runs were tracked: --config, --tracking-uri or "
                            "$MLFLOW_TRACKING_URI")
     runs = finished_runs(uri, experiment)
-    summary = build_report(runs, output, results)
+    summary = build_report(runs, output, results, unfinished_runs(uri, experiment))
     files = [output / "report.html", output / "report.md", output / "summary.json",
              *(output / figure["file"] for figure in summary["figures"])]
     headline = {f"{prefix}mean_dice_{r['model']}": r["mean_dice"][0]

@@ -19,6 +19,7 @@ MODEL_ID = "model_id"  # the logged MLflow model of a training run
 REGISTERED_MODEL = "registered_model"  # its name in the model registry
 REGISTERED_VERSION = "registered_version"  # and its version there
 COMPARISON = "comparison"  # the TASK of the report's parent run
+FAILURE = "failure"  # why a run did not finish: its error's first line
 
 # ------------------------------------------------------------------ training, per epoch
 TRAIN_LOSS = "train_loss"

@@ -331,6 +331,42 @@ def finished_runs(uri: str, experiment: str) -> list[TrackedRun]:
     return out
 
 
+@dataclass(frozen=True)
+class UnfinishedRun:
+    """A training that failed or was stopped: named in the report, not compared."""
+
+    task: str
+    model: str
+    fold: str
+    status: str  # MLflow's: FAILED or KILLED
+    reason: str  # its error's first line (`tracked.FAILURE`), or "" where none was tagged
+    epochs: int  # epochs it completed
+
+
+def unfinished_runs(uri: str, experiment: str) -> list[UnfinishedRun]:
+    """Every segmentation or registration run of EXPERIMENT that failed or was killed (a
+    run resumed to the end is FINISHED again and is not among them)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    out = []
+    for status in ("FAILED", "KILLED"):
+        for run in client.search_runs([found.experiment_id], f"attributes.status = '{status}'",
+                                      max_results=10000):
+            tags = run.data.tags
+            if tags.get(tracked.TASK) not in ("segmentation", "registration"):
+                continue
+            steps = [m.step for m in client.get_metric_history(run.info.run_id,
+                                                               tracked.SAMPLES_SEEN)]
+            out.append(UnfinishedRun(tags[tracked.TASK], tags.get(tracked.MODEL, "?"),
+                                     tags.get(tracked.FOLD, "?"), status,
+                                     tags.get(tracked.FAILURE, ""), max(steps, default=0)))
+    return sorted(out, key=lambda r: (r.task, r.model, r.fold))
+
+
 def _example_figure(client: Any, run_id: str) -> str | None:
     """A run's example figure: the evaluation's first pair (fixed, moving, warped,
     deformation grid, Jacobian) for registration, else the validation overlay."""

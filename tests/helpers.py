@@ -149,3 +149,35 @@ def stop_server(server: subprocess.Popen, how: int = signal.SIGTERM) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(server.pid, how)
     server.wait(timeout=30)
+
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def as_user(folder: Path):
+    """A runner of commands in FOLDER with the environment's medpipe and snakemake first on
+    PATH and no inherited MLflow store: each must exit 0 without a traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{BIN}:{env['PATH']}"
+
+    def run(*command: str) -> subprocess.CompletedProcess:
+        result = subprocess.run(command, cwd=folder, env=env, capture_output=True,
+                                encoding="utf-8", errors="replace", timeout=1800)
+        assert result.returncode == 0, f"{command}: {result.stderr[-3000:]}"
+        assert "Traceback" not in result.stdout + result.stderr
+        return result
+
+    return run
+
+
+def run_workflow(run, config: str = "config.yaml") -> None:
+    """`snakemake all` as the README says, on 2 cores, with RUN (`as_user`)."""
+    run(str(BIN / "snakemake"), "all", "-s", str(REPO / "Snakefile"), "--directory", ".",
+        "--profile", str(REPO / "configs" / "profiles" / "local"), "--configfile", config,
+        "--cores", "2")
+
+
+def assert_no_traceback_in_logs(results: Path) -> None:
+    for log in (results / "logs").rglob("*.log"):
+        assert "Traceback" not in log.read_text(encoding="utf-8", errors="replace"), log

@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 from scipy.stats import wilcoxon
 
 from medpipe.config import load_config
+from medpipe.errors import MedpipeError
 from medpipe.evaluation.registration import evaluate_registration
 from medpipe.evaluation.segmentation import evaluate_segmentation
 from medpipe.report.compare import _verdict
@@ -97,6 +98,11 @@ def test_compare_builds_the_report_from_mlflow_runs(tiny_pipeline, tmp_path, mon
     assert os.environ.get("MLFLOW_TRACKING_URI") == environment
     for method in ("identity", "classical"):
         evaluate_registration(config, method, 0, tmp_path / method, device="cpu")
+    # a training that diverges (a learning rate of 1e30) is named in the report, not compared
+    diverging = load_config(tiny_pipeline / "config.yaml", [
+        *settings, "training.optimizer.lr=1e30", "training.iterations_per_epoch=5"])
+    with pytest.raises(MedpipeError, match="training diverged"):
+        train_segmentation(diverging, "unet", 1, tmp_path / "unet_fold_1", progress=False)
 
     out = tmp_path / "compare"
     result = subprocess.run(
@@ -122,7 +128,7 @@ def test_compare_builds_the_report_from_mlflow_runs(tiny_pipeline, tmp_path, mon
                         "example_segmentation_nnunet.png", "example_segmentation_unet.png"]
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment = client.get_experiment_by_name("compare_test")
-    runs = client.search_runs([experiment.experiment_id])
+    runs = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'")
     # the paired comparison carries each model's cost relative to the other's, from MLflow
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     (pair,) = summary["paired"]
@@ -147,6 +153,11 @@ def test_compare_builds_the_report_from_mlflow_runs(tiny_pipeline, tmp_path, mon
              if r.data.tags.get("task") == "segmentation"}
     assert budgets == {m: pytest.approx(2 * batch[m]) for m in ("unet", "nnunet")}
     assert "## Budgets" in markdown and "## Headline" in markdown
+    (failed,) = summary["did_not_finish"]
+    assert (failed["model"], failed["fold"], failed["status"]) == ("unet", "1", "FAILED")
+    assert failed["reason"].startswith("training diverged: ")
+    assert "Not compared: unet fold 1 did not finish" in markdown
+    assert f"unet fold 1 (segmentation): FAILED after 0 epochs: {failed['reason']}" in markdown
     parents = [r for r in runs if r.data.tags.get("task") == "comparison"]
     assert len(parents) == 1
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")

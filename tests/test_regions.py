@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import BIN, as_user, assert_no_traceback_in_logs, run_workflow
 
 from medpipe.config import load_config
 from medpipe.data import load_dataset, make_splits, write_splits
@@ -117,10 +115,6 @@ def test_region_training_evaluation_and_inference(region_pipeline, tmp_path):
     np.testing.assert_array_equal(labels.array, scheme.labels_from_regions(list(masks)))
 
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
 @pytest.mark.slow
 def test_a_users_region_dataset_goes_from_init_to_report_and_test_predictions(tmp_path):
     """As a new user: `medpipe init` on their own NRRD region dataset, the written config
@@ -129,16 +123,7 @@ def test_a_users_region_dataset_goes_from_init_to_report_and_test_predictions(tm
     demo = build_demo_dataset(tmp_path / "demo", DemoSettings(cases=4, test_cases=2,
                                                               spacing=6.0, seed=4))
     write_region_dataset(demo, tmp_path / "raw")
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PATH"] = f"{BIN}:{env['PATH']}"
-
-    def run(*command: str) -> subprocess.CompletedProcess:
-        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True,
-                                encoding="utf-8", errors="replace", timeout=1200)
-        assert result.returncode == 0, f"{command}: {result.stderr[-3000:]}"
-        assert "Traceback" not in result.stdout + result.stderr
-        return result
-
+    run = as_user(tmp_path)
     run(str(BIN / "medpipe"), "init", "raw", "-o", "config.yaml")
     text = (tmp_path / "config.yaml").read_text(encoding="utf-8")
     config = yaml.safe_load(text)
@@ -149,9 +134,7 @@ def test_a_users_region_dataset_goes_from_init_to_report_and_test_predictions(tm
     config["models"]["unet"]["options"].update(channels=[8, 16, 32], strides=[2, 2],
                                                num_res_units=1)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    run(str(BIN / "snakemake"), "all", "-s", str(REPO / "Snakefile"), "--directory",
-        str(tmp_path), "--profile", str(REPO / "configs" / "profiles" / "local"),
-        "--configfile", "config.yaml", "--cores", "2")
+    run_workflow(run)
 
     results = tmp_path / "results"
     report = (results / "compare" / "report.md").read_text(encoding="utf-8")
@@ -164,5 +147,4 @@ def test_a_users_region_dataset_goes_from_init_to_report_and_test_predictions(tm
         f"{case}.nrrd" for case in test_ids]
     scored = json.loads((test / "evaluation" / "summary.json").read_text())
     assert list(scored["classes"]) == ["brain", "tissue", "white_matter"]
-    for log in (results / "logs").rglob("*.log"):
-        assert "Traceback" not in log.read_text(encoding="utf-8", errors="replace"), log
+    assert_no_traceback_in_logs(results)

@@ -1,17 +1,18 @@
 """`evaluate-reg`: every method on the same held-out pairs, scored the same way.
 
 A method turns a (moving, fixed) pair of preprocessed cases into an ITK displacement field
-on the fixed case's *raw* grid (see `registration.fields`): identity (a zero field), the
-classical SimpleITK baseline, ANTs SyN (`registration.ants_baseline`), a trained network
-(pre-alignment + predicted field, composed in `compose_field`), or NETWORK_io: that network
-with its field refined per pair (`registration.instance_optimisation`), its own method with
-its own run folder and time. The moving raw label map is
-then warped through that field, every method's the same way (each label's mask linearly
-interpolated, then the most likely label: `fields.warp_labels`), and compared with the fixed
-raw labels: Dice and HD95 (mm) per label; the field gives folding (% of voxels with
-det J <= 0) and SDlogJ. Where both directions of a pair are scored, inverse consistency:
-|phi_BA(phi_AB(x)) - x| in mm over the fixed brain (labels > 0), mean and 95th percentile.
-Seconds per pair count everything from the two preprocessed images to the field.
+on the fixed case's *raw* grid (see `registration.fields`): identity (no registration
+beyond the centres of mass matched, a translation), the classical SimpleITK baseline, ANTs
+SyN (`registration.ants_baseline`), a trained network (pre-alignment + predicted field,
+composed in `compose_field`), or NETWORK_io: that network with its field refined per pair
+(`registration.instance_optimisation`), its own method with its own run folder and time.
+The moving raw label map is then warped through that field, every method's the same way
+(each label's mask linearly interpolated, then the most likely label: `fields.warp_labels`),
+and compared with the fixed raw labels: Dice and HD95 (mm) per label; the field gives
+folding (% of voxels with det J <= 0) and SDlogJ. Where both directions of a pair are
+scored, inverse consistency: |phi_BA(phi_AB(x)) - x| in mm over the fixed brain (labels
+> 0), mean and 95th percentile. Seconds per pair count everything from the two
+preprocessed images to the field.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from medpipe.registration.pairs import (
     RegistrationCase,
     evaluation_pairs,
     load_registration_cases,
+    moments_matrix,
 )
 from medpipe.runs.folder import RunFolder
 from medpipe.runs.loading import load_trained
@@ -194,8 +196,12 @@ def _evaluate(config: PipelineConfig, method: str, fold: int, folder: RunFolder,
 def _baseline(method: str, settings: RegistrationConfig, resources: ExitStack) -> Method:
     """A baseline as a Method; one that holds a process (ANTs' worker) is closed with
     RESOURCES."""
-    if method == "identity":
-        return lambda moving, fixed, target: identity_field(target.geometry, target.shape)
+    if method == "identity":  # the floor: centres of mass matched (where networks, ANTs start)
+        def centres_matched(moving: RegistrationCase, fixed: RegistrationCase, target: Volume):
+            shift = sitk.TranslationTransform(3, moments_matrix(moving, fixed)[:3, 3].tolist())
+            return displacement_field(shift, target)
+
+        return centres_matched
     if method == "ants":
         register = resources.enter_context(AntsRegistration(settings.ants))
     else:

@@ -32,7 +32,7 @@ from medpipe.errors import MedpipeError
 from medpipe.io import write_json
 from medpipe.report.render import ratio_text
 from medpipe.report.statistics import holm, paired_difference, shows_difference
-from medpipe.tracking import TrackedRun
+from medpipe.tracking import TrackedRun, UnfinishedRun
 
 UNEQUAL_BUDGET = 1.05  # samples seen differing by more than 5 % make a comparison unequal
 
@@ -73,11 +73,12 @@ def read_scores(path: str | Path, key_columns: Sequence[str], prefix: tuple = ()
     return scores
 
 
-def build_report(runs: Sequence[TrackedRun], out_dir: Path,
-                 results: Path | None = None) -> dict[str, Any]:
+def build_report(runs: Sequence[TrackedRun], out_dir: Path, results: Path | None = None,
+                 unfinished: Sequence[UnfinishedRun] = ()) -> dict[str, Any]:
     """Tables, statistics and figures from RUNS (`tracking.finished_runs`) and, in the
     workflow's RESULTS folder, the test-set evaluations and postprocessing decisions; files
-    in OUT_DIR."""
+    in OUT_DIR. UNFINISHED runs (`tracking.unfinished_runs`) without a finished run of the
+    same model and fold are listed as not compared, with the reason."""
     from medpipe.report import figures, render
 
     segmentation = [r for r in runs if r.tags.get(tracked.TASK) == "segmentation"]
@@ -111,6 +112,7 @@ def build_report(runs: Sequence[TrackedRun], out_dir: Path,
                      *((r, reg_methods[r["model"]]) for r in reg_table)]],
         "figures": [],
         "examples": _examples(segmentation + registration, out_dir),
+        "did_not_finish": _did_not_finish(runs, unfinished),
     }
     summary["headline"] = _headlines(summary)
     if seg_scores:
@@ -339,7 +341,21 @@ def _headlines(summary: dict[str, Any]) -> list[str]:
         lines.append(line + ".")
     if summary["budgets"]["samples_seen"] and not summary["budgets"]["equal"]:
         lines.append(summary["budgets"]["note"] + ".")
+    if summary["did_not_finish"]:
+        named = sorted({f"{r['model']} fold {r['fold']}" for r in summary["did_not_finish"]})
+        lines.append(f"Not compared: {', '.join(named)} did not finish (see \"Did not "
+                     "finish\").")
     return lines
+
+
+def _did_not_finish(runs: Sequence[TrackedRun],
+                    unfinished: Sequence[UnfinishedRun]) -> list[dict[str, Any]]:
+    """The unfinished trainings no finished run replaces, with what they reached and why."""
+    finished = {(r.tags.get(tracked.TASK), r.tags.get(tracked.MODEL), r.tags.get(tracked.FOLD))
+                for r in runs}
+    return [{"task": u.task, "model": u.model, "fold": u.fold, "status": u.status,
+             "epochs": u.epochs, "reason": u.reason}
+            for u in unfinished if (u.task, u.model, u.fold) not in finished]
 
 
 def _describe(row: dict[str, Any], folds: Sequence[TrackedRun],

@@ -121,6 +121,11 @@ def sections(summary: dict[str, Any]) -> list[tuple[str, str, Any]]:
         out.append(("Registration, paired over the same pairs", "table",
                     _paired_table(summary["registration_paired"])))
         out.append(("Registration verdicts", "list", summary["registration_verdicts"]))
+    if summary["did_not_finish"]:
+        out.append(("Did not finish", "list", [
+            f"{r['model']} fold {r['fold']} ({r['task']}): {r['status']} after {r['epochs']} "
+            f"epochs" + (f": {r['reason']}" if r["reason"] else "")
+            for r in summary["did_not_finish"]]))
     out.append(("How to read this", "text",
                 "Means are over cases with their standard deviation over cases. A "
                 "difference is claimed only where the Wilcoxon signed-rank p, corrected by "

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medpipe import tracked
 from medpipe.config import PipelineConfig, TrainingConfig
 from medpipe.data.splits import fold_case_ids
 from medpipe.errors import MedpipeError
@@ -140,8 +141,10 @@ def fit_run(config: PipelineConfig, setup: RunSetup, progress: bool = True) -> P
             if tracker:
                 tracker.finish("KILLED")
             raise
-        except BaseException:
-            if tracker:
+        except BaseException as error:
+            if tracker:  # the report lists it as not finished, saying why
+                reason = getattr(error, "reason", None) or str(error) or type(error).__name__
+                tracker.set_tags({tracked.FAILURE: reason.splitlines()[0][:500]})
                 tracker.finish("FAILED")
             raise
         if main:
