@@ -52,7 +52,7 @@ def read_store(uri: str) -> dict:
             **{key: metrics.get(key) for key in (
                 tracked.SAMPLES_SEEN, tracked.TRAINING_SECONDS, tracked.PARAMETERS,
                 tracked.EVAL_MEAN_DICE, tracked.EVAL_SECONDS_PER_CASE,
-                tracked.EVAL_SECONDS_PER_PAIR) if key in metrics}})
+                tracked.EVAL_SECONDS_PER_PAIR, tracked.SKIPPED_STEPS_TOTAL) if key in metrics}})
     return {"comparison_run": parent.info.run_id, "git_commit":
             parent.data.tags.get(tracked.GIT_COMMIT), "scores": dict(parent.data.metrics),
             "scopes": dict(parent.data.params), "runs": compared}
