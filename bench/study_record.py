@@ -8,6 +8,7 @@ of the study (nnunet and unet >= 0.80 mean foreground Dice on >= 20 test brains)
 against those numbers and written beside them.
 
     python bench/study_record.py study/results docs/study [--started EPOCH_SECONDS]
+                                 [--wall-minutes M]
 """
 
 from __future__ import annotations
@@ -74,11 +75,13 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="where the record goes (docs/study)")
     parser.add_argument("--started", type=float, help="the study's start, seconds since "
                         "the epoch (the Makefile writes it), for its wall time")
+    parser.add_argument("--wall-minutes", type=float, help="the study's wall time, where the "
+                        "record is rewritten after the run (a report rebuilt, say)")
     args = parser.parse_args()
     store = read_store(f"sqlite:///{(args.results / 'mlflow.db').resolve()}")
     record = {"machine": machine(), "recorded": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-              "wall_minutes": round((time.time() - args.started) / 60, 1)
-              if args.started else None,
+              "wall_minutes": args.wall_minutes if args.wall_minutes is not None
+              else round((time.time() - args.started) / 60, 1) if args.started else None,
               **store, "targets": check_targets(store)}
     args.out.mkdir(parents=True, exist_ok=True)
     for name in REPORT_FILES:

@@ -159,7 +159,8 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 STYLE = ("body{font-family:system-ui,sans-serif;max-width:1150px;margin:auto;padding:0 1em;"
-         "color:#222}table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;"
+         "color:#222}table{border-collapse:collapse;margin:.5em 0;display:block;overflow-x:auto;"
+         "max-width:100%}td,th{border:1px solid #ccc;"
          "padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
          "th{background:#f2f2f2}tr.winner td{background:#eef7ee;font-weight:600}"
          "section.headline{background:#f5f8ff;border-left:4px solid #36c;padding:.4em 1em}"
