@@ -21,7 +21,7 @@ import math
 import shutil
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -353,9 +353,7 @@ def _did_not_finish(runs: Sequence[TrackedRun],
     """The unfinished trainings no finished run replaces, with what they reached and why."""
     finished = {(r.tags.get(tracked.TASK), r.tags.get(tracked.MODEL), r.tags.get(tracked.FOLD))
                 for r in runs}
-    return [{"task": u.task, "model": u.model, "fold": u.fold, "status": u.status,
-             "epochs": u.epochs, "reason": u.reason}
-            for u in unfinished if (u.task, u.model, u.fold) not in finished]
+    return [asdict(u) for u in unfinished if (u.task, u.model, u.fold) not in finished]
 
 
 def _describe(row: dict[str, Any], folds: Sequence[TrackedRun],
