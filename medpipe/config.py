@@ -141,11 +141,17 @@ class ClassicalSettings(StrictModel):
     seed: int = Field(0, description="seed of the metric's random sampling")
 
 
-class AntsSettings(StrictModel):
-    """The ANTs baseline (`registration.ants`): ANTsPy's `ants.registration`."""
+ANTS_STANDARD = "antsRegistrationSyN[s]"
 
-    transform: str = Field("SyN", description="ANTsPy's type_of_transform: SyN (affine + "
-                           "SyN, Mattes MI; ANTsPy's default), SyNCC, antsRegistrationSyN[s], "
+
+class AntsSettings(StrictModel):
+    """The ANTs baselines (`registration.ants`): ANTsPy's `ants.registration`. Baseline
+    `ants` runs TRANSFORM (by default ANTsPy's quick `SyN`); baseline `ants_standard` runs
+    ANTs' standard preset `antsRegistrationSyN[s]` with the same threads and seed."""
+
+    transform: str = Field("SyN", description="ANTsPy's type_of_transform for the `ants` "
+                           "baseline: SyN (ANTsPy's quick default: affine, then SyN with "
+                           "Mattes MI at 40x20x0 iterations), SyNCC, antsRegistrationSyN[s], "
                            "antsRegistrationSyNQuick[s], ...")
     # with 2 threads a pair's Dice varied by up to 0.009 over 3 identical runs; single-
     # threaded runs were identical (measured on the demo, antspyx 0.6.3; a test checks that
@@ -205,9 +211,10 @@ class RegistrationConfig(NetworkRegistrationSettings):
 
     models: list[str] = Field(["voxelmorph", "voxelmorph_diff"],
                               description="the registration networks the workflow trains")
-    baselines: list[Literal["identity", "classical", "ants"]] = Field(
+    baselines: list[Literal["identity", "classical", "ants", "ants_standard"]] = Field(
         ["identity", "classical"], description="the baselines the workflow scores (ants: "
-        "ANTs SyN, needs ANTsPy, see `make ants-env`)")
+        "ANTsPy's quick SyN; ants_standard: ANTs' standard preset antsRegistrationSyN[s], "
+        "about 20x slower; both need ANTsPy, see `make ants-env`)")
     eval_pairs: int = Field(20, ge=1, description="held-out pairs scored by evaluate-reg")
     eval_cases: Literal["validation", "test"] = Field(
         "validation", description="the cases evaluate-reg pairs: the fold's validation cases, "

@@ -20,7 +20,7 @@ REPO = PACKAGE.parent
 FLOORS = {
     "medpipe.errors": 0, "medpipe.io": 0, "medpipe.parallel": 0,
     "medpipe.config": 1, "medpipe.runs.folder": 1, "medpipe.tracked": 1,
-    "medpipe.device": 1, "medpipe.sampling": 1, "medpipe.progress": 1,
+    "medpipe.device": 1, "medpipe.spatial": 1, "medpipe.sampling": 1, "medpipe.progress": 1,
     "medpipe.metrics": 1, "medpipe.figures": 1,
     "medpipe.data": 2, "medpipe.postprocessing": 2,
     # the typed plans and the array steps of preprocessing come before the fingerprint

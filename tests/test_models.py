@@ -100,7 +100,7 @@ def test_nnunet_resenc_is_nnunets_residual_encoder_unet():
 
 
 def test_unknown_model_and_bad_options_are_clear_errors():
-    known = r"unknown model 'vnet'.*nnunet, nnunet_resenc, swin_unetr, unet"
+    known = r"unknown model 'vnet'.*nnunet, nnunet_resenc, pyramid, swin_unetr, unet"
     with pytest.raises(MedpipeError, match=known):
         build_model("vnet", NetworkShape(1, 2))
     with pytest.raises(MedpipeError, match="feature_size"):

@@ -29,7 +29,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from medpipe import tracked
-from medpipe.config import PipelineConfig, RegistrationConfig
+from medpipe.config import ANTS_STANDARD, AntsSettings, PipelineConfig, RegistrationConfig
 from medpipe.data.layout import load_dataset
 from medpipe.data.splits import fold_case_ids
 from medpipe.device import pick_device
@@ -53,7 +53,7 @@ from medpipe.runs.folder import RunFolder
 from medpipe.runs.loading import load_trained
 from medpipe.runs.spec import RegistrationRunSpec
 
-BASELINES = ("identity", "classical", "ants")
+BASELINES = ("identity", "classical", "ants", "ants_standard")
 REFINED = "_io"  # NETWORK_io: the network with instance optimisation
 PAIR_METRICS = ("folding_percent", "sdlogj", "sdlogj_learn2reg", "jacobian_min",
                 "jacobian_mean", "inverse_consistency_mm", "inverse_consistency_p95_mm",
@@ -193,6 +193,14 @@ def _evaluate(config: PipelineConfig, method: str, fold: int, folder: RunFolder,
 # --------------------------------------------------------------------------- methods
 
 
+def ants_settings(method: str, settings: RegistrationConfig) -> AntsSettings:
+    """What baseline METHOD (ants or ants_standard) runs: `ants_standard` is the configured
+    ANTs settings with ANTs' standard preset as the transform."""
+    if method == "ants_standard":
+        return settings.ants.model_copy(update={"transform": ANTS_STANDARD})
+    return settings.ants
+
+
 def _baseline(method: str, settings: RegistrationConfig, resources: ExitStack) -> Method:
     """A baseline as a Method; one that holds a process (ANTs' worker) is closed with
     RESOURCES."""
@@ -202,8 +210,8 @@ def _baseline(method: str, settings: RegistrationConfig, resources: ExitStack) -
             return displacement_field(shift, target)
 
         return centres_matched
-    if method == "ants":
-        register = resources.enter_context(AntsRegistration(settings.ants))
+    if method in ("ants", "ants_standard"):
+        register = resources.enter_context(AntsRegistration(ants_settings(method, settings)))
     else:
         def register(fixed: Volume, moving: Volume) -> sitk.Transform:
             return register_classical(fixed, moving, settings.classical)
@@ -289,8 +297,8 @@ def _method_params(config: PipelineConfig, method: str) -> dict[str, Any]:
         section, values = "instance_optimisation", settings.instance_optimisation
         extra = {"network": network}
     else:
-        section, values = (("ants", settings.ants) if method == "ants"
-                           else ("classical", settings.classical))
+        section, values = (("ants", ants_settings(method, settings))
+                           if method.startswith("ants") else ("classical", settings.classical))
         extra = {}
     return {**extra, **{f"{section}.{k}": v for k, v in values.model_dump(mode="json").items()}}
 

@@ -1,11 +1,12 @@
 """Networks by name. Importing this package registers every built-in model."""
 
-from medpipe.models import segmentation, voxelmorph  # noqa: F401  (registers the models)
+from medpipe.models import pyramid, segmentation, voxelmorph  # noqa: F401  (registers)
 from medpipe.models.registry import (
     MODELS,
     ModelOptions,
     ModelSpec,
     NetworkShape,
+    RegistrationOptions,
     build_model,
     fit_patch_size,
     model_spec,
@@ -18,6 +19,7 @@ __all__ = [
     "ModelOptions",
     "ModelSpec",
     "NetworkShape",
+    "RegistrationOptions",
     "build_model",
     "fit_patch_size",
     "model_spec",

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from medpipe.config import OptimizerConfig
@@ -24,6 +24,15 @@ class ModelOptions(BaseModel):
     """Base of every model's options: unknown keys are an error, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RegistrationOptions(ModelOptions):
+    """Options every registration network has: the training terms that belong to the
+    model's method rather than to the data (`registration.*` settings are shared)."""
+
+    inverse_consistency: float = Field(
+        0.0, ge=0, description="weight of the inverse-consistency term: each training pair "
+        "registered both ways in one batch, |u_AB + u_BA o (id + u_AB)|^2 penalised; 0: off")
 
 
 @dataclass(frozen=True)

@@ -5,21 +5,26 @@ dense displacement field (ddf, in voxels, channel order = array axes) that MONAI
 applies to the moving image. `voxelmorph_diff`: the same net predicts a stationary velocity
 field, integrated by scaling and squaring (`DVF2DDF`, 7 steps), optionally at half resolution
 and upsampled. Default channels are VoxelMorph's: encoder 16-32-32-32, decoder 32-32-32-32-32-16-16.
-Forward: `net(moving, fixed) -> (warped moving, ddf)`.
+Forward: `net(moving, fixed) -> (warped moving, ddf)`; the U-Net runs in whatever precision
+autocast gives it, the field's resampling, integration and the warp in float32
+(`medpipe.spatial`).
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from monai.networks.nets import VoxelMorph, VoxelMorphUNet
 from pydantic import Field
 
 from medpipe.config import OptimizerConfig
-from medpipe.models.registry import ModelOptions, ModelSpec, NetworkShape, register
+from medpipe.models.registry import ModelSpec, NetworkShape, RegistrationOptions, register
+from medpipe.spatial import full_precision, integrate, warp
 
 ADAM = OptimizerConfig(name="adamw", lr=1e-4, weight_decay=0.0, schedule="constant")  # VoxelMorph
 
 
-class VoxelMorphOptions(ModelOptions):
+class VoxelMorphOptions(RegistrationOptions):
     channels: tuple[int, ...] = (16, 32, 32, 32, 32, 32)  # encoder levels, mirrored upwards
     final_conv_channels: tuple[int, ...] = (16, 16)
     unet_out_channels: int = Field(32, gt=0)
@@ -31,6 +36,33 @@ class DiffeomorphicOptions(VoxelMorphOptions):
     integration_steps: int = Field(7, ge=1)  # scaling and squaring, as VoxelMorph-diff
 
 
+class FullPrecisionVoxelMorph(VoxelMorph):
+    """MONAI's VoxelMorph (same parameters, same state dict) whose transform part, after the
+    U-Net, runs in float32 with autocast off: MONAI's own runs it in the autocast dtype."""
+
+    def forward(self, moving: torch.Tensor,
+                fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(moving, self.backbone(torch.cat([moving, fixed], dim=1)))
+
+    def transform(self, moving: torch.Tensor,
+                  field: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(warped MOVING, ddf) from the U-Net's output FIELD, in float32. At half resolution
+        the displacements are halved with the grid and doubled back, as VoxelMorph's
+        `ResizeTransform` does (MONAI 1.6 scales them the other way round, which integrates
+        a velocity 4x too large for its grid)."""
+        with full_precision(field):
+            x = field.float()
+            if self.half_res:
+                x = F.interpolate(x, scale_factor=0.5, mode="trilinear",
+                                  align_corners=True) * 0.5
+            if self.diffeomorphic:
+                x = integrate(x, self.integration_steps)
+            if self.half_res:
+                x = F.interpolate(x * 2.0, scale_factor=2.0, mode="trilinear",
+                                  align_corners=True)
+            return warp(moving, x), x
+
+
 def build_voxelmorph(shape: NetworkShape, options: VoxelMorphOptions) -> VoxelMorph:
     backbone = VoxelMorphUNet(
         spatial_dims=3,
@@ -39,7 +71,7 @@ def build_voxelmorph(shape: NetworkShape, options: VoxelMorphOptions) -> VoxelMo
         channels=options.channels,
         final_conv_channels=options.final_conv_channels,
     )
-    return VoxelMorph(
+    return FullPrecisionVoxelMorph(
         backbone=backbone,
         integration_steps=options.integration_steps,
         half_res=options.half_resolution,

@@ -1,8 +1,12 @@
 """The registration loss, as VoxelMorph's: similarity of the warped moving image to the
 fixed one (local normalised cross-correlation over 9^3 windows, or MSE) + lambda x diffusion
 of the field (mean squared spatial gradient), + optionally gamma x soft Dice of the moving
-one-hot labels warped by the same field (VoxelMorph's semi-supervised variant). All parts are
-MONAI's. Training minimises all of it; instance optimisation its image terms (no labels at
+one-hot labels warped by the same field (VoxelMorph's semi-supervised variant), + optionally
+an inverse-consistency term for a batch that holds every pair both ways (`symmetric_batch`):
+the mean of |u_AB + u_BA o (id + u_AB)|^2 over both directions (voxels^2), the residual of
+going A -> B -> A (ICON, Greer et al. 2021, in displacement form). The similarity and
+regularisation parts are MONAI's; everything runs in float32 with autocast off.
+Training minimises all of it; instance optimisation its image terms (no labels at
 inference). For `voxelmorph_diff` the penalty applies to the integrated displacement MONAI
 returns, not to the velocity field VoxelMorph regularises; both penalise a rough warp.
 """
@@ -11,15 +15,35 @@ from __future__ import annotations
 
 import torch
 from monai.losses import DiceLoss, DiffusionLoss, LocalNormalizedCrossCorrelationLoss
-from monai.networks.blocks import Warp
 from monai.networks.utils import one_hot
 from torch import nn
 
 from medpipe.config import NetworkRegistrationSettings
+from medpipe.spatial import compose, full_precision, warp
+
+
+def symmetric_batch(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(moving, fixed, moving labels, fixed labels) with every pair appended the other way
+    round: the first half registers A -> B, the second B -> A (what `inverse_consistency`
+    compares)."""
+    moving, fixed, *labels = tensors
+    swapped = [torch.cat([moving, fixed]), torch.cat([fixed, moving])]
+    if labels:
+        swapped += [torch.cat([labels[0], labels[1]]), torch.cat([labels[1], labels[0]])]
+    return tuple(swapped)
+
+
+def inverse_consistency(ddf: torch.Tensor) -> torch.Tensor:
+    """Mean squared residual of A -> B -> A and B -> A -> B for a symmetric batch's fields
+    (first half u_AB, second half u_BA), in voxels^2."""
+    forward, backward = ddf.float().chunk(2)
+    return 0.5 * (compose(forward, backward).pow(2).mean()
+                  + compose(backward, forward).pow(2).mean())
 
 
 class RegistrationLoss(nn.Module):
-    def __init__(self, settings: NetworkRegistrationSettings, n_classes: int) -> None:
+    def __init__(self, settings: NetworkRegistrationSettings, n_classes: int,
+                 inverse_consistency: float = 0.0) -> None:
         super().__init__()
         self.n_classes = n_classes
         self.similarity = (
@@ -30,17 +54,18 @@ class RegistrationLoss(nn.Module):
         self.regularisation = settings.regularisation
         self.dice_weight = settings.dice_weight
         self.dice = DiceLoss(include_background=False)
-        self.warp_labels = Warp(mode="bilinear", padding_mode="zeros")
+        self.inverse_consistency = inverse_consistency
 
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor, ddf: torch.Tensor,
                 moving_labels: torch.Tensor, fixed_labels: torch.Tensor) -> torch.Tensor:
         loss = self.image_terms(warped, fixed, ddf)
-        if self.dice_weight > 0:
-            with torch.autocast(ddf.device.type, enabled=False):
-                moved = self.warp_labels(one_hot(moving_labels, self.n_classes, dim=1),
-                                         ddf.float())
+        with full_precision(ddf):
+            if self.dice_weight > 0:
+                moved = warp(one_hot(moving_labels, self.n_classes, dim=1), ddf)
                 loss = loss + self.dice_weight * self.dice(
                     moved, one_hot(fixed_labels, self.n_classes, dim=1))
+            if self.inverse_consistency > 0:
+                loss = loss + self.inverse_consistency * inverse_consistency(ddf)
         return loss
 
     def image_terms(self, warped: torch.Tensor, fixed: torch.Tensor, ddf: torch.Tensor,
@@ -50,6 +75,6 @@ class RegistrationLoss(nn.Module):
         would run LNCC's box-filter convolutions in bf16 again): LNCC divides local
         variances that bf16 cannot hold; under bf16 it diverged to -1e6 within 200 pairs."""
         weight = self.regularisation if regularisation is None else regularisation
-        with torch.autocast(warped.device.type, enabled=False):
+        with full_precision(warped):
             return (self.similarity(warped.float(), fixed.float())
                     + weight * self.smoothness(ddf.float()))

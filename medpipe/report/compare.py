@@ -40,8 +40,12 @@ BASELINES = {
     "identity": "no registration: the moving scan as it is, centres of mass matched (the floor)",
     "classical": "SimpleITK: affine (Mattes mutual information) then diffeomorphic demons, "
                  "iterated per pair",
-    "ants": "ANTs SyN (antspyx): affine then symmetric diffeomorphic normalisation, iterated "
-            "per pair",
+    "ants": "ANTsPy SyN (quick default: affine, then SyN with Mattes mutual information at "
+            "40x20x0 iterations, the finest level skipped), iterated per pair",
+    "ants_standard": "ANTs' standard preset antsRegistrationSyN[s] (by ANTsPy): rigid and "
+                     "affine (mutual information), then SyN[0.2,3,0] with cross-correlation "
+                     "(radius 2) at 100x70x50x20 iterations down to full resolution, iterated "
+                     "per pair",
 }
 
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.networks.blocks import Warp
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -28,7 +27,7 @@ from medpipe.io import write_json
 from medpipe.metrics import deformation_metrics, dice_per_class
 from medpipe.models import NetworkShape, build_model, model_spec
 from medpipe.planning.plans import read_plans
-from medpipe.registration.loss import RegistrationLoss
+from medpipe.registration.loss import RegistrationLoss, symmetric_batch
 from medpipe.registration.pairs import (
     PairDataset,
     RegistrationCase,
@@ -42,6 +41,7 @@ from medpipe.registration.pairs import (
 )
 from medpipe.runs.folder import RunFolder
 from medpipe.runs.spec import RegistrationRunSpec
+from medpipe.spatial import warp
 from medpipe.training.distributed import ONE_PROCESS, Processes, start, wait_for_main
 from medpipe.training.runs import RunSetup, common_fields, fit_run, prepare_run_folder
 
@@ -69,7 +69,6 @@ class RegistrationTask:
         self.loss_function = loss
         self.num_workers = num_workers
         self.pin_memory = pin_memory
-        self.warp_nearest = Warp(mode="nearest", padding_mode="zeros")
         self.example: dict[str, Any] | None = None
 
     def batches(self, epoch: int, processes: Processes = ONE_PROCESS) -> DataLoader:
@@ -79,11 +78,14 @@ class RegistrationTask:
                           num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def loss(self, model: nn.Module, batch: dict, device: torch.device):
-        moving, fixed = batch["moving"].to(device), batch["fixed"].to(device)
+        tensors = tuple(batch[name].to(device) for name in
+                        ("moving", "fixed", "moving_labels", "fixed_labels"))
+        pairs = len(tensors[0])
+        if self.loss_function.inverse_consistency > 0:  # every pair both ways
+            tensors = symmetric_batch(*tensors)
+        moving, fixed, moving_labels, fixed_labels = tensors
         warped, ddf = model(moving, fixed)
-        loss = self.loss_function(warped, fixed, ddf, batch["moving_labels"].to(device),
-                                  batch["fixed_labels"].to(device))
-        return loss, len(moving)
+        return self.loss_function(warped, fixed, ddf, moving_labels, fixed_labels), pairs
 
     def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         per_pair, folding = [], []
@@ -94,7 +96,7 @@ class RegistrationTask:
             warped, ddf = model(moving, fixed)
             ddf = ddf.float()
             labels = torch.from_numpy(arrays["moving_labels"])[None].to(device).float()
-            moved = self.warp_nearest(labels, ddf)[0, 0].round().long().cpu()
+            moved = warp(labels, ddf, mode="nearest")[0, 0].round().long().cpu()
             region = tuple(slice(0, n) for n in pair.shape)  # the fixed grid, unpadded
             reference = torch.from_numpy(arrays["fixed_labels"][0])
             n_classes = self.loss_function.n_classes
@@ -195,7 +197,8 @@ def registration_setup(config: PipelineConfig, model: str, fold: int,
                                    spec.grid_shape))
         for m, f in pairs
     ]
-    loss = RegistrationLoss(settings, n_classes=len(spec.labels))
+    loss = RegistrationLoss(settings, n_classes=len(spec.labels),
+                            inverse_consistency=spec.model_options.inverse_consistency)
     task = RegistrationTask(dataset, validation, loss, num_workers=training.num_workers,
                             pin_memory=device.type == "cuda")
     return RunSetup(folder, spec, plans, network, task, device, processes)

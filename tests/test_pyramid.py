@@ -1,0 +1,138 @@
+"""The coarse-to-fine registration network: its correlation against a direct computation,
+the identity at initialisation, float32 geometry under bf16, a known warp recovered, the
+inverse-consistency term, and a run through training and evaluation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_fields import smooth_ddf
+from test_registration import textured_image
+
+from medpipe.config import OptimizerConfig, RegistrationConfig, load_config
+from medpipe.errors import MedpipeError
+from medpipe.evaluation.registration import evaluate_registration
+from medpipe.io import Geometry
+from medpipe.models import NetworkShape, build_model, parse_options
+from medpipe.models.pyramid import local_correlation
+from medpipe.registration.loss import RegistrationLoss, inverse_consistency, symmetric_batch
+from medpipe.registration.pairs import PairDataset, RegistrationCase, pair_arrays
+from medpipe.spatial import warp
+from medpipe.training.engine import EngineSettings, Trainer
+from medpipe.training.optim import build_optimizer, build_scheduler
+from medpipe.training.registration import RegistrationTask, ValidationPair, train_registration
+
+SMALL = {"encoder_channels": [4, 8, 8], "decoder_channels": [8, 8, 8]}
+
+
+def test_local_correlation_is_the_scaled_dot_product_with_each_shifted_neighbour():
+    torch.manual_seed(0)
+    fixed, moving = torch.randn(1, 5, 6, 7, 8), torch.randn(1, 5, 6, 7, 8)
+    correlation = local_correlation(fixed, moving, radius=1)
+    assert correlation.shape == (1, 27, 6, 7, 8)
+    offsets = [(i, j, k) for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)]
+    for channel, (i, j, k) in enumerate(offsets):
+        x, y, z = 3, 4, 5
+        expected = (fixed[0, :, x, y, z] * moving[0, :, x + i, y + j, z + k]).sum() / 5**0.5
+        assert correlation[0, channel, x, y, z] == pytest.approx(float(expected), abs=1e-5)
+    assert correlation[0, 0, 0, 0, 0] == 0  # the neighbour beyond the grid is zero
+
+
+def test_a_new_network_is_the_identity_and_keeps_the_grid():
+    torch.manual_seed(0)
+    net = build_model("pyramid", NetworkShape(1, 3)).eval()
+    moving, fixed = torch.rand(1, 1, 32, 24, 16), torch.rand(1, 1, 32, 24, 16)
+    with torch.no_grad():
+        warped, ddf = net(moving, fixed)
+    assert ddf.shape == (1, 3, 32, 24, 16) and warped.shape == moving.shape
+    assert ddf.abs().max() < 1e-2  # the last convolutions start at N(0, 1e-5)
+
+
+def test_a_pyramid_needs_three_levels_and_matching_widths():
+    with pytest.raises(MedpipeError, match="three levels"):
+        parse_options("pyramid", {"encoder_channels": [4, 8], "decoder_channels": [4, 8]})
+    with pytest.raises(MedpipeError, match="one entry per level"):
+        parse_options("pyramid", {"encoder_channels": [4, 8, 8], "decoder_channels": [4]})
+
+
+@pytest.mark.parametrize("steps", [0, 7])
+def test_under_bf16_the_field_is_float32_and_warps_as_the_fp32_transform(steps):
+    """The network's convolutions run in bf16; its field comes out float32 and the warped
+    image is that field's float32 warp (within 1e-4)."""
+    torch.manual_seed(0)
+    net = build_model("pyramid", NetworkShape(1, 3), {**SMALL, "integration_steps": steps})
+    with torch.no_grad():
+        for decoder in net.decoders:  # a field of a few voxels, not the identity
+            decoder.field.weight.normal_(0, 0.05)
+    moving, fixed = torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        warped, ddf = net(moving, fixed)
+    assert ddf.dtype == torch.float32 and ddf.abs().max() > 0.5
+    torch.testing.assert_close(warped, warp(moving, ddf), atol=1e-4, rtol=0)
+
+
+def test_inverse_consistency_is_zero_for_opposite_shifts_and_twice_a_repeated_one():
+    shift = torch.zeros(1, 3, 12, 12, 12)
+    shift[:, 0] = 1.0
+    assert inverse_consistency(torch.cat([shift, -shift])) == pytest.approx(0.0, abs=1e-10)
+    # x -> x + 2 e0 both ways: |2|^2 in one of three channels
+    assert inverse_consistency(torch.cat([shift, shift])) == pytest.approx(4 / 3)
+
+
+def test_a_symmetric_batch_holds_every_pair_both_ways():
+    a, b, la, lb = (torch.full((1, 1, 2, 2, 2), float(v)) for v in range(4))
+    moving, fixed, moving_labels, fixed_labels = symmetric_batch(a, b, la, lb)
+    assert moving[:, 0, 0, 0, 0].tolist() == [0, 1] and fixed[:, 0, 0, 0, 0].tolist() == [1, 0]
+    assert moving_labels[:, 0, 0, 0, 0].tolist() == [2, 3]
+    assert fixed_labels[:, 0, 0, 0, 0].tolist() == [3, 2]
+
+
+def test_the_pyramid_recovers_a_known_warp(tmp_path):
+    """fixed(x) = moving(x + u(x)) for a known smooth u, trained with inverse consistency
+    (the pair both ways) on that one pair: the predicted field comes close to u."""
+    shape = (32, 32, 32)
+    geometry = Geometry(spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0))
+    truth = smooth_ddf(shape, amplitude=2.0)
+    moving_image = textured_image(shape)
+    fixed_image = warp(torch.from_numpy(moving_image)[None, None],
+                       torch.from_numpy(truth)[None], padding_mode="border")[0].numpy()
+    labels = np.zeros(shape, np.int64)
+    moving = RegistrationCase("moving", moving_image[None], labels, geometry)
+    fixed = RegistrationCase("fixed", fixed_image, labels, geometry)
+    dataset = PairDataset([moving, fixed], None, shape, batch_size=1, iterations=40, seed=0,
+                          atlas=fixed)
+    pair = ValidationPair("moving", "fixed", shape, pair_arrays(moving, fixed, np.eye(4), shape))
+    settings = RegistrationConfig(similarity="mse", regularisation=0.05)
+    loss = RegistrationLoss(settings, n_classes=2, inverse_consistency=0.1)
+    task = RegistrationTask(dataset, [pair], loss)
+    torch.manual_seed(0)
+    net = build_model("pyramid", NetworkShape(1, 3), {})
+    optimizer_settings = OptimizerConfig(name="adamw", lr=3e-3, schedule="constant")
+    optimizer = build_optimizer(net, optimizer_settings)
+    Trainer(net, task, optimizer, build_scheduler(optimizer, optimizer_settings, 80),
+            EngineSettings(epochs=2, iterations_per_epoch=40, val_every=2),
+            tmp_path / "checkpoints").fit()
+    net.eval()
+    with torch.no_grad():
+        _, ddf = net(torch.from_numpy(pair.arrays["moving"])[None],
+                     torch.from_numpy(pair.arrays["fixed"])[None])
+    inside = np.sum(np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape],
+                                         indexing="ij")) ** 2, axis=0) < 0.5
+    error = np.linalg.norm(ddf[0].numpy() - truth, axis=0)[inside].mean()
+    magnitude = np.linalg.norm(truth, axis=0)[inside].mean()
+    print(f"end-point error {error:.3f}, |u| {magnitude:.3f} voxels")
+    assert error < 0.4 * magnitude, f"end-point error {error:.3f} vs |u| {magnitude:.3f} voxels"
+
+
+def test_pyramid_trains_and_is_scored_through_the_workflow_commands(tiny_pipeline, tmp_path):
+    config = load_config(tiny_pipeline / "config.yaml", [
+        "models.pyramid.options.encoder_channels=[4,8,8]",
+        "models.pyramid.options.decoder_channels=[8,8,8]",
+        "registration.atlas=brain_001", "training.batch_size=1", "training.epochs=1",
+        "training.iterations_per_epoch=2", "registration.eval_pairs=2"])
+    run_dir = tmp_path / "pyramid"
+    train_registration(config, "pyramid", 0, run_dir, progress=False)
+    summary = evaluate_registration(config, "pyramid", 0, run_dir, device="cpu")
+    assert summary["pairs"] >= 1 and 0 <= summary["mean_dice"]["mean"] <= 1
+    assert summary["folding_percent"]["mean"] == pytest.approx(0.0, abs=0.1)
