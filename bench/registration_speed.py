@@ -1,6 +1,7 @@
 """Registration: seconds per pair, peak memory and Dice of the warped labels for identity,
 the classical SimpleITK registration (affine + demons, medpipe's defaults), ANTs SyN
-(ANTsPy's default `SyN`, deterministic single thread, and with both threads) and each network
+(ANTsPy's quick default `SyN`, deterministic single thread, and with both threads), ANTs'
+standard preset `antsRegistrationSyN[s]` (both threads) and each network
 (`load_registrator(...).field`: pre-alignment, the network on its grid, the field composed
 onto the fixed scan's grid) by forward passes only (NETWORK), after an iterative SimpleITK
 affine pre-alignment instead of the centres of mass (NETWORK+affine), and refined per pair
@@ -35,7 +36,7 @@ from pathlib import Path
 
 from common import demo_pipeline, in_fresh_process, measured, one_step_runs, write_results
 
-NETWORKS = ("voxelmorph", "voxelmorph_diff")
+NETWORKS = ("voxelmorph", "voxelmorph_diff", "pyramid")
 # the pairs are brains no network has seen: demo subjects of another seed (the demo's own
 # are seed 0, and its networks trained on most of them); `run_all.py` builds them up front
 PAIR_DATA = {
@@ -45,7 +46,7 @@ PAIR_DATA = {
 }
 # grids (mm) a refinement runs on besides the network's own, per data grid
 REFINE_SPACINGS = {"3 mm (66x78x63)": (3.0,), "1 mm MNI (197x233x189)": (3.0, 2.0)}
-BASELINES = ("identity", "classical", "ants", "ants_2_threads")
+BASELINES = ("identity", "classical", "ants", "ants_2_threads", "ants_standard_2_threads")
 
 
 @dataclass(frozen=True)
@@ -94,10 +95,12 @@ def measure(method: Method, moving: str, fixed: str, moving_labels: str, fixed_l
             registrator.method.spec = spec.model_copy(update={
                 "registration": spec.registration.model_copy(update={"prealign": "affine"})})
     elif method.name.startswith("ants"):
-        from medpipe.config import AntsSettings
+        from medpipe.config import ANTS_STANDARD, AntsSettings
         from medpipe.registration.ants_baseline import AntsRegistration
 
-        ants = AntsRegistration(AntsSettings(deterministic=method.name == "ants"))
+        transform = ANTS_STANDARD if "standard" in method.name else "SyN"
+        ants = AntsRegistration(AntsSettings(
+            transform=transform, deterministic=not method.name.endswith("2_threads")))
     start = time.perf_counter()
     fixed_volume, moving_volume = read_image(fixed), read_image(moving)
     read_seconds = time.perf_counter() - start
@@ -180,7 +183,7 @@ def main() -> None:
         for name, row in by_method.items():
             if name in BASELINES:
                 continue
-            for baseline in ("classical", "ants", "ants_2_threads"):
+            for baseline in ("classical", "ants", "ants_2_threads", "ants_standard_2_threads"):
                 if baseline not in by_method:
                     continue
                 base = by_method[baseline]
@@ -199,8 +202,9 @@ def main() -> None:
                         "(pre-alignment included for the networks; a network's second call in "
                         "its process), and the same with both scans read from disk; ratios "
                         "likewise. Dice of the moving labels warped by that field against the "
-                        "fixed labels. ants: ANTsPy SyN, deterministic (1 thread); "
-                        "ants_2_threads: the same with 2 threads.")
+                        "fixed labels. ants: ANTsPy's quick SyN, deterministic (1 thread); "
+                        "ants_2_threads: the same with 2 threads; ants_standard_2_threads: "
+                        "ANTs' standard preset antsRegistrationSyN[s] with 2 threads.")
 
 
 def _mean(per_pair: list[dict], key: str) -> float | None:

@@ -129,6 +129,10 @@ def build_report(runs: Sequence[TrackedRun], out_dir: Path, results: Path | None
         summary["figures"].append(figures.per_case(
             {m: reg_scores[m].mean_dice() for m in order}, out_dir / "registration_per_pair.png",
             f"Mean Dice of warped labels per pair ({reg_scope}; a line joins one pair)"))
+        frontier = figures.accuracy_versus_speed(reg_table, out_dir / "dice_versus_speed.png",
+                                                 reg_scope)
+        if frontier is not None:
+            summary["figures"].append(frontier)
     curves = [r for r in segmentation + registration if r.val_dice_history]
     if curves:
         summary["figures"].append(figures.dice_versus_cost(

@@ -77,3 +77,29 @@ def dice_versus_cost(runs: Sequence[TrackedRun], rows: Mapping[str, Mapping[str,
                  "score in the tables)", fontsize=9)
     fig.tight_layout()
     return {"title": "Dice against training cost", "file": save_figure(fig, path).name}
+
+
+def accuracy_versus_speed(table: Sequence[Mapping[str, Any]], path: Path,
+                          scope: str) -> dict[str, str] | None:
+    """Registration's answer at a glance: each method's mean Dice of warped labels (bars:
+    one SD over pairs) against its seconds per pair on a log axis, so the frontier (the
+    most accurate method at each speed) reads off the upper left; None without timings."""
+    import matplotlib.pyplot as plt
+
+    points = [(row["model"], row["inference_s_per_case"], *row["mean_dice"]) for row in table
+              if row["inference_s_per_case"] > 0 and not math.isnan(row["mean_dice"][0])]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, seconds, mean, sd in points:
+        ax.errorbar([seconds], [mean], yerr=[sd], fmt="o", capsize=3, markersize=6)
+        ax.annotate(name, (seconds, mean), textcoords="offset points", xytext=(6, 4),
+                    fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds per pair (log scale; this machine, as measured)")
+    ax.set_ylabel("mean Dice of warped labels")
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title(f"Accuracy against speed ({scope}); bars: one SD over pairs", fontsize=9)
+    fig.tight_layout()
+    return {"title": "Registration: Dice against seconds per pair",
+            "file": save_figure(fig, path).name}

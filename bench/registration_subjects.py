@@ -1,0 +1,82 @@
+"""Registration: forward-pass Dice against the number of training subjects, as Liu et al.
+(MIDL 2025) measured it for their pyramid (LUMIR: 0.764 from 10 subjects, 0.772 from 3,384).
+
+A network (default `pyramid`) is trained on the first K training subjects of fold 0 for each
+K, every run with the same budget of pairs (so a smaller K repeats its pairs more often),
+and scored by forward passes on the held-out test pairs of a prepared workflow results
+folder (`make demo` or `make study`: the study's 20 test pairs with `--pairs 20`), every run
+through `evaluate-reg`'s own scoring. The folder's preprocessed cases and plans are read,
+never written: each K gets its own results folder beside the bench's JSON, with a splits
+file that keeps fold 0's validation cases and only K of its training cases.
+Writes bench/results/registration_subjects.json.
+
+    python bench/registration_subjects.py --config configs/demo.yaml [--subjects 2 4 9]
+        [--pairs 20] [--budget 100] [--model pyramid]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from common import WORK, write_results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--model", default="pyramid")
+    parser.add_argument("--subjects", type=int, nargs="+", default=[2, 4, 9])
+    parser.add_argument("--pairs", type=int, default=20, help="held-out test pairs scored")
+    parser.add_argument("--budget", type=int, default=100, help="training pairs per run")
+    args = parser.parse_args()
+
+    from medpipe.config import load_config
+    from medpipe.data.splits import fold_case_ids
+    from medpipe.evaluation.registration import evaluate_registration
+    from medpipe.training.registration import train_registration
+
+    base = load_config(args.config)
+    train_ids, val_ids = fold_case_ids(base.splits_file, 0)
+    rows, table = [], []
+    for k in sorted(args.subjects):
+        if k > len(train_ids):
+            raise SystemExit(f"fold 0 has {len(train_ids)} training subjects, not {k}")
+        results = WORK / "registration_subjects" / f"{args.model}_{k}"
+        results.mkdir(parents=True, exist_ok=True)
+        splits = results / "splits.json"
+        splits.write_text(json.dumps([{"train": train_ids[:k], "val": val_ids}]))
+        for name in ("plans.json", "preprocessed"):  # read-only links to the prepared data
+            link = results / name
+            if not link.exists():
+                link.symlink_to((Path(base.results) / name).resolve())
+        config = load_config(args.config, [
+            f"results={results}", "tracking.enabled=false",
+            f"registration.eval_pairs={args.pairs}",
+            f"models.{args.model}.training.budget_samples={args.budget}"])
+        start = time.perf_counter()
+        run = train_registration(config, args.model, 0, results / "run", progress=False)
+        minutes = (time.perf_counter() - start) / 60
+        summary = evaluate_registration(config, args.model, 0, run, device="auto")
+        row = {"subjects": k, "training_cases": train_ids[:k], "pairs_seen": args.budget,
+               "training_minutes": minutes, "test_pairs": summary["pairs"],
+               "mean_dice": summary["mean_dice"]["mean"], "sd": summary["mean_dice"]["std"],
+               "folding_percent": summary["folding_percent"]["mean"],
+               "seconds_per_pair": summary["seconds"]["mean"]}
+        print(row, flush=True)
+        rows.append(row)
+        table.append([k, args.budget, minutes, row["mean_dice"], row["sd"],
+                      row["folding_percent"]])
+    write_results("registration_subjects",
+                  {"config": str(args.config), "model": args.model, "rows": rows},
+                  ["training subjects", "pairs seen", "training min", "mean Dice", "SD",
+                   "folding %"], table,
+                  notes=f"{args.model} trained on the first K training subjects of fold 0 "
+                        f"with {args.budget} pairs each, scored by forward passes on "
+                        f"{args.pairs} held-out test pairs (evaluate-reg's scoring).")
+
+
+if __name__ == "__main__":
+    main()
