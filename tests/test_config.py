@@ -75,7 +75,7 @@ def test_init_writes_a_complete_commented_config_that_reads_back_as_the_defaults
     expected = PipelineConfig(dataset=dataset, results="results")
     assert config.model_dump(exclude={"models"}) == expected.model_dump(exclude={"models"})
     assert set(config.models) == {"nnunet", "nnunet_resenc", "unet", "swin_unetr",
-                                  "voxelmorph", "voxelmorph_diff"}
+                                  "voxelmorph", "voxelmorph_diff", "pyramid"}
     for model in config.models:  # the written options and training are each model's defaults
         assert config.model_options(model) == model_spec(model).options()
         assert config.training_for(model) == expected.training_for(model)
