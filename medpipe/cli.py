@@ -392,7 +392,8 @@ def sync_tracking(
 @app.command("train-reg")
 def train_reg(
     config: ConfigOption,
-    model: Annotated[str, typer.Option("--model", help="voxelmorph or voxelmorph_diff.")],
+    model: Annotated[str, typer.Option(
+        "--model", help="A registration network: pyramid, voxelmorph or voxelmorph_diff.")],
     fold: FoldOption = 0,
     atlas: Annotated[
         str | None, typer.Option(help="Register every case to this case id (atlas-based).")
@@ -420,7 +421,7 @@ def evaluate_reg(
     config: ConfigOption,
     model: Annotated[str, typer.Option(
         "--model", help="A trained registration network; NETWORK_io: that network with "
-        "instance optimisation; or identity / classical / ants.")],
+        "instance optimisation; or identity / classical / ants / ants_standard.")],
     fold: FoldOption = 0,
     overrides: SetOption = None,
     run_dir: RunDirOption = None,
