@@ -126,6 +126,9 @@ def test_compare_builds_the_report_from_mlflow_runs(tiny_pipeline, tmp_path, mon
     assert examples == ["example_registration_classical.png",
                         "example_registration_identity.png",
                         "example_segmentation_nnunet.png", "example_segmentation_unet.png"]
+    # registration's accuracy against speed, one point per method, in the report
+    assert "Registration: Dice against seconds per pair" in markdown
+    assert (out / "dice_versus_speed.png").stat().st_size > 0
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment = client.get_experiment_by_name("compare_test")
     runs = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'")
