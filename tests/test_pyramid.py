@@ -100,7 +100,7 @@ def test_the_pyramid_recovers_a_known_warp(tmp_path):
     labels = np.zeros(shape, np.int64)
     moving = RegistrationCase("moving", moving_image[None], labels, geometry)
     fixed = RegistrationCase("fixed", fixed_image, labels, geometry)
-    dataset = PairDataset([moving, fixed], None, shape, batch_size=1, iterations=40, seed=0,
+    dataset = PairDataset([moving, fixed], None, shape, batch_size=1, iterations=30, seed=0,
                           atlas=fixed)
     pair = ValidationPair("moving", "fixed", shape, pair_arrays(moving, fixed, np.eye(4), shape))
     settings = RegistrationConfig(similarity="mse", regularisation=0.05)
@@ -110,8 +110,8 @@ def test_the_pyramid_recovers_a_known_warp(tmp_path):
     net = build_model("pyramid", NetworkShape(1, 3), {})
     optimizer_settings = OptimizerConfig(name="adamw", lr=3e-3, schedule="constant")
     optimizer = build_optimizer(net, optimizer_settings)
-    Trainer(net, task, optimizer, build_scheduler(optimizer, optimizer_settings, 80),
-            EngineSettings(epochs=2, iterations_per_epoch=40, val_every=2),
+    Trainer(net, task, optimizer, build_scheduler(optimizer, optimizer_settings, 60),
+            EngineSettings(epochs=2, iterations_per_epoch=30, val_every=2),
             tmp_path / "checkpoints").fit()
     net.eval()
     with torch.no_grad():
