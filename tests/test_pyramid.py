@@ -4,24 +4,20 @@ inverse-consistency term, and a run through training and evaluation."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from test_fields import smooth_ddf
-from test_registration import textured_image
+from test_registration import end_point_error, known_warp
 
 from medpipe.config import OptimizerConfig, RegistrationConfig, load_config
 from medpipe.errors import MedpipeError
 from medpipe.evaluation.registration import evaluate_registration
-from medpipe.io import Geometry
 from medpipe.models import NetworkShape, build_model, parse_options
 from medpipe.models.pyramid import local_correlation
 from medpipe.registration.loss import RegistrationLoss, inverse_consistency, symmetric_batch
-from medpipe.registration.pairs import PairDataset, RegistrationCase, pair_arrays
 from medpipe.spatial import warp
 from medpipe.training.engine import EngineSettings, Trainer
 from medpipe.training.optim import build_optimizer, build_scheduler
-from medpipe.training.registration import RegistrationTask, ValidationPair, train_registration
+from medpipe.training.registration import RegistrationTask, train_registration
 
 SMALL = {"encoder_channels": [4, 8, 8], "decoder_channels": [8, 8, 8]}
 
@@ -91,18 +87,7 @@ def test_a_symmetric_batch_holds_every_pair_both_ways():
 def test_the_pyramid_recovers_a_known_warp(tmp_path):
     """fixed(x) = moving(x + u(x)) for a known smooth u, trained with inverse consistency
     (the pair both ways) on that one pair: the predicted field comes close to u."""
-    shape = (32, 32, 32)
-    geometry = Geometry(spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0))
-    truth = smooth_ddf(shape, amplitude=2.0)
-    moving_image = textured_image(shape)
-    fixed_image = warp(torch.from_numpy(moving_image)[None, None],
-                       torch.from_numpy(truth)[None], padding_mode="border")[0].numpy()
-    labels = np.zeros(shape, np.int64)
-    moving = RegistrationCase("moving", moving_image[None], labels, geometry)
-    fixed = RegistrationCase("fixed", fixed_image, labels, geometry)
-    dataset = PairDataset([moving, fixed], None, shape, batch_size=1, iterations=30, seed=0,
-                          atlas=fixed)
-    pair = ValidationPair("moving", "fixed", shape, pair_arrays(moving, fixed, np.eye(4), shape))
+    truth, dataset, pair = known_warp(iterations=30)
     settings = RegistrationConfig(similarity="mse", regularisation=0.05)
     loss = RegistrationLoss(settings, n_classes=2, inverse_consistency=0.1)
     task = RegistrationTask(dataset, [pair], loss)
@@ -113,15 +98,7 @@ def test_the_pyramid_recovers_a_known_warp(tmp_path):
     Trainer(net, task, optimizer, build_scheduler(optimizer, optimizer_settings, 60),
             EngineSettings(epochs=2, iterations_per_epoch=30, val_every=2),
             tmp_path / "checkpoints").fit()
-    net.eval()
-    with torch.no_grad():
-        _, ddf = net(torch.from_numpy(pair.arrays["moving"])[None],
-                     torch.from_numpy(pair.arrays["fixed"])[None])
-    inside = np.sum(np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape],
-                                         indexing="ij")) ** 2, axis=0) < 0.5
-    error = np.linalg.norm(ddf[0].numpy() - truth, axis=0)[inside].mean()
-    magnitude = np.linalg.norm(truth, axis=0)[inside].mean()
-    print(f"end-point error {error:.3f}, |u| {magnitude:.3f} voxels")
+    _, error, magnitude = end_point_error(net, pair, truth)
     assert error < 0.4 * magnitude, f"end-point error {error:.3f} vs |u| {magnitude:.3f} voxels"
 
 

@@ -26,6 +26,7 @@ from medpipe.registration.loss import RegistrationLoss
 from medpipe.registration.pairs import PairDataset, RegistrationCase, pair_arrays, resize_image
 from medpipe.runs.folder import RunFolder
 from medpipe.runs.spec import read_run_spec
+from medpipe.spatial import warp
 from medpipe.training.engine import EngineSettings, Trainer
 from medpipe.training.optim import build_optimizer, build_scheduler
 from medpipe.training.registration import (
@@ -54,23 +55,49 @@ def textured_image(shape, seed=0) -> np.ndarray:
     return ((texture / texture.std()) * ball + 2.0 * ball).astype(np.float32)
 
 
-def test_network_recovers_a_known_warp_and_its_jacobian_matches_itk(tmp_path):
-    """fixed(x) = moving(x + u(x)) for a known smooth u: training on that pair must bring
-    the predicted field close to u (the error is stated in the assertion message)."""
-    shape = (32, 32, 32)
+KNOWN_WARP_SHAPE = (32, 32, 32)
+
+
+def known_warp(iterations: int) -> tuple[np.ndarray, PairDataset, ValidationPair]:
+    """A textured image and its warp by a known smooth u (fixed(x) = moving(x + u(x)), 2 mm
+    voxels): (u, a dataset of that one pair, the pair for validation)."""
+    shape = KNOWN_WARP_SHAPE
     geometry = Geometry(spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0))
     truth = smooth_ddf(shape, amplitude=2.0)
     moving_image = textured_image(shape)
-    from monai.networks.blocks import Warp
-
-    fixed_image = Warp("bilinear", "border")(torch.from_numpy(moving_image)[None, None],
-                                             torch.from_numpy(truth)[None])[0].numpy()
+    fixed_image = warp(torch.from_numpy(moving_image)[None, None],
+                       torch.from_numpy(truth)[None], padding_mode="border")[0].numpy()
     labels = np.zeros(shape, np.int64)
     moving = RegistrationCase("moving", moving_image[None], labels, geometry)
     fixed = RegistrationCase("fixed", fixed_image, labels, geometry)
-    dataset = PairDataset([moving, fixed], None, shape, batch_size=1, iterations=50, seed=0,
-                          atlas=fixed)
+    dataset = PairDataset([moving, fixed], None, shape, batch_size=1, iterations=iterations,
+                          seed=0, atlas=fixed)
     pair = ValidationPair("moving", "fixed", shape, pair_arrays(moving, fixed, np.eye(4), shape))
+    return truth, dataset, pair
+
+
+def end_point_error(net, pair: ValidationPair, truth: np.ndarray) -> tuple[np.ndarray, float,
+                                                                              float]:
+    """The trained NET's field on PAIR, and its mean end-point error and the mean |u| (voxels)
+    inside the ball where the image has texture."""
+    net.eval()
+    with torch.no_grad():
+        _, ddf = net(torch.from_numpy(pair.arrays["moving"])[None],
+                     torch.from_numpy(pair.arrays["fixed"])[None])
+    ddf = ddf[0].numpy()
+    inside = np.sum(np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in truth.shape[1:]],
+                                         indexing="ij")) ** 2, axis=0) < 0.5
+    error = np.linalg.norm(ddf - truth, axis=0)[inside].mean()
+    magnitude = np.linalg.norm(truth, axis=0)[inside].mean()
+    print(f"recovered warp: end-point error {error:.3f} voxels, |u| {magnitude:.3f} voxels")
+    return ddf, float(error), float(magnitude)
+
+
+def test_network_recovers_a_known_warp_and_its_jacobian_matches_itk(tmp_path):
+    """fixed(x) = moving(x + u(x)) for a known smooth u: training on that pair must bring
+    the predicted field close to u (the error is stated in the assertion message)."""
+    geometry = Geometry(spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0))
+    truth, dataset, pair = known_warp(iterations=50)
     settings = RegistrationConfig(similarity="mse", regularisation=0.05)
     task = RegistrationTask(dataset, [pair], RegistrationLoss(settings, n_classes=2))
     torch.manual_seed(0)
@@ -85,16 +112,7 @@ def test_network_recovers_a_known_warp_and_its_jacobian_matches_itk(tmp_path):
             EngineSettings(epochs=6, iterations_per_epoch=50, val_every=6),
             tmp_path / "checkpoints").fit()
 
-    net.eval()
-    with torch.no_grad():
-        _, ddf = net(torch.from_numpy(pair.arrays["moving"])[None],
-                     torch.from_numpy(pair.arrays["fixed"])[None])
-    ddf = ddf[0].numpy()
-    inside = np.sum(np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape],
-                                         indexing="ij")) ** 2, axis=0) < 0.5
-    error = np.linalg.norm(ddf - truth, axis=0)[inside].mean()
-    magnitude = np.linalg.norm(truth, axis=0)[inside].mean()
-    print(f"recovered warp: end-point error {error:.3f} voxels, |u| {magnitude:.3f} voxels")
+    ddf, error, magnitude = end_point_error(net, pair, truth)
     assert error < 0.4 * magnitude, f"end-point error {error:.3f} vs |u| {magnitude:.3f} voxels"
 
     # our Jacobian (and so folding and SDlogJ) against ITK's own, of the exported field
