@@ -46,12 +46,16 @@ def fixed_batch_loss(root, run_dir, weights: str | None) -> float:
         return task.loss(net, batch, torch.device("cpu"))[0].item()
 
 
-@pytest.mark.parametrize(("model", "steps"), [("unet", 4), ("nnunet", 4), ("swin_unetr", 2)])
-def test_each_baseline_learns(tiny_pipeline, model, steps):
+# Swin-UNETR at batch 1 and 2 steps an epoch ended 0.87-0.94 of its first loss here (seeds
+# 0-2, bf16 and fp32) and 0.905 on CI's CPU; at batch 2 and 3 steps 0.84-0.86
+@pytest.mark.parametrize(("model", "steps", "batch"),
+                         [("unet", 4, 2), ("nnunet", 4, 2), ("swin_unetr", 3, 2)])
+def test_each_baseline_learns(tiny_pipeline, model, steps, batch):
     config = load_config(
         tiny_pipeline / "config.yaml",
         [*NO_TRACKING, "training.epochs=3", f"training.iterations_per_epoch={steps}",
-         "training.augment=false", "training.val_every=3"],
+         "training.augment=false", "training.val_every=3",
+         f"models.{model}.training.batch_size={batch}"],
     )
     run_dir = train_segmentation(config, model, 0, tiny_pipeline / "runs" / model,
                                  restart=True, progress=False)
