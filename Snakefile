@@ -44,6 +44,11 @@ CASES = glob_wildcards(f"{DATASET}/labelsTr/{{case}}{dataset_file_ending(DATASET
 TEST_CASES = glob_wildcards(
     f"{DATASET}/imagesTs/{{case}}_0000{dataset_file_ending(DATASET)}").case
 TEST_LABELS = glob_wildcards(f"{DATASET}/labelsTs/{{case}}{dataset_file_ending(DATASET)}").case
+# training scans without labels: preprocessed like the others, learnt from by the registration
+# networks only (registration.unlabelled)
+UNLABELLED_CASES = glob_wildcards(
+    f"{DATASET}/imagesTrUnlabelled/{{case}}_0000{dataset_file_ending(DATASET)}").case
+REG_UNLABELLED = UNLABELLED_CASES if config["registration"].get("unlabelled", True) else []
 # registration.eval_cases: test scores registration on pairs of the labelled test cases,
 # which are then preprocessed like the training cases
 REG_TEST_CASES = (sorted(set(TEST_CASES) & set(TEST_LABELS))

@@ -88,7 +88,8 @@ def verify(
         write_report(report, json_out)
     _print_problems(report.problems, dataset)
     summary = (
-        f"{report.n_training} training and {report.n_test} test case(s); "
+        f"{report.n_training} training and {report.n_test} test case(s)"
+        + (f", {report.n_unlabelled} unlabelled" if report.n_unlabelled else "") + "; "
         f"{len(report.errors)} error(s), {len(report.problems) - len(report.errors)} warning(s)"
     )
     if not report.ok:
@@ -101,6 +102,9 @@ def demo_data(
     out_dir: Annotated[Path, typer.Argument(help="Folder to create (or an earlier demo).")],
     cases: Annotated[int, typer.Option(help="Training cases.")] = 12,
     test_cases: Annotated[int, typer.Option(help="Test cases (imagesTs/labelsTs).")] = 2,
+    unlabelled: Annotated[int, typer.Option(
+        help="Extra training scans without labels (imagesTrUnlabelled), which only the "
+        "registration networks train on.")] = 0,
     spacing: Annotated[
         str, typer.Option(help="Voxel size in mm: one number, or three like 1,1,4.")
     ] = "3",
@@ -110,14 +114,16 @@ def demo_data(
     from medpipe.data.demo import DemoSettings, build_demo_dataset
 
     settings = DemoSettings(
-        cases=cases, test_cases=test_cases, spacing=_parse_spacing(spacing), seed=seed
+        cases=cases, test_cases=test_cases, unlabelled=unlabelled,
+        spacing=_parse_spacing(spacing), seed=seed
     )
     with _progress() as progress:
-        task = progress.add_task("building cases", total=cases + test_cases)
+        task = progress.add_task("building cases", total=cases + test_cases + unlabelled)
         build_demo_dataset(out_dir, settings, on_case_written=lambda _: progress.advance(task))
+    extra = f" + {unlabelled} unlabelled" if unlabelled else ""
     console.print(
-        f"[green]wrote[/green] {out_dir}: {cases} training + {test_cases} test case(s) at "
-        f"{spacing} mm; preview {out_dir / 'preview.png'}"
+        f"[green]wrote[/green] {out_dir}: {cases} training + {test_cases} test{extra} case(s) "
+        f"at {spacing} mm; preview {out_dir / 'preview.png'}"
     )
 
 
@@ -205,19 +211,22 @@ def preprocess(
     ] = None,
     workers: Annotated[int, typer.Option(help="Cases preprocessed in parallel.")] = 1,
 ) -> None:
-    """Crop, normalise and resample training cases (or the labelled cases named by --case);
-    finished cases are not redone."""
+    """Crop, normalise and resample the training cases and the unlabelled training scans
+    (imagesTrUnlabelled), or the cases named by --case; finished cases are not redone."""
     from medpipe.data import load_dataset
     from medpipe.planning import read_plans
     from medpipe.preprocessing import PreprocessingPlan, preprocess_dataset
 
     raw = load_dataset(dataset)
     settings = PreprocessingPlan.from_plans(read_plans(plans_json), configuration)
-    labelled = raw.training + tuple(c for c in raw.test if c.label is not None)
-    cases = [c for c in labelled if c.case_id in case] if case else list(raw.training)
-    unknown = set(case or []) - {c.case_id for c in labelled}
+    known = (raw.training + raw.unlabelled
+             + tuple(c for c in raw.test if c.label is not None))
+    cases = ([c for c in known if c.case_id in case] if case
+             else list(raw.training + raw.unlabelled))
+    unknown = set(case or []) - {c.case_id for c in known}
     if unknown:
-        raise DatasetError(f"no labelled case(s) {', '.join(sorted(unknown))}", dataset)
+        raise DatasetError(f"no training, unlabelled or labelled test case(s) "
+                           f"{', '.join(sorted(unknown))}", dataset)
     classes = sorted(v for v in raw.spec.label_values if v > 0)
     with _progress() as progress:
         task = progress.add_task("preprocessing", total=len(cases))

@@ -204,6 +204,9 @@ class NetworkRegistrationSettings(StrictModel):
     dice_weight: float = Field(1.0, ge=0, description="> 0: semi-supervised, weight of the "
                                "Dice of warped training labels; 0: unsupervised")
     val_pairs: int = Field(6, ge=1, description="validation pairs during training")
+    unlabelled: bool = Field(True, description="train the networks on the dataset's "
+                             "unlabelled training scans (imagesTrUnlabelled) too, beside the "
+                             "fold's training cases (their pairs have no Dice term)")
 
 
 class RegistrationConfig(NetworkRegistrationSettings):

@@ -92,6 +92,24 @@ def test_orphans_and_missing_channels_are_all_reported(tmp_path):
         load_dataset(root)
 
 
+def test_unlabelled_scans_are_listed_apart_and_may_not_reuse_a_case_id(tmp_path):
+    import shutil
+
+    root = make_dataset(tmp_path, n_cases=3)
+    extra = root / "imagesTrUnlabelled"
+    extra.mkdir()
+    shutil.copy(root / "imagesTr" / "case_000_0000.nii.gz", extra / "scan_a_0000.nii.gz")
+    dataset = load_dataset(root)
+    assert [c.case_id for c in dataset.unlabelled] == ["scan_a"]
+    assert dataset.unlabelled[0].label is None
+    assert dataset.case_ids == ["case_000", "case_001", "case_002"]  # splits never see it
+    shutil.copy(root / "imagesTr" / "case_001_0000.nii.gz", extra / "case_001_0000.nii.gz")
+    dataset, problems = scan_dataset(root)
+    assert [(p.check, p.file.name) for p in problems] == [
+        ("duplicate_case", "case_001_0000.nii.gz")]
+    assert [c.case_id for c in dataset.unlabelled] == ["scan_a"]
+
+
 def test_splits_follow_nnunet_kfold_rule():
     """Independent re-derivation: sklearn's KFold shuffles with RandomState(seed).shuffle."""
     ids = [f"c{i:02d}" for i in range(11)]

@@ -502,7 +502,7 @@ def test_registration_is_scored_on_test_pairs_when_asked(tiny_pipeline, tmp_path
 
     unknown = subprocess.run([*command[:-4], "--case", "brain_009"], capture_output=True,
                              text=True)
-    assert unknown.returncode != 0 and "no labelled case(s) brain_009" in unknown.stderr
+    assert unknown.returncode != 0 and "labelled test case(s) brain_009" in unknown.stderr
 
 
 def test_test_pairs_need_labelled_test_cases(tiny_pipeline):
@@ -510,3 +510,76 @@ def test_test_pairs_need_labelled_test_cases(tiny_pipeline):
                                                          "tracking.enabled=false"])
     with pytest.raises(MedpipeError, match="0 labelled test case"):
         evaluate_registration(config, "identity", 0, None)
+
+
+def test_unlabelled_pairs_add_image_terms_only_and_labelled_pairs_weigh_the_same():
+    torch.manual_seed(0)
+    loss = RegistrationLoss(RegistrationConfig(dice_weight=2.0), n_classes=3)
+    fixed, warped = torch.rand(2, 1, 8, 8, 8), torch.rand(2, 1, 8, 8, 8)
+    ddf = torch.randn(2, 3, 8, 8, 8) * 0.5
+    moving_labels = torch.randint(0, 3, (2, 1, 8, 8, 8))
+    fixed_labels = torch.randint(0, 3, (2, 1, 8, 8, 8))
+    labelled = torch.tensor([True, False])
+    mixed = loss(warped, fixed, ddf, moving_labels, fixed_labels, labelled)
+    # the labelled pair's Dice, computed alone, at its half share of the batch
+    first = loss(warped[:1], fixed[:1], ddf[:1], moving_labels[:1], fixed_labels[:1])
+    dice_first = first - loss.image_terms(warped[:1], fixed[:1], ddf[:1])
+    expected = loss.image_terms(warped, fixed, ddf) + 0.5 * dice_first
+    assert float(dice_first) > 0.1
+    assert float(mixed) == pytest.approx(float(expected), rel=1e-6)
+    none = loss(warped, fixed, ddf, moving_labels, fixed_labels, torch.tensor([False, False]))
+    assert float(none) == pytest.approx(float(loss.image_terms(warped, fixed, ddf)), rel=1e-6)
+
+
+def test_networks_train_on_unlabelled_scans_too(tiny_pipeline, tmp_path):
+    """imagesTrUnlabelled: `demo-data --unlabelled` writes it, `verify` counts it,
+    `preprocess` prepares it, and a registration run pairs its scans (without a Dice term)
+    beside the fold's training cases; segmentation and the splits never see it."""
+    from medpipe.data import load_dataset, make_splits, write_splits
+    from medpipe.training.registration import registration_setup
+
+    raw = tmp_path / "raw"
+    cli = [sys.executable, "-m", "medpipe.cli"]
+    subprocess.run([*cli, "demo-data", str(raw), "--cases", "4", "--test-cases", "0",
+                    "--unlabelled", "2", "--spacing", "6", "--seed", "3"], check=True,
+                   capture_output=True)
+    assert sorted(p.name for p in (raw / "imagesTrUnlabelled").iterdir()) == [
+        "brain_004_0000.nii.gz", "brain_005_0000.nii.gz"]
+    verified = subprocess.run([*cli, "verify", str(raw)], capture_output=True, text=True)
+    assert verified.returncode == 0, verified.stderr
+    assert "4 training and 0 test case(s), 2 unlabelled" in " ".join(verified.stdout.split())
+    dataset = load_dataset(raw)
+    assert dataset.case_ids == ["brain_000", "brain_001", "brain_002", "brain_003"]
+    assert [c.case_id for c in dataset.unlabelled] == ["brain_004", "brain_005"]
+
+    results = tmp_path / "results"
+    (results).mkdir()
+    (results / "plans.json").write_bytes((tiny_pipeline / "results" / "plans.json").read_bytes())
+    preprocessed = results / "preprocessed" / "3d_fullres"
+    subprocess.run([*cli, "preprocess", str(raw), str(results / "plans.json"), "-o",
+                    str(preprocessed)], check=True, capture_output=True)
+    assert len(list(preprocessed.glob("*.npz"))) == 6
+    write_splits(make_splits(dataset.case_ids, n_folds=2), results / "splits.json")
+    config = load_config(tiny_pipeline / "config.yaml", [
+        *TINY_VXM, f"dataset={raw}", f"results={results}", "registration.atlas=null",
+        "registration.prealign=moments", "tracking.enabled=false", "training.epochs=1",
+        "training.iterations_per_epoch=8"])
+    setup = registration_setup(config, "voxelmorph", 0, tmp_path / "run")
+    assert setup.spec.unlabelled_cases == ("brain_004", "brain_005")
+    prealign = json.loads((tmp_path / "run" / "prealign.json").read_text())
+    assert {"brain_004", "brain_005"} <= set(prealign["matrices"])
+    dataset = setup.task.dataset
+    dataset.set_epoch(0)
+    items = [dataset[i] for i in range(30)]  # 1 pair in 6 is of two labelled cases
+    unlabelled = [item for item in items if not item["labelled"]]
+    assert unlabelled and len(unlabelled) < len(items)
+    assert all(int(item["moving_labels"].max()) == 0 for item in unlabelled)
+    assert all(int(item["moving_labels"].max()) > 0 for item in items if item["labelled"])
+    # the run trains through them, and without them it is a different run
+    train_registration(config, "voxelmorph", 0, tmp_path / "run", progress=False)
+    assert json.loads((tmp_path / "run" / "training.json").read_text())["skipped_steps"] == 0
+    without = load_config(tiny_pipeline / "config.yaml", [
+        *TINY_VXM, f"dataset={raw}", f"results={results}", "registration.atlas=null",
+        "registration.unlabelled=false", "tracking.enabled=false"])
+    assert registration_setup(without, "voxelmorph", 0, tmp_path / "other").spec.run_hash \
+        != setup.spec.run_hash

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from medpipe.data.layout import DATASET_JSON
+from medpipe.data.layout import DATASET_JSON, UNLABELLED_DIR
 from medpipe.errors import DatasetError
 from medpipe.io import Volume, atomic_folder, from_sitk, read_image, write_image, write_json
 
@@ -36,6 +36,7 @@ _TEMPLATE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 class DemoSettings:
     cases: int = 12
     test_cases: int = 2
+    unlabelled: int = 0  # extra training scans written without labels (imagesTrUnlabelled)
     spacing: tuple[float, float, float] | float = 3.0  # mm; a triplet makes anisotropic data
     seed: int = 0
     bspline_coefficient_std_mm: float = 4.0  # std of the random B-spline coefficients
@@ -61,12 +62,17 @@ def build_demo_dataset(
     template = load_template(blur_mm=tuple(np.maximum(0.0, (spacing - 1.0) / 2.0)))
     grid = _output_grid(template["t1"], spacing)
     with atomic_folder(out_dir) as staging:
-        for index in range(settings.cases + settings.test_cases):
-            split = ("imagesTr", "labelsTr") if index < settings.cases else ("imagesTs", "labelsTs")
+        # case numbers run on across the splits, so adding unlabelled scans changes no case
+        labelled = settings.cases + settings.test_cases
+        for index in range(labelled + settings.unlabelled):
+            split = (("imagesTr", "labelsTr") if index < settings.cases
+                     else ("imagesTs", "labelsTs") if index < labelled
+                     else (UNLABELLED_DIR, None))
             image, label = make_demo_case(template, grid, settings, index)
             case_id = f"brain_{index:03d}"
             write_image(image, staging / split[0] / f"{case_id}_0000.nii.gz")
-            write_image(label, staging / split[1] / f"{case_id}.nii.gz")
+            if split[1] is not None:
+                write_image(label, staging / split[1] / f"{case_id}.nii.gz")
             if on_case_written:
                 on_case_written(case_id)
         write_json(_dataset_json(settings), staging / DATASET_JSON)

@@ -6,6 +6,10 @@
       labelsTr/CASE{file_ending}
       imagesTs/CASE_0000{file_ending}   optional, unlabelled test cases
       labelsTs/CASE{file_ending}        optional, their reference labels
+      imagesTrUnlabelled/CASE_0000{file_ending}   optional (medpipe's own addition), training
+                                        scans without labels: registration networks learn
+                                        from them too (their loss needs no labels); segmentation
+                                        and the splits ignore them
 
 `scan_cases` is lenient and returns the problems it found next to the cases, so that
 `medpipe verify` can list everything at once; `load_dataset` is strict and raises.
@@ -26,6 +30,7 @@ from medpipe.errors import DatasetError
 from medpipe.io import SUPPORTED_SUFFIXES, Geometry, read_image
 
 DATASET_JSON = "dataset.json"
+UNLABELLED_DIR = "imagesTrUnlabelled"
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -102,13 +107,14 @@ class RawDataset:
     spec: DatasetSpec
     training: tuple[Case, ...]
     test: tuple[Case, ...]
+    unlabelled: tuple[Case, ...] = ()  # UNLABELLED_DIR: training scans without labels
 
     @property
     def case_ids(self) -> list[str]:
         return [case.case_id for case in self.training]
 
     def case(self, case_id: str) -> Case:
-        for case in self.training + self.test:
+        for case in self.training + self.test + self.unlabelled:
             if case.case_id == case_id:
                 return case
         raise DatasetError(f"no case {case_id!r}", self.root)
@@ -140,13 +146,14 @@ def read_spec(root: Path) -> DatasetSpec:
 
 
 def scan_cases(
-    root: Path, spec: DatasetSpec, images_dir: str, labels_dir: str, require_labels: bool
+    root: Path, spec: DatasetSpec, images_dir: str, labels_dir: str | None, require_labels: bool
 ) -> tuple[list[Case], list[Problem]]:
-    """Pair channel files and label files by case id; report what does not pair up."""
+    """Pair channel files and label files by case id (LABELS_DIR None: images alone);
+    report what does not pair up."""
     root = Path(root)
     channels, problems = _channel_files(root / images_dir, spec.file_ending)
     labels: dict[str, Path] = {}
-    for path in _entries(root / labels_dir):
+    for path in _entries(root / labels_dir) if labels_dir else []:
         stem = _stem(path, spec.file_ending)
         if stem is None:
             problems.append(_misnamed(path, spec.file_ending, channel_file=False))
@@ -225,6 +232,16 @@ def scan_dataset(
     problems += found
     test, found = scan_cases(root, spec, "imagesTs", "labelsTs", require_labels=False)
     problems += found
+    unlabelled, found = scan_cases(root, spec, UNLABELLED_DIR, None, require_labels=False)
+    problems += found
+    labelled_ids = {case.case_id for case in training + test}
+    for case in unlabelled:
+        if case.case_id in labelled_ids:
+            problems.append(Problem(
+                "duplicate_case", case.images[0],
+                f"case id {case.case_id!r} is also in imagesTr or imagesTs: ids must be unique "
+                "(the preprocessed cases share one folder)", case_id=case.case_id))
+    unlabelled = [case for case in unlabelled if case.case_id not in labelled_ids]
     n_found = len(_channel_files(root / "imagesTr", spec.file_ending)[0])
     if spec.num_training >= 0 and spec.num_training != n_found:
         problems.append(
@@ -234,7 +251,7 @@ def scan_dataset(
                 f"numTraining is {spec.num_training} but imagesTr holds {n_found} case(s)",
             )
         )
-    return RawDataset(root, spec, tuple(training), tuple(test)), problems
+    return RawDataset(root, spec, tuple(training), tuple(test), tuple(unlabelled)), problems
 
 
 def load_dataset(root: str | Path) -> RawDataset:

@@ -35,6 +35,7 @@ class VerificationReport:
     root: Path
     n_training: int = 0
     n_test: int = 0
+    n_unlabelled: int = 0
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -51,6 +52,7 @@ class VerificationReport:
             "ok": self.ok,
             "n_training_cases": self.n_training,
             "n_test_cases": self.n_test,
+            "n_unlabelled_cases": self.n_unlabelled,
             "n_errors": len(self.errors),
             "n_warnings": len(self.problems) - len(self.errors),
             "problems": [p.to_json() for p in self.problems],
@@ -77,12 +79,13 @@ def verify_dataset(
     dataset, layout_problems = scan_dataset(root, spec=None if labels_known else _guess_spec(root))
     report.problems += layout_problems
     report.n_training, report.n_test = len(dataset.training), len(dataset.test)
+    report.n_unlabelled = len(dataset.unlabelled)
     settings = CheckSettings(
         num_channels=dataset.spec.num_channels,
         label_values=dataset.spec.label_values if labels_known else None,
         tolerance=tolerance,
     )
-    cases = list(dataset.training + dataset.test)
+    cases = list(dataset.training + dataset.test + dataset.unlabelled)
     done = (lambda case: on_case_checked(case.case_id)) if on_case_checked else None
     for found in map_cases(check_case, cases, settings, workers=workers, on_done=done):
         report.problems += found

@@ -57,13 +57,22 @@ class RegistrationLoss(nn.Module):
         self.inverse_consistency = inverse_consistency
 
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor, ddf: torch.Tensor,
-                moving_labels: torch.Tensor, fixed_labels: torch.Tensor) -> torch.Tensor:
+                moving_labels: torch.Tensor, fixed_labels: torch.Tensor,
+                labelled: torch.Tensor | None = None) -> torch.Tensor:
+        """LABELLED (a bool per pair; None: all) marks the pairs whose label maps are real:
+        the Dice term is their mean, weighted by their share of the batch, so a pair of
+        unlabelled scans adds image terms only and a labelled pair weighs the same in any
+        batch."""
         loss = self.image_terms(warped, fixed, ddf)
         with full_precision(ddf):
-            if self.dice_weight > 0:
-                moved = warp(one_hot(moving_labels, self.n_classes, dim=1), ddf)
-                loss = loss + self.dice_weight * self.dice(
-                    moved, one_hot(fixed_labels, self.n_classes, dim=1))
+            if labelled is None:
+                labelled = torch.ones(len(ddf), dtype=torch.bool, device=ddf.device)
+            if self.dice_weight > 0 and labelled.any():
+                rows = labelled.nonzero()[:, 0]
+                moved = warp(one_hot(moving_labels[rows], self.n_classes, dim=1), ddf[rows])
+                share = len(rows) / len(labelled)
+                loss = loss + self.dice_weight * share * self.dice(
+                    moved, one_hot(fixed_labels[rows], self.n_classes, dim=1))
             if self.inverse_consistency > 0:
                 loss = loss + self.inverse_consistency * inverse_consistency(ddf)
         return loss

@@ -30,7 +30,7 @@ from scipy.ndimage import affine_transform, center_of_mass
 from medpipe.config import ClassicalSettings
 from medpipe.errors import DatasetError
 from medpipe.io import Geometry, Volume
-from medpipe.preprocessing import load_labelled_cases, resized_geometry
+from medpipe.preprocessing import load_labelled_cases, load_preprocessed, resized_geometry
 from medpipe.registration.classical import register_classical
 from medpipe.registration.fields import affine_matrix
 from medpipe.sampling import EpochDataset
@@ -51,12 +51,16 @@ class RegistrationCase:
         return Volume(self.image[channel], self.geometry)
 
 
-def load_registration_cases(preprocessed_dir: str | Path,
-                            case_ids: Sequence[str]) -> list[RegistrationCase]:
+def load_registration_cases(preprocessed_dir: str | Path, case_ids: Sequence[str],
+                            labelled: bool = True) -> list[RegistrationCase]:
+    """The preprocessed cases, each required to have labels unless LABELLED is False (the
+    unlabelled training scans)."""
+    load = (load_labelled_cases if labelled
+            else lambda folder, ids: [load_preprocessed(folder, i) for i in ids])
     return [
         RegistrationCase(case.case_id, case.data, case.seg,
                          case.properties.preprocessed_geometry)
-        for case in load_labelled_cases(preprocessed_dir, case_ids)
+        for case in load(preprocessed_dir, case_ids)
     ]
 
 
@@ -202,7 +206,11 @@ def evaluation_pairs(case_ids: Sequence[str], atlas: str | None, limit: int) -> 
 
 class PairDataset(EpochDataset):
     """Random training pairs; like the segmentation patches, each is a pure function of
-    (seed, epoch, index), so a resumed run replays them exactly."""
+    (seed, epoch, index), so a resumed run replays them exactly.
+
+    Cases without labels (unlabelled training scans) pair like the others: such a pair
+    carries empty label maps and `labelled` False, so batches keep one layout and the loss
+    leaves the pair out of its Dice term."""
 
     def __init__(self, cases: Sequence[RegistrationCase], matrices: dict[str, list] | None,
                  shape: Sequence[int], batch_size: int, iterations: int, seed: int,
@@ -228,4 +236,9 @@ class PairDataset(EpochDataset):
             moving, fixed = self.cases[first], self.cases[second]
         matrix = pair_matrix(self.matrices, moving.case_id, fixed.case_id)
         arrays = pair_arrays(moving, fixed, matrix, self.shape)
-        return {name: torch.from_numpy(array) for name, array in arrays.items()}
+        labelled = "moving_labels" in arrays
+        if not labelled:
+            empty = np.zeros((1, *self.shape), dtype=np.int64)
+            arrays |= {"moving_labels": empty, "fixed_labels": empty.copy()}
+        return ({name: torch.from_numpy(array) for name, array in arrays.items()}
+                | {"labelled": torch.tensor(labelled)})

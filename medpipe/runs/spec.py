@@ -105,6 +105,7 @@ class RegistrationRunSpec(RunSpec):
     classical: ClassicalSettings  # the pre-alignment's settings
     grid_shape: Triplet  # the network's padded grid
     reference_case: str  # the case every training case is pre-aligned to
+    unlabelled_cases: tuple[str, ...] = ()  # training scans without labels, paired too
 
     @property
     def network_shape(self) -> NetworkShape:

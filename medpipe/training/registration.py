@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from medpipe.config import PipelineConfig
+from medpipe.data.layout import scan_dataset
 from medpipe.data.splits import fold_case_ids
 from medpipe.device import pick_device
 from medpipe.errors import MedpipeError
@@ -80,12 +81,15 @@ class RegistrationTask:
     def loss(self, model: nn.Module, batch: dict, device: torch.device):
         tensors = tuple(batch[name].to(device) for name in
                         ("moving", "fixed", "moving_labels", "fixed_labels"))
+        labelled = batch["labelled"].to(device)
         pairs = len(tensors[0])
         if self.loss_function.inverse_consistency > 0:  # every pair both ways
             tensors = symmetric_batch(*tensors)
+            labelled = torch.cat([labelled, labelled])
         moving, fixed, moving_labels, fixed_labels = tensors
         warped, ddf = model(moving, fixed)
-        return self.loss_function(warped, fixed, ddf, moving_labels, fixed_labels), pairs
+        return (self.loss_function(warped, fixed, ddf, moving_labels, fixed_labels, labelled),
+                pairs)
 
     def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         per_pair, folding = [], []
@@ -155,7 +159,10 @@ def registration_setup(config: PipelineConfig, model: str, fold: int,
     settings = config.registration.network_settings()
     if settings.atlas is not None and settings.atlas not in (*train_ids, *val_ids):
         raise MedpipeError(f"atlas {settings.atlas!r} is not a training case of the dataset")
-    preprocessed = load_registration_cases(config.preprocessed_dir, [*train_ids, *val_ids])
+    unlabelled_ids = unlabelled_scans(config) if settings.unlabelled else []
+    preprocessed = (load_registration_cases(config.preprocessed_dir, [*train_ids, *val_ids])
+                    + load_registration_cases(config.preprocessed_dir, unlabelled_ids,
+                                              labelled=False))
     cases = [resample_case(c, settings.spacing) for c in preprocessed]
     shape = NetworkShape(plans.in_channels, 3)
     divisor = spec_of_model.patch_divisor(shape, config.model_options(model))
@@ -167,6 +174,7 @@ def registration_setup(config: PipelineConfig, model: str, fold: int,
         classical=config.registration.classical.model_copy(update={"deformable": "none"}),
         grid_shape=padded_shape([c.shape for c in cases], divisor),
         reference_case=settings.atlas or train_ids[0],
+        unlabelled_cases=tuple(unlabelled_ids),
     )
     folder = RunFolder(run_dir) if run_dir else config.run_folder(model, fold)
     device = start(processes, pick_device(training.device))
@@ -181,7 +189,8 @@ def registration_setup(config: PipelineConfig, model: str, fold: int,
     by_id = {case.case_id: case for case in cases}
     atlas_id = settings.atlas
     dataset = PairDataset(
-        [by_id[i] for i in spec.train_cases], matrices, spec.grid_shape,
+        [by_id[i] for i in (*spec.train_cases, *spec.unlabelled_cases)], matrices,
+        spec.grid_shape,
         spec.batch_size, training.iterations_per_epoch, training.seed,
         atlas=by_id[atlas_id] if atlas_id else None,
     )
@@ -202,6 +211,12 @@ def registration_setup(config: PipelineConfig, model: str, fold: int,
     task = RegistrationTask(dataset, validation, loss, num_workers=training.num_workers,
                             pin_memory=device.type == "cuda")
     return RunSetup(folder, spec, plans, network, task, device, processes)
+
+
+def unlabelled_scans(config: PipelineConfig) -> list[str]:
+    """The dataset's unlabelled training scans (imagesTrUnlabelled), by case id."""
+    dataset, _ = scan_dataset(config.dataset)
+    return [case.case_id for case in dataset.unlabelled]
 
 
 def prealignment(folder: RunFolder, spec: RegistrationRunSpec,

@@ -61,4 +61,5 @@ rule preprocess_case:
 
 rule preprocess_all:
     input:
-        expand(f"{RESULTS}/preprocessed/{CONFIGURATION}/{{case}}.npz", case=CASES),
+        expand(f"{RESULTS}/preprocessed/{CONFIGURATION}/{{case}}.npz",
+               case=CASES + REG_UNLABELLED),

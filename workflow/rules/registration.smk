@@ -11,7 +11,8 @@ rule train_registration:
     input:
         plans=f"{RESULTS}/plans.json",
         splits=f"{RESULTS}/splits.json",
-        cases=expand(f"{RESULTS}/preprocessed/{CONFIGURATION}/{{case}}.npz", case=CASES),
+        cases=expand(f"{RESULTS}/preprocessed/{CONFIGURATION}/{{case}}.npz",
+                     case=CASES + REG_UNLABELLED),
     output:
         f"{RESULTS}/runs/{{model}}/fold_{{fold}}/training.json",
     log:
