@@ -8,10 +8,14 @@ folder (`make demo` or `make study`: the study's 20 test pairs with `--pairs 20`
 through `evaluate-reg`'s own scoring. The folder's preprocessed cases and plans are read,
 never written: each K gets its own results folder beside the bench's JSON, with a splits
 file that keeps fold 0's validation cases and only K of its training cases.
+
+With --unlabelled, each K is run instead with fold 0's other training subjects as unlabelled
+scans (a dataset folder beside the JSON whose imagesTrUnlabelled links their images): what
+scans without labels add to K labelled ones. Rows are merged into the JSON by (K, unlabelled).
 Writes bench/results/registration_subjects.json.
 
     python bench/registration_subjects.py --config configs/demo.yaml [--subjects 2 4 9]
-        [--pairs 20] [--budget 100] [--model pyramid]
+        [--pairs 20] [--budget 100] [--model pyramid] [--unlabelled]
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import json
 import time
 from pathlib import Path
 
-from common import WORK, write_results
+from common import RESULTS, WORK, write_results
 
 
 def main() -> None:
@@ -31,21 +35,38 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, nargs="+", default=[2, 4, 9])
     parser.add_argument("--pairs", type=int, default=20, help="held-out test pairs scored")
     parser.add_argument("--budget", type=int, default=100, help="training pairs per run")
+    parser.add_argument("--unlabelled", action="store_true",
+                        help="fold 0's other training subjects as unlabelled scans")
     args = parser.parse_args()
 
     from medpipe.config import load_config
+    from medpipe.data.layout import DATASET_JSON, UNLABELLED_DIR, load_dataset
     from medpipe.data.splits import fold_case_ids
     from medpipe.evaluation.registration import evaluate_registration
     from medpipe.training.registration import train_registration
 
     base = load_config(args.config)
     train_ids, val_ids = fold_case_ids(base.splits_file, 0)
-    rows, table = [], []
+    earlier = RESULTS / "registration_subjects.json"
+    rows = json.loads(earlier.read_text())["rows"] if earlier.is_file() else []
     for k in sorted(args.subjects):
         if k > len(train_ids):
             raise SystemExit(f"fold 0 has {len(train_ids)} training subjects, not {k}")
-        results = WORK / "registration_subjects" / f"{args.model}_{k}"
+        extra = train_ids[k:] if args.unlabelled else []
+        name = f"{args.model}_{k}" + (f"_unlabelled_{len(extra)}" if extra else "")
+        results = WORK / "registration_subjects" / name
         results.mkdir(parents=True, exist_ok=True)
+        dataset = base.dataset
+        if extra:  # dataset.json and the extra subjects' images, as unlabelled scans
+            dataset = results / "raw"
+            raw = load_dataset(base.dataset)
+            (dataset / UNLABELLED_DIR).mkdir(parents=True, exist_ok=True)
+            (dataset / DATASET_JSON).write_bytes((raw.root / DATASET_JSON).read_bytes())
+            for case_id in extra:
+                image = raw.case(case_id).images[0]
+                link = dataset / UNLABELLED_DIR / image.name
+                if not link.exists():
+                    link.symlink_to(image.resolve())
         splits = results / "splits.json"
         splits.write_text(json.dumps([{"train": train_ids[:k], "val": val_ids}]))
         for name in ("plans.json", "preprocessed"):  # read-only links to the prepared data
@@ -53,29 +74,34 @@ def main() -> None:
             if not link.exists():
                 link.symlink_to((Path(base.results) / name).resolve())
         config = load_config(args.config, [
-            f"results={results}", "tracking.enabled=false",
+            f"results={results}", f"dataset={dataset}", "tracking.enabled=false",
             f"registration.eval_pairs={args.pairs}",
             f"models.{args.model}.training.budget_samples={args.budget}"])
         start = time.perf_counter()
         run = train_registration(config, args.model, 0, results / "run", progress=False)
         minutes = (time.perf_counter() - start) / 60
         summary = evaluate_registration(config, args.model, 0, run, device="auto")
-        row = {"subjects": k, "training_cases": train_ids[:k], "pairs_seen": args.budget,
+        row = {"subjects": k, "training_cases": train_ids[:k], "unlabelled_scans": extra,
+               "pairs_seen": args.budget,
                "training_minutes": minutes, "test_pairs": summary["pairs"],
                "mean_dice": summary["mean_dice"]["mean"], "sd": summary["mean_dice"]["std"],
                "folding_percent": summary["folding_percent"]["mean"],
                "seconds_per_pair": summary["seconds"]["mean"]}
         print(row, flush=True)
-        rows.append(row)
-        table.append([k, args.budget, minutes, row["mean_dice"], row["sd"],
-                      row["folding_percent"]])
+        rows = [r for r in rows if (r["subjects"], len(r.get("unlabelled_scans", [])))
+                != (k, len(extra))] + [row]
+    rows.sort(key=lambda r: (r["subjects"], len(r.get("unlabelled_scans", []))))
+    table = [[r["subjects"], len(r.get("unlabelled_scans", [])), r["pairs_seen"],
+              r["training_minutes"], r["mean_dice"], r["sd"], r["folding_percent"]]
+             for r in rows]
     write_results("registration_subjects",
                   {"config": str(args.config), "model": args.model, "rows": rows},
-                  ["training subjects", "pairs seen", "training min", "mean Dice", "SD",
-                   "folding %"], table,
+                  ["labelled subjects", "unlabelled scans", "pairs seen", "training min",
+                   "mean Dice", "SD", "folding %"], table,
                   notes=f"{args.model} trained on the first K training subjects of fold 0 "
-                        f"with {args.budget} pairs each, scored by forward passes on "
-                        f"{args.pairs} held-out test pairs (evaluate-reg's scoring).")
+                        "(and, where counted, the others as unlabelled scans) with the pairs "
+                        f"seen each, scored by forward passes on {args.pairs} held-out test "
+                        "pairs (evaluate-reg's scoring).")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typer.core import TyperCommand, TyperGroup
 
 from medpipe.errors import DatasetError, MedpipeError, VerificationFailed
 
@@ -26,12 +27,35 @@ try:  # typer >= 0.25 carries its own copy of click, whose exceptions it raises
 except ImportError:  # older typer runs on click itself
     from click.exceptions import ClickException
 
+class _FlagsWithoutType:
+    """Help that shows a flag as `--mirror/--no-mirror` alone: Typer prints every option's
+    type, and a flag's `<bool>` reads as if it wanted a value."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+        return params
+
+
+class _Group(_FlagsWithoutType, TyperGroup):
+    pass
+
+
+class _Command(_FlagsWithoutType, TyperCommand):
+    pass
+
+
+# markdown: a docstring's single line breaks join into one paragraph, as they read in code
 app = typer.Typer(
     name="medpipe",
+    cls=_Group,
     help="3D medical image segmentation and registration pipeline.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
 )
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -727,6 +751,10 @@ def _given_value(param, argv: list[str]) -> str | None:
             if word.startswith(name + "="):
                 return word[len(name) + 1:]
     return None
+
+
+for _info in app.registered_commands:  # every command's help as the group's
+    _info.cls = _Command
 
 
 def main() -> None:

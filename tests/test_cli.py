@@ -3,6 +3,7 @@ where help is, and help for every option."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -50,6 +51,45 @@ def test_every_command_and_option_has_help():
         for param in command.params:
             assert (getattr(param, "help", None) or "").strip(" ."), \
                 f"{name} {param.name} has no help text"
+
+
+def broken_sentences(text: str, width: int = 80) -> list[tuple[str, str]]:
+    """Line pairs where a help text's sentence goes on to the next line although its next
+    word would have fitted: a hard break carried over from a docstring, not the wrapping.
+    A row continues a cell when it is blank before that cell's column; wrapped text fills
+    each line as far as the cell's right edge (the panel border, less its padding)."""
+    found = []
+    lines = text.splitlines()
+    for first, second in itertools.pairwise(lines):
+        border = second.rfind("│")
+        limit = border - 1 if border > 0 else width - 1
+        start = len(second) - len(second.lstrip(" │"))
+        rest = second[start:limit].strip()
+        if not rest or second[:start].strip(" │") or len(first) <= start:
+            continue
+        before = first[start:limit].rstrip()
+        word = rest.split(" ")[0]
+        if not before or before[-1] in ".:;!?]" or word.startswith("["):
+            continue  # a sentence's end, or Typer's [default: ...] on its own line
+        if len(before) + 1 + len(word) <= limit - start:
+            found.append((before, rest))
+    return found
+
+
+def test_help_reads_as_paragraphs_and_flags_show_no_type():
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    group = typer.main.get_command(app)
+    panel = f"│ {'a sentence':<30} │\n│ {'broken here.':<30} │"  # the check can fail
+    assert broken_sentences(panel) == [("a sentence", "broken here.")]
+    for name in [None, *group.commands]:
+        result = runner.invoke(app, [name, "--help"] if name else ["--help"],
+                               env={"COLUMNS": "80"}, terminal_width=80)
+        assert result.exit_code == 0, result.output
+        assert max(map(len, result.output.splitlines())) <= 80
+        assert broken_sentences(result.output) == [], (name, result.output)
+        assert "<bool>" not in result.output, (name, result.output)
 
 
 def test_compare_without_a_store_says_so_and_creates_none(tmp_path):

@@ -53,15 +53,15 @@ class RegistrationCase:
 
 def load_registration_cases(preprocessed_dir: str | Path, case_ids: Sequence[str],
                             labelled: bool = True) -> list[RegistrationCase]:
-    """The preprocessed cases, each required to have labels unless LABELLED is False (the
-    unlabelled training scans)."""
-    load = (load_labelled_cases if labelled
-            else lambda folder, ids: [load_preprocessed(folder, i) for i in ids])
-    return [
-        RegistrationCase(case.case_id, case.data, case.seg,
-                         case.properties.preprocessed_geometry)
-        for case in load(preprocessed_dir, case_ids)
-    ]
+    """The preprocessed cases, each required to have labels; with LABELLED False (the
+    unlabelled training scans) their labels, if any, are left out."""
+    if labelled:
+        return [RegistrationCase(case.case_id, case.data, case.seg,
+                                 case.properties.preprocessed_geometry)
+                for case in load_labelled_cases(preprocessed_dir, case_ids)]
+    cases = [load_preprocessed(preprocessed_dir, case_id) for case_id in case_ids]
+    return [RegistrationCase(case.case_id, case.data, None,
+                             case.properties.preprocessed_geometry) for case in cases]
 
 
 def resample_case(case: RegistrationCase, spacing: Sequence[float] | None) -> RegistrationCase:
