@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 from common import RESULTS, WORK, write_results
@@ -57,16 +56,22 @@ def main() -> None:
         results = WORK / "registration_subjects" / name
         results.mkdir(parents=True, exist_ok=True)
         dataset = base.dataset
-        if extra:  # dataset.json and the extra subjects' images, as unlabelled scans
+        if extra:  # the dataset with the extra subjects moved to the unlabelled scans
             dataset = results / "raw"
             raw = load_dataset(base.dataset)
-            (dataset / UNLABELLED_DIR).mkdir(parents=True, exist_ok=True)
-            (dataset / DATASET_JSON).write_bytes((raw.root / DATASET_JSON).read_bytes())
-            for case_id in extra:
-                image = raw.case(case_id).images[0]
-                link = dataset / UNLABELLED_DIR / image.name
+            spec = json.loads((raw.root / DATASET_JSON).read_text())
+            kept = [c for c in raw.training if c.case_id not in extra]
+            files = ([(f, "imagesTr") for c in kept for f in c.images]
+                     + [(c.label, "labelsTr") for c in kept]
+                     + [(f, "imagesTs") for c in raw.test for f in c.images]
+                     + [(c.label, "labelsTs") for c in raw.test if c.label]
+                     + [(raw.case(i).images[0], UNLABELLED_DIR) for i in extra])
+            for path, folder in files:  # links to the prepared dataset's files
+                link = dataset / folder / path.name
+                link.parent.mkdir(parents=True, exist_ok=True)
                 if not link.exists():
-                    link.symlink_to(image.resolve())
+                    link.symlink_to(path.resolve())
+            (dataset / DATASET_JSON).write_text(json.dumps(spec | {"numTraining": len(kept)}))
         splits = results / "splits.json"
         splits.write_text(json.dumps([{"train": train_ids[:k], "val": val_ids}]))
         for name in ("plans.json", "preprocessed"):  # read-only links to the prepared data
@@ -77,9 +82,9 @@ def main() -> None:
             f"results={results}", f"dataset={dataset}", "tracking.enabled=false",
             f"registration.eval_pairs={args.pairs}",
             f"models.{args.model}.training.budget_samples={args.budget}"])
-        start = time.perf_counter()
         run = train_registration(config, args.model, 0, results / "run", progress=False)
-        minutes = (time.perf_counter() - start) / 60
+        # the run's own training time (a finished run is resumed, not retrained)
+        minutes = json.loads((run / "training.json").read_text())["training_seconds"] / 60
         summary = evaluate_registration(config, args.model, 0, run, device="auto")
         row = {"subjects": k, "training_cases": train_ids[:k], "unlabelled_scans": extra,
                "pairs_seen": args.budget,
