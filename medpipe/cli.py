@@ -487,7 +487,8 @@ DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 @app.command()
 def predict(
     model: Annotated[str, typer.Option(
-        "--model", help="Run folder, fold_* folder, checkpoint, or models:/ URI.")],
+        "--model", help="Run folder, fold_* folder, checkpoint, or models:/ URI; a .onnx "
+        "file of `medpipe export` with --backend onnxruntime.")],
     input: Annotated[Path, typer.Option("-i", "--input", help="A scan, or a folder of them.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="A file, or a folder.")],
     checkpoint: Annotated[str, typer.Option(help="best or latest.")] = "best",
@@ -498,6 +499,12 @@ def predict(
     postprocessing: Annotated[Path | None, typer.Option(
         "--postprocessing", help="postprocessing.json from `medpipe postprocessing`: keep "
         "the largest component where cross-validation said it helps.")] = None,
+    amp: Annotated[bool, typer.Option(
+        help="torch: mixed precision where the device computes it natively (bf16 on a GPU "
+        "or a CPU with AVX-512 BF16/AMX); --no-amp: float32 throughout.")] = True,
+    backend: Annotated[Literal["torch", "onnxruntime"], typer.Option(
+        help="What runs the network: torch, or onnxruntime for a .onnx model (CPU, fp32); "
+        "preprocessing and sliding windows are medpipe's either way.")] = "torch",
 ) -> None:
     """Segment new scans; results lie on each input's exact grid. A folder uses nnU-Net's
     naming: CASE_0000.nii.gz (channel 0), ... in; CASE.nii.gz out."""
@@ -506,7 +513,7 @@ def predict(
     from medpipe.postprocessing import read_postprocessing
 
     steps = read_postprocessing(postprocessing) if postprocessing is not None else None
-    segmenter = load_segmenter(model, checkpoint, device)
+    segmenter = load_segmenter(model, checkpoint, device, backend, amp)
     segmenter.postprocessing = steps
     jobs = plan_predictions(input, output, segmenter.channels)
     with _progress() as progress:
@@ -516,6 +523,21 @@ def predict(
                                     probabilities=probabilities)
             progress.advance(task)
     console.print(f"[green]wrote[/green] {len(jobs)} prediction(s) to {output}")
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(
+        help="One segmentation fold: its run folder, a checkpoint, or a models:/ URI.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The .onnx file to write.")],
+    checkpoint: Annotated[str, typer.Option(help="best or latest.")] = "best",
+) -> None:
+    """Export a trained segmentation fold's network to ONNX, its run description and plans
+    inside as metadata; `predict --backend onnxruntime --model FILE.onnx` runs it."""
+    from medpipe.inference.onnx_backend import export_onnx
+
+    written = export_onnx(model, output, checkpoint)
+    console.print(f"[green]wrote[/green] {written} ({written.stat().st_size / 2**20:.1f} MB)")
 
 
 @app.command("postprocessing")

@@ -41,7 +41,7 @@ class Segmenter:
     """One or more trained folds of one model, with the plans that prepare their input."""
 
     def __init__(self, members: Sequence[tuple[nn.Module, SegmentationRunSpec]], plans: Plans,
-                 device: torch.device) -> None:
+                 device: torch.device, amp: bool = True) -> None:
         if not members:
             raise MedpipeError("no trained model to load")
         self.networks = [network for network, _ in members]
@@ -53,7 +53,7 @@ class Segmenter:
         self.plans = plans
         self.plan = PreprocessingPlan.from_plans(plans, self.spec.configuration)
         self.device = device
-        self.dtype = autocast_dtype(device, True)
+        self.dtype = autocast_dtype(device, amp)
         # nnU-Net's largest-component step, as decided on cross-validation (None: none)
         self.postprocessing: Postprocessing | None = None
 
@@ -152,10 +152,24 @@ def probabilities_path(labels_path: str | Path) -> Path:
 
 
 def load_segmenter(source: str | Path | Sequence[str | Path], checkpoint: str = "best",
-                   device: str = "auto") -> Segmenter:
+                   device: str = "auto", backend: str = "torch",
+                   amp: bool = True) -> Segmenter:
     """A segmenter from a run folder, a checkpoint file, a model folder holding `fold_K`
     run folders (an ensemble of them), a list of any of these, or an MLflow model URI
-    (`models:/<model_id>`, `models:/<name>@<alias>`, `models:/<name>/<version>`)."""
+    (`models:/<model_id>`, `models:/<name>@<alias>`, `models:/<name>/<version>`); with
+    BACKEND "onnxruntime", from a `.onnx` file of `medpipe export` (on the CPU, fp32).
+    AMP: torch's mixed precision where the device has it natively (`autocast_dtype`)."""
+    is_onnx = isinstance(source, str | Path) and str(source).endswith(".onnx")
+    if backend == "onnxruntime" or is_onnx:
+        if not is_onnx or backend != "onnxruntime":
+            raise MedpipeError(
+                "an ONNX model runs with --backend onnxruntime" if is_onnx else
+                "--backend onnxruntime runs a .onnx file (make one with `medpipe export`)",
+                Path(str(source)))
+        from medpipe.inference.onnx_backend import read_onnx_model
+
+        network, spec, plans = read_onnx_model(source)
+        return Segmenter([(network, spec)], plans, torch.device("cpu"), amp=False)
     torch_device = pick_device(device)
     members, plans = [], None
     for folder, name in run_folders(source, checkpoint):
@@ -165,4 +179,4 @@ def load_segmenter(source: str | Path | Sequence[str | Path], checkpoint: str = 
                                folder.path)
         plans = plans or read_run_plans(folder)
         members.append((network, spec))
-    return Segmenter(members, plans, torch_device)
+    return Segmenter(members, plans, torch_device, amp)

@@ -1,0 +1,120 @@
+"""ONNX export of a trained segmentation fold, and the network it holds run by onnxruntime.
+
+Only the network travels as ONNX: preprocessing, sliding windows, mirroring and the way back
+to the scan's grid stay medpipe's (`Segmenter`), as they are in Python for the torch backend.
+That is the part an ONNX graph cannot carry well (MONAI's sliding-window inferer does not
+export, MONAI issue #6526), and keeping it shared is what makes both backends' labels agree.
+The graph takes a batch of patches (1, C, *patch) with a dynamic batch axis and returns the
+full-resolution logits (deep supervision's extra outputs are a training-time thing). The run's
+description and plans go inside the file as metadata (`medpipe.run_spec`, `medpipe.plans`), so
+one `.onnx` file is a complete model for `predict --backend onnxruntime`.
+
+Exported by torch's dynamo-based exporter (`torch.onnx.export(dynamo=True)`, onnxscript),
+which torch has made its default; MONAI's own exporter relied on the older TorchScript path
+(MONAI issues #8382, #8587).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from medpipe.errors import MedpipeError
+from medpipe.io import atomic_output
+from medpipe.models.sliding_window import main_output
+from medpipe.planning.plans import parse_plans
+from medpipe.runs.loading import load_trained, read_run_plans, run_folders
+from medpipe.runs.spec import SegmentationRunSpec
+
+SPEC_KEY = "medpipe.run_spec"
+PLANS_KEY = "medpipe.plans"
+OPSET = 18
+
+
+class _MainOutput(nn.Module):
+    """The network as inference calls it: logits of the full-resolution head only."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, patch: torch.Tensor) -> torch.Tensor:
+        return main_output(self.network(patch))
+
+
+def export_onnx(source: str | Path, output: str | Path, checkpoint: str = "best") -> Path:
+    """Write the network of the one segmentation fold SOURCE names (a run folder, checkpoint
+    or models:/ URI) to OUTPUT (.onnx), its run description and plans inside as metadata."""
+    import onnx
+
+    output = Path(output)
+    if output.suffix != ".onnx":
+        raise MedpipeError("the exported model's file name must end in .onnx", output)
+    members = run_folders(source, checkpoint)
+    if len(members) != 1:
+        raise MedpipeError(f"names {len(members)} folds; export one fold's run folder "
+                           "(MODEL/fold_K) at a time", Path(str(source)))
+    folder, name = members[0]
+    network, spec = load_trained(folder, name, "cpu")
+    if not isinstance(spec, SegmentationRunSpec):
+        raise MedpipeError("only segmentation networks export to ONNX; a registration "
+                           "network's field integration and warp stay in torch", folder.path)
+    plans = read_run_plans(folder)
+    example = torch.zeros(1, spec.in_channels, *spec.patch_size)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    with atomic_output(output) as staging:
+        try:
+            torch.onnx.export(_MainOutput(network).eval(), (example,), str(staging),
+                              dynamo=True, opset_version=OPSET, input_names=["image"],
+                              output_names=["logits"],
+                              dynamic_shapes={"patch": {0: batch}}, verbose=False)
+        except Exception as error:  # the exporter's own errors are long; name the model
+            raise MedpipeError(f"{spec.model} did not export to ONNX: "
+                               f"{str(error).splitlines()[0][:300]}", folder.path) from None
+        model = onnx.load(str(staging))
+        onnx.helper.set_model_props(model, {
+            SPEC_KEY: spec.model_dump_json(), PLANS_KEY: json.dumps(plans.model_dump(mode="json")),
+            "medpipe.checkpoint": name})
+        onnx.save(model, str(staging))
+    return output
+
+
+class OnnxNetwork(nn.Module):
+    """An exported network run by onnxruntime on the CPU, callable as the torch network
+    (a float32 batch of patches in, logits out), so the sliding-window code serves both."""
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        super().__init__()
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        self.session = onnxruntime.InferenceSession(
+            str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, patch: torch.Tensor) -> torch.Tensor:
+        array = np.ascontiguousarray(patch.detach().float().cpu().numpy())
+        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+
+
+def read_onnx_model(path: str | Path) -> tuple[OnnxNetwork, SegmentationRunSpec, object]:
+    """(network, run description, plans) of an exported `.onnx` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MedpipeError("model not found", path)
+    try:
+        network = OnnxNetwork(path)
+    except Exception as error:  # onnxruntime's own classes (InvalidProtobuf, Fail, ...)
+        reason = str(error).rsplit("failed:", 1)[-1].strip()[:200]
+        raise MedpipeError(f"not a readable ONNX model ({reason})", path) from None
+    metadata = network.session.get_modelmeta().custom_metadata_map
+    if SPEC_KEY not in metadata or PLANS_KEY not in metadata:
+        raise MedpipeError("an ONNX model without medpipe's metadata (export it with "
+                           "`medpipe export`)", path)
+    spec = SegmentationRunSpec.model_validate_json(metadata[SPEC_KEY])
+    return network, spec, parse_plans(json.loads(metadata[PLANS_KEY]), path)
