@@ -502,13 +502,18 @@ def predict(
     amp: Annotated[bool, typer.Option(
         help="torch: mixed precision where the device computes it natively (bf16 on a GPU "
         "or a CPU with AVX-512 BF16/AMX); --no-amp: float32 throughout.")] = True,
+    output_format: Annotated[Literal["auto", "dicom-seg"], typer.Option(
+        "--format", help="dicom-seg: a DICOM Segmentation referencing the input DICOM "
+        "series; auto: that for a DICOM series in and a .dcm name out, else the output "
+        "name's format (NIfTI, NRRD, MHA, or a DICOM series for a name without suffix).")
+    ] = "auto",
     backend: Annotated[Literal["torch", "onnxruntime"], typer.Option(
         help="What runs the network: torch, or onnxruntime for a .onnx model (CPU, fp32); "
         "preprocessing and sliding windows are medpipe's either way.")] = "torch",
 ) -> None:
     """Segment new scans; results lie on each input's exact grid. A folder uses nnU-Net's
     naming: CASE_0000.nii.gz (channel 0), ... in; CASE.nii.gz out."""
-    from medpipe.inference.files import plan_predictions
+    from medpipe.inference.files import plan_predictions, writes_dicom_seg
     from medpipe.inference.segmenter import load_segmenter
     from medpipe.postprocessing import read_postprocessing
 
@@ -516,11 +521,13 @@ def predict(
     segmenter = load_segmenter(model, checkpoint, device, backend, amp)
     segmenter.postprocessing = steps
     jobs = plan_predictions(input, output, segmenter.channels)
+    dicom_seg = [writes_dicom_seg(channels[0], target, output_format)
+                 for channels, target in jobs]
     with _progress() as progress:
         task = progress.add_task("predicting", total=len(jobs))
-        for channels, target in jobs:
+        for (channels, target), seg in zip(jobs, dicom_seg, strict=True):
             segmenter.predict_files([channels], [target], mirror=mirror,
-                                    probabilities=probabilities)
+                                    probabilities=probabilities, dicom_seg=seg)
             progress.advance(task)
     console.print(f"[green]wrote[/green] {len(jobs)} prediction(s) to {output}")
 

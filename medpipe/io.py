@@ -322,6 +322,9 @@ def write_image(volume: Volume, path: str | Path) -> Path:
     return path
 
 
+_IMAGE_STORAGE = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4"}
+
+
 def write_dicom_series(volume: Volume, folder: str | Path, modality: str = "OT") -> Path:
     """Write an integer volume as a DICOM series, one file per slice along k.
 
@@ -346,12 +349,17 @@ def write_dicom_series(volume: Volume, folder: str | Path, modality: str = "OT")
     uid_root = "1.2.826.0.1.3680043.2.1125." + str(uuid.UUID(int=_content_seed(array)).int)[:20]
     tags = {
         "0008|0060": modality,
+        # row spacing \ column spacing: spacing along j, then along i
+        "0028|0030": f"{geometry.spacing[1]:.10g}\\{geometry.spacing[0]:.10g}",
         "0020|000d": uid_root + ".1",
         "0020|000e": uid_root + ".2",
+        "0020|0052": uid_root + ".4",  # frame of reference: what a DICOM SEG lies in
         "0020|0037": orientation,
         "0018|0050": f"{geometry.spacing[2]:.10g}",
         "0008|0008": "DERIVED\\SECONDARY",
     }
+    if modality in _IMAGE_STORAGE:  # CT/MR Image Storage, not GDCM's Secondary Capture
+        tags["0008|0016"] = _IMAGE_STORAGE[modality]
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     with atomic_folder(folder) as staging:

@@ -58,3 +58,18 @@ def _jobs(source: Path, target: Path, channels: int) -> list[tuple[list[Path], P
 
 def _is_dicom_folder(path: Path) -> bool:
     return path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir())
+
+
+def writes_dicom_seg(source: Path, target: Path, output_format: str) -> bool:
+    """Whether the prediction of SOURCE goes to TARGET as a DICOM SEG: asked for
+    ("dicom-seg"), or ("auto") a DICOM series in and a `.dcm` file name out."""
+    source, target = Path(source), Path(target)
+    wanted = output_format == "dicom-seg" or (
+        output_format == "auto" and _is_dicom_folder(source) and target.suffix.lower() == ".dcm")
+    if wanted and not _is_dicom_folder(source):
+        raise MedpipeError("a DICOM SEG references its source images: the input must be a "
+                           "DICOM series folder", source)
+    if wanted and target.suffix.lower() != ".dcm":
+        raise MedpipeError("a DICOM SEG is one file: give an output name ending in .dcm",
+                           target)
+    return wanted

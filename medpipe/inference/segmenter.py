@@ -126,10 +126,15 @@ class Segmenter:
 
     def predict_files(self, inputs: Sequence[ScanLike | Sequence[ScanLike]],
                       outputs: Sequence[str | Path], mirror: bool = False,
-                      probabilities: bool = False) -> list[Path]:
+                      probabilities: bool = False, dicom_seg: bool = False) -> list[Path]:
         """Predict many scans with the model loaded once; each output written atomically.
         With PROBABILITIES, the class probabilities are written beside each label map
-        (`probabilities_path`) as a float32 vector image on the same grid."""
+        (`probabilities_path`) as a float32 vector image on the same grid. With DICOM_SEG,
+        each input is a DICOM series folder and its labels go out as a DICOM SEG
+        referencing it (`dicom_seg`)."""
+        if dicom_seg and probabilities:
+            raise MedpipeError("probabilities are not written beside a DICOM SEG (its "
+                               "segments are binary); predict to NIfTI for them")
         written = []
         for scan, output in zip(inputs, outputs, strict=True):
             volumes, _ = self._load(scan)
@@ -139,7 +144,14 @@ class Segmenter:
             if probabilities:
                 write_image(maps.with_array(maps.array.astype(np.float32)),
                             probabilities_path(output))
-            written.append(write_image(labels, output))
+            if dicom_seg:
+                from medpipe.inference.dicom_seg import write_dicom_seg
+
+                source = scan[0] if isinstance(scan, list | tuple) else scan
+                written.append(write_dicom_seg(labels, Path(source), Path(output),
+                                               self.labels, self.spec.model))
+            else:
+                written.append(write_image(labels, output))
         return written
 
 
