@@ -535,12 +535,13 @@ def predict(
 @app.command()
 def export(
     model: Annotated[str, typer.Argument(
-        help="One segmentation fold: its run folder, a checkpoint, or a models:/ URI.")],
+        help="One trained fold: its run folder, a checkpoint, or a models:/ URI.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="The .onnx file to write.")],
     checkpoint: Annotated[str, typer.Option(help="best or latest.")] = "best",
 ) -> None:
-    """Export a trained segmentation fold's network to ONNX, its run description and plans
-    inside as metadata; `predict --backend onnxruntime --model FILE.onnx` runs it."""
+    """Export a trained fold's network to ONNX, its run description and plans inside as
+    metadata; `predict` (segmentation) or `register` (registration, its transform included)
+    with `--backend onnxruntime --model FILE.onnx` runs it."""
     from medpipe.inference.onnx_backend import export_onnx
 
     written = export_onnx(model, output, checkpoint)
@@ -596,14 +597,17 @@ def register(
         "--refine-spacing", min=0.01, help="Run the refinement on a grid of this spacing (mm, "
         "isotropic) instead of the network's; finer resolves more, at more time per step.")
     ] = None,
+    backend: Annotated[Literal["torch", "onnxruntime"], typer.Option(
+        help="What runs the network: torch, or onnxruntime for a .onnx model of `medpipe "
+        "export` (CPU, fp32).")] = "torch",
 ) -> None:
     """Register MOVING to FIXED: warped.nii.gz, field.nii.gz (ITK displacement field, LPS
     mm) and warped_labels.nii.gz in OUTPUT, all on the fixed scan's grid."""
     from medpipe.inference.registrator import load_registrator
 
     spacing = None if refine_spacing is None else (refine_spacing,) * 3
-    result = load_registrator(model, checkpoint, device, refine_steps, spacing).register(
-        moving, fixed, moving_labels)
+    registrator = load_registrator(model, checkpoint, device, refine_steps, spacing, backend)
+    result = registrator.register(moving, fixed, moving_labels)
     for name, path in result.write(output).items():
         console.print(f"[green]wrote[/green] {name}: {path}")
 

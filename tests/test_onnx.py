@@ -58,16 +58,35 @@ def test_onnxruntime_labels_equal_torch_float32(run, request, tiny_pipeline, tmp
     assert from_file.dtype is None  # fp32: what onnxruntime computes on a CPU
 
 
-def test_export_and_backend_mistakes_are_named(segmentation_run, registration_run,
-                                               tiny_pipeline, tmp_path):
-    with pytest.raises(MedpipeError, match="only segmentation networks export"):
-        export_onnx(registration_run, tmp_path / "reg.onnx")
-    with pytest.raises(MedpipeError, match="must end in .onnx"):
+def test_a_registration_network_exports_with_its_transform(registration_run, tiny_pipeline,
+                                                           tmp_path):
+    from medpipe import load_registrator
+
+    raw = tiny_pipeline / "raw" / "imagesTr"
+    moving, fixed = raw / "brain_002_0000.nii.gz", raw / "brain_001_0000.nii.gz"
+    exported = medpipe("export", str(registration_run), "-o", str(tmp_path / "reg.onnx"))
+    assert exported.returncode == 0, exported.stderr
+    registered = medpipe("register", "--model", str(tmp_path / "reg.onnx"), "--backend",
+                         "onnxruntime", "--moving", str(moving), "--fixed", str(fixed),
+                         "-o", str(tmp_path / "out"))
+    assert registered.returncode == 0, registered.stderr
+    expected = load_registrator(registration_run, device="cpu", amp=False).register(
+        str(moving), str(fixed))
+    field, reference = read_image(tmp_path / "out" / "field.nii.gz"), expected.field
+    assert field.geometry == reference.geometry
+    assert np.abs(reference.array).max() > 0.01  # the network moves something
+    np.testing.assert_allclose(field.array, reference.array, atol=1e-3)  # mm
+    with pytest.raises(MedpipeError, match="use load_registrator"):
+        load_segmenter(tmp_path / "reg.onnx", backend="onnxruntime")
+
+
+def test_export_and_backend_mistakes_are_named(segmentation_run, tiny_pipeline, tmp_path):
+    with pytest.raises(MedpipeError, match=r"must end in \.onnx"):
         export_onnx(segmentation_run, tmp_path / "model.pt")
     with pytest.raises(MedpipeError, match="export one fold"):
         export_onnx([segmentation_run, segmentation_run], tmp_path / "two.onnx")
     assert not list(tmp_path.iterdir())  # nothing half-written
-    with pytest.raises(MedpipeError, match="runs a .onnx file"):
+    with pytest.raises(MedpipeError, match=r"runs a \.onnx file"):
         load_segmenter(segmentation_run, backend="onnxruntime")
     (tmp_path / "fake.onnx").write_bytes(b"not a model")
     with pytest.raises(MedpipeError, match="runs with --backend onnxruntime"):

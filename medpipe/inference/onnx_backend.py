@@ -1,4 +1,4 @@
-"""ONNX export of a trained segmentation fold, and the network it holds run by onnxruntime.
+"""ONNX export of a trained fold's network, and that network run by onnxruntime.
 
 Only the network travels as ONNX: preprocessing, sliding windows, mirroring and the way back
 to the scan's grid stay medpipe's (`Segmenter`), as they are in Python for the torch backend.
@@ -8,6 +8,12 @@ The graph takes a batch of patches (1, C, *patch) with a dynamic batch axis and 
 full-resolution logits (deep supervision's extra outputs are a training-time thing). The run's
 description and plans go inside the file as metadata (`medpipe.run_spec`, `medpipe.plans`), so
 one `.onnx` file is a complete model for `predict --backend onnxruntime`.
+
+A registration network exports whole, transform included (its field integration by scaling
+and squaring and its warps are `grid_sample`s, ONNX's GridSample, 5D from opset 20): moving and
+fixed image on the network's padded grid in, warped image and displacement field (voxels) out;
+pre-alignment, resampling and composing the field onto the fixed scan stay medpipe's
+(`NetworkRegistration`), as for torch.
 
 Exported by torch's dynamo-based exporter (`torch.onnx.export(dynamo=True)`, onnxscript),
 which torch has made its default; MONAI's own exporter relied on the older TorchScript path
@@ -21,18 +27,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import TypeAdapter
 from torch import nn
 
 from medpipe.errors import MedpipeError
 from medpipe.io import atomic_output
 from medpipe.models.sliding_window import main_output
-from medpipe.planning.plans import parse_plans
+from medpipe.planning.plans import Plans, parse_plans
 from medpipe.runs.loading import load_trained, read_run_plans, run_folders
-from medpipe.runs.spec import SegmentationRunSpec
+from medpipe.runs.spec import AnyRunSpec, SegmentationRunSpec
 
 SPEC_KEY = "medpipe.run_spec"
 PLANS_KEY = "medpipe.plans"
-OPSET = 18
+OPSET = 20  # GridSample on volumes (registration networks)
+
+
+def uses_onnx(source: object, backend: str) -> bool:
+    """Whether SOURCE is run by onnxruntime: BACKEND "onnxruntime" with a `.onnx` file;
+    either without the other is refused, naming what to do."""
+    is_onnx = isinstance(source, str | Path) and str(source).endswith(".onnx")
+    if is_onnx != (backend == "onnxruntime"):
+        raise MedpipeError(
+            "an ONNX model runs with --backend onnxruntime" if is_onnx else
+            "--backend onnxruntime runs a .onnx file (make one with `medpipe export`)",
+            Path(str(source)))
+    return is_onnx
 
 
 class _MainOutput(nn.Module):
@@ -47,8 +66,8 @@ class _MainOutput(nn.Module):
 
 
 def export_onnx(source: str | Path, output: str | Path, checkpoint: str = "best") -> Path:
-    """Write the network of the one segmentation fold SOURCE names (a run folder, checkpoint
-    or models:/ URI) to OUTPUT (.onnx), its run description and plans inside as metadata."""
+    """Write the network of the one fold SOURCE names (a run folder, checkpoint or models:/
+    URI) to OUTPUT (.onnx), its run description and plans inside as metadata."""
     import onnx
 
     output = Path(output)
@@ -60,18 +79,20 @@ def export_onnx(source: str | Path, output: str | Path, checkpoint: str = "best"
                            "(MODEL/fold_K) at a time", Path(str(source)))
     folder, name = members[0]
     network, spec = load_trained(folder, name, "cpu")
-    if not isinstance(spec, SegmentationRunSpec):
-        raise MedpipeError("only segmentation networks export to ONNX; a registration "
-                           "network's field integration and warp stay in torch", folder.path)
     plans = read_run_plans(folder)
-    example = torch.zeros(1, spec.in_channels, *spec.patch_size)
-    batch = torch.export.Dim("batch", min=1, max=1024)
+    if isinstance(spec, SegmentationRunSpec):  # a batch of patches
+        example = (torch.zeros(1, spec.in_channels, *spec.patch_size),)
+        names = {"input_names": ["image"], "output_names": ["logits"],
+                 "dynamic_shapes": {"patch": {0: torch.export.Dim("batch", min=1, max=1024)}}}
+        module = _MainOutput(network)
+    else:  # one pair on the network's padded grid
+        example = tuple(torch.zeros(1, spec.in_channels, *spec.grid_shape) for _ in range(2))
+        names = {"input_names": ["moving", "fixed"], "output_names": ["warped", "ddf"]}
+        module = network
     with atomic_output(output) as staging:
         try:
-            torch.onnx.export(_MainOutput(network).eval(), (example,), str(staging),
-                              dynamo=True, opset_version=OPSET, input_names=["image"],
-                              output_names=["logits"],
-                              dynamic_shapes={"patch": {0: batch}}, verbose=False)
+            torch.onnx.export(module.eval(), example, str(staging), dynamo=True,
+                              opset_version=OPSET, verbose=False, **names)
         except Exception as error:  # the exporter's own errors are long; name the model
             raise MedpipeError(f"{spec.model} did not export to ONNX: "
                                f"{str(error).splitlines()[0][:300]}", folder.path) from None
@@ -85,7 +106,8 @@ def export_onnx(source: str | Path, output: str | Path, checkpoint: str = "best"
 
 class OnnxNetwork(nn.Module):
     """An exported network run by onnxruntime on the CPU, callable as the torch network
-    (a float32 batch of patches in, logits out), so the sliding-window code serves both."""
+    (float32 tensors in, the graph's outputs back as tensors: one, or a tuple), so the
+    sliding-window and registration code serve both."""
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
         super().__init__()
@@ -95,14 +117,16 @@ class OnnxNetwork(nn.Module):
         options.intra_op_num_threads = threads or torch.get_num_threads()
         self.session = onnxruntime.InferenceSession(
             str(path), options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_names = [i.name for i in self.session.get_inputs()]
 
-    def forward(self, patch: torch.Tensor) -> torch.Tensor:
-        array = np.ascontiguousarray(patch.detach().float().cpu().numpy())
-        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        feed = {name: np.ascontiguousarray(t.detach().float().cpu().numpy())
+                for name, t in zip(self.input_names, tensors, strict=True)}
+        outputs = tuple(torch.from_numpy(o) for o in self.session.run(None, feed))
+        return outputs[0] if len(outputs) == 1 else outputs
 
 
-def read_onnx_model(path: str | Path) -> tuple[OnnxNetwork, SegmentationRunSpec, object]:
+def read_onnx_model(path: str | Path) -> tuple[OnnxNetwork, AnyRunSpec, Plans]:
     """(network, run description, plans) of an exported `.onnx` file."""
     path = Path(path)
     if not path.is_file():
@@ -116,5 +140,5 @@ def read_onnx_model(path: str | Path) -> tuple[OnnxNetwork, SegmentationRunSpec,
     if SPEC_KEY not in metadata or PLANS_KEY not in metadata:
         raise MedpipeError("an ONNX model without medpipe's metadata (export it with "
                            "`medpipe export`)", path)
-    spec = SegmentationRunSpec.model_validate_json(metadata[SPEC_KEY])
+    spec = TypeAdapter(AnyRunSpec).validate_json(metadata[SPEC_KEY])
     return network, spec, parse_plans(json.loads(metadata[PLANS_KEY]), path)

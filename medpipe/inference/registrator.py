@@ -20,6 +20,7 @@ from medpipe.config import InstanceOptimisationSettings
 from medpipe.device import pick_device
 from medpipe.errors import MedpipeError
 from medpipe.inference.images import ScanLike, as_kind, load_channels, load_scan, stack_channels
+from medpipe.inference.onnx_backend import read_onnx_model, uses_onnx
 from medpipe.io import Volume, from_sitk, reorient, write_image
 from medpipe.planning.plans import Plans
 from medpipe.preprocessing import PreprocessingPlan, crop_and_normalise, resized_geometry
@@ -54,12 +55,13 @@ class RegistrationResult:
 class Registrator:
     def __init__(self, network: torch.nn.Module, spec: RegistrationRunSpec, plans: Plans,
                  device: torch.device,
-                 instance_optimisation: InstanceOptimisationSettings | None = None) -> None:
+                 instance_optimisation: InstanceOptimisationSettings | None = None,
+                 amp: bool = True) -> None:
         self.spec = spec
         self.plan = PreprocessingPlan.from_plans(plans, spec.configuration)
         self.method = NetworkRegistration(network, spec, device,
                                           spec.registration.spacing or self.plan.spacing,
-                                          instance_optimisation)
+                                          instance_optimisation, amp)
 
     @property
     def channels(self) -> int:
@@ -122,11 +124,20 @@ class Registrator:
 
 def load_registrator(source: str | Path, checkpoint: str = "best", device: str = "auto",
                      refine_steps: int = 0,
-                     refine_spacing: tuple[float, float, float] | None = None) -> Registrator:
+                     refine_spacing: tuple[float, float, float] | None = None,
+                     backend: str = "torch", amp: bool = True) -> Registrator:
     """A registrator from a run folder, a checkpoint file or an MLflow model URI; with
     REFINE_STEPS > 0 each pair's field is refined by that many instance-optimisation steps
     (`registration.instance_optimisation`'s other defaults: what NETWORK_io scores), on the
-    network's grid or on one of REFINE_SPACING (mm)."""
+    network's grid or on one of REFINE_SPACING (mm). BACKEND "onnxruntime": the network of a
+    `.onnx` file of `medpipe export` (CPU, fp32); AMP: torch's native mixed precision."""
+    refinement = (InstanceOptimisationSettings(steps=refine_steps, spacing=refine_spacing)
+                  if refine_steps else None)
+    if uses_onnx(source, backend):
+        network, spec, plans = read_onnx_model(source)
+        if not isinstance(spec, RegistrationRunSpec):
+            raise MedpipeError("this is a segmentation model; use load_segmenter", Path(source))
+        return Registrator(network, spec, plans, torch.device("cpu"), refinement, amp=False)
     members = run_folders(source, checkpoint)
     if len(members) != 1:
         raise MedpipeError("a registrator is one trained network; name one fold", Path(source))
@@ -135,9 +146,7 @@ def load_registrator(source: str | Path, checkpoint: str = "best", device: str =
     network, spec = load_trained(folder, name, torch_device)
     if not isinstance(spec, RegistrationRunSpec):
         raise MedpipeError("this is a segmentation model; use load_segmenter", folder.path)
-    refinement = (InstanceOptimisationSettings(steps=refine_steps, spacing=refine_spacing)
-                  if refine_steps else None)
-    return Registrator(network, spec, read_run_plans(folder), torch_device, refinement)
+    return Registrator(network, spec, read_run_plans(folder), torch_device, refinement, amp)
 
 
 def _as_volume(value: Any) -> Volume:

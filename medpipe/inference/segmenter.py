@@ -22,6 +22,7 @@ from medpipe.data.labels import REGION_THRESHOLD, LabelScheme
 from medpipe.device import autocast_dtype, pick_device
 from medpipe.errors import MedpipeError
 from medpipe.inference.images import ScanLike, as_kind, load_channels, stack_channels
+from medpipe.inference.onnx_backend import read_onnx_model, uses_onnx
 from medpipe.inference.plausibility import check_scan
 from medpipe.io import Volume, image_suffix, orientation, reorient, write_image
 from medpipe.models.sliding_window import predict_probabilities
@@ -171,16 +172,11 @@ def load_segmenter(source: str | Path | Sequence[str | Path], checkpoint: str = 
     (`models:/<model_id>`, `models:/<name>@<alias>`, `models:/<name>/<version>`); with
     BACKEND "onnxruntime", from a `.onnx` file of `medpipe export` (on the CPU, fp32).
     AMP: torch's mixed precision where the device has it natively (`autocast_dtype`)."""
-    is_onnx = isinstance(source, str | Path) and str(source).endswith(".onnx")
-    if backend == "onnxruntime" or is_onnx:
-        if not is_onnx or backend != "onnxruntime":
-            raise MedpipeError(
-                "an ONNX model runs with --backend onnxruntime" if is_onnx else
-                "--backend onnxruntime runs a .onnx file (make one with `medpipe export`)",
-                Path(str(source)))
-        from medpipe.inference.onnx_backend import read_onnx_model
-
+    if uses_onnx(source, backend):
         network, spec, plans = read_onnx_model(source)
+        if not isinstance(spec, SegmentationRunSpec):
+            raise MedpipeError("this is a registration model; use load_registrator",
+                               Path(source))
         return Segmenter([(network, spec)], plans, torch.device("cpu"), amp=False)
     torch_device = pick_device(device)
     members, plans = [], None

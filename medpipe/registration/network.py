@@ -40,12 +40,13 @@ class NetworkRegistration:
 
     def __init__(self, network: torch.nn.Module, spec: RegistrationRunSpec,
                  device: torch.device, spacing: tuple[float, float, float],
-                 instance_optimisation: InstanceOptimisationSettings | None = None) -> None:
+                 instance_optimisation: InstanceOptimisationSettings | None = None,
+                 amp: bool = True) -> None:
         self.network = network.to(device).eval()
         self.spec = spec
         self.device = device
         self.spacing = tuple(spacing)
-        self.dtype = autocast_dtype(device, True)
+        self.dtype = autocast_dtype(device, amp)
         self.refinement = instance_optimisation if instance_optimisation and \
             instance_optimisation.steps else None
         self.loss = (RegistrationLoss(spec.registration, n_classes=len(spec.labels))
