@@ -636,8 +636,14 @@ def compare(
     report.md + report.html, logged to a parent MLflow run."""
     from medpipe import tracked
     from medpipe.config import load_config
-    from medpipe.report.compare import build_report, champions
-    from medpipe.tracking import finished_runs, log_parent_run, set_champion, unfinished_runs
+    from medpipe.report.compare import build_report, champions, report_numbers
+    from medpipe.tracking import (
+        finished_runs,
+        log_parent_run,
+        set_champion,
+        unfinished_runs,
+        write_comparison_view,
+    )
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if config is not None:
@@ -665,8 +671,11 @@ def compare(
                 for prefix, task in (("", "segmentation"), ("registration_", "registration"))
                 for r in summary[task] if not math.isnan(r["mean_dice"][0])}
     scopes = {key: summary[key] for key in ("segmentation_scope", "registration_scope")}
-    log_parent_run(uri, experiment, [r.run_id for r in runs], files, headline, scopes)
+    log_parent_run(uri, experiment, report_numbers(runs, summary), files, headline, scopes)
+    address = write_comparison_view(uri, experiment)
     console.print(f"[green]wrote[/green] {output / 'report.html'} ({len(runs)} runs)")
+    console.print(f"MLflow's runs table of the comparison: `mlflow ui --backend-store-uri "
+                  f"{uri}`, then http://127.0.0.1:5000/{address}", highlight=False)
     for run in champions(runs):
         name = run.tags[tracked.REGISTERED_MODEL]
         set_champion(uri, name, int(run.tags[tracked.REGISTERED_VERSION]))

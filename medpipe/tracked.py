@@ -19,6 +19,7 @@ MODEL_ID = "model_id"  # the logged MLflow model of a training run
 REGISTERED_MODEL = "registered_model"  # its name in the model registry
 REGISTERED_VERSION = "registered_version"  # and its version there
 COMPARISON = "comparison"  # the TASK of the report's parent run
+COMPARISON_RUN = "comparison_run"  # on each compared run: the report's run id
 FAILURE = "failure"  # why a run did not finish: its error's first line
 
 # ------------------------------------------------------------------ training, per epoch
@@ -53,6 +54,18 @@ EVAL_SDLOGJ = "eval_sdlogj"
 EVAL_SDLOGJ_LEARN2REG = "eval_sdlogj_learn2reg"
 EVAL_DICE30 = "eval_dice30"
 EVAL_MEAN_HD95_VOXELS = "eval_mean_hd95_voxels"
+
+# ------------------------------------------------------------------ the report, per run
+# logged by `medpipe compare` on every compared run, the same two names for every model and
+# method, so MLflow's runs table holds one column of each for all of them
+REPORT_MEAN_DICE = "report_mean_dice"  # the model's mean Dice in the report (its cases)
+TRAINING_MINUTES = "training_minutes"  # the model's mean training time per fold
+
+# ------------------------------------------------------------------ MLflow's own UI
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # which view MLflow's UI opens
+MODEL_TRAINING_KIND = "custom_model_development"
+SHARED_VIEW_TAG = "mlflow.sharedViewState."  # + key: a runs-table view, as JSON
+COMPARISON_VIEW = "medpipe-comparison"  # the key of the view `compare` writes
 
 # ------------------------------------------------------------------ artifacts
 EVALUATION_FOLDER = "evaluation"

@@ -239,7 +239,8 @@ def _open_mlflow_run(store: TrackingStore, dataset: str, run_name: str, folder: 
     name = store.experiment_for(dataset)
     found = client.get_experiment_by_name(name)
     experiment_id = found.experiment_id if found else client.create_experiment(
-        name, artifact_location=store.artifact_root and store.artifact_root.as_uri())
+        name, artifact_location=store.artifact_root and store.artifact_root.as_uri(),
+        tags={tracked.EXPERIMENT_KIND_TAG: tracked.MODEL_TRAINING_KIND})
     run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
     write_json(
         {"tracking_uri": uri, "experiment_id": experiment_id, "run_id": run.info.run_id},
@@ -381,10 +382,13 @@ def _example_figure(client: Any, run_id: str) -> str | None:
         return None
 
 
-def log_parent_run(uri: str, experiment: str, children: list[str], files: list[Path],
-                   metrics: Mapping[str, float], params: Mapping[str, str]) -> str:
+def log_parent_run(uri: str, experiment: str, children: Mapping[str, Mapping[str, float]],
+                   files: list[Path], metrics: Mapping[str, float],
+                   params: Mapping[str, str]) -> str:
     """A run holding the comparison report, its headline numbers as metrics and what they
-    were scored on as params, with the compared runs nested under it."""
+    were scored on as params. The compared runs (CHILDREN: run id -> the report's numbers
+    for it) get those numbers as metrics and the report's run id as a tag, not nested
+    under it: MLflow's runs table folds nested runs under their parent, hiding them."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -397,10 +401,35 @@ def log_parent_run(uri: str, experiment: str, children: list[str], files: list[P
     tracker.log_params(dict(params))
     for path in files:
         tracker.log_artifact(path, tracked.REPORT_FOLDER)
-    for child in children:
-        client.set_tag(child, "mlflow.parentRunId", parent.info.run_id)
+    for child, numbers in children.items():
+        client.set_tag(child, tracked.COMPARISON_RUN, parent.info.run_id)
+        MlflowTracker(client, child).log_metrics(numbers)
     tracker.finish("FINISHED")
     return parent.info.run_id
+
+
+def write_comparison_view(uri: str, experiment: str) -> str:
+    """Tag EXPERIMENT for MLflow's model-training view and store the runs table's view of the
+    comparison in it (MLflow's shared view state: an experiment tag its UI reads for the
+    `viewStateShareKey` in the page address): the report's Dice and training minutes as
+    columns, the best first. Returns that page's address within the UI (after its host)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    columns = [f"metrics.`{tracked.REPORT_MEAN_DICE}`", f"metrics.`{tracked.TRAINING_MINUTES}`",
+               f"tags.`{tracked.TASK}`"]
+    view = {"selectedColumns": columns, "orderByKey": columns[0], "orderByAsc": False}
+    client.set_experiment_tag(experiment_id, tracked.EXPERIMENT_KIND_TAG,
+                              tracked.MODEL_TRAINING_KIND)
+    client.set_experiment_tag(experiment_id, tracked.SHARED_VIEW_TAG + tracked.COMPARISON_VIEW,
+                              json.dumps(view))
+    address = (f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+               f"&viewStateShareKey={tracked.COMPARISON_VIEW}")
+    client.set_experiment_tag(experiment_id, "mlflow.note.content",
+                              f"medpipe: [the comparison's runs table]({address}), every model "
+                              "and method with the report's mean Dice and training minutes")
+    return address
 
 
 def check_store(uri: str) -> None:

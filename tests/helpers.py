@@ -91,31 +91,42 @@ def tree_digest(root: Path) -> dict[str, str]:
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
-def browser_screenshot(page: Path, name: str, width: int = 1200, height: int = 2400):
-    """PAGE as headless Chromium draws it, kept as test-artifacts/NAME (RGB array back).
-
-    A missing browser fails the test where MEDPIPE_REQUIRE_BROWSER is set (CI installs
-    one), else skips it."""
-    import os
+def _chromium(*arguments: str) -> subprocess.CompletedProcess:
+    """Headless Chromium run with ARGUMENTS. A missing browser fails the test where
+    MEDPIPE_REQUIRE_BROWSER is set (CI installs one), else skips it."""
     import shutil
-    import subprocess
-
-    import pytest
-    from PIL import Image
 
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         if os.environ.get("MEDPIPE_REQUIRE_BROWSER"):
-            pytest.fail("no chromium to look at the report with (apt-get install chromium)")
-        pytest.skip("no chromium: the report is not looked at")
+            pytest.fail("no chromium to look at the page with (apt-get install chromium)")
+        pytest.skip("no chromium: the page is not looked at")
+    result = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                             "--hide-scrollbars", *arguments],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def browser_screenshot(page: Path | str, name: str, width: int = 1200, height: int = 2400,
+                       wait_ms: int | None = None):
+    """PAGE (a file, or an address) as headless Chromium draws it, after WAIT_MS of the
+    page's own time for its scripts, kept as test-artifacts/NAME (RGB array back)."""
+    from PIL import Image
+
     ARTIFACTS.mkdir(exist_ok=True)
     target = ARTIFACTS / name
-    result = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-         f"--window-size={width},{height}", f"--screenshot={target}", page.resolve().as_uri()],
-        capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and target.is_file(), result.stderr[-2000:]
+    address = page if isinstance(page, str) else page.resolve().as_uri()
+    waiting = [f"--virtual-time-budget={wait_ms}"] if wait_ms else []
+    _chromium(f"--window-size={width},{height}", *waiting, f"--screenshot={target}", address)
+    assert target.is_file()
     return np.asarray(Image.open(target).convert("RGB"))
+
+
+def browser_dom(address: str, wait_ms: int = 15000, width: int = 1600) -> str:
+    """The page at ADDRESS as its scripts have built it after WAIT_MS (its rendered DOM)."""
+    return _chromium(f"--window-size={width},1000", f"--virtual-time-budget={wait_ms}",
+                     "--dump-dom", address).stdout
 
 
 def free_port() -> int:
@@ -124,12 +135,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mlflow_server(port: int, root: Path) -> subprocess.Popen:
-    """A real `mlflow server` on loopback (its URL as `.url`), its store and artifacts in
-    ROOT, in its own process group; returns once it answers."""
+def start_mlflow_server(port: int, root: Path, store: str | None = None) -> subprocess.Popen:
+    """A real `mlflow server` on loopback (its URL as `.url`), its store (by default a new
+    sqlite file) and artifacts in ROOT, in its own process group; returns once it answers."""
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--backend-store-uri", store or f"sqlite:///{root / 'server.db'}",
          "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     server.url = f"http://127.0.0.1:{port}"

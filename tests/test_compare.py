@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import browser_screenshot
+from helpers import browser_dom, browser_screenshot, free_port, start_mlflow_server, stop_server
 from mlflow import MlflowClient
 from scipy.stats import wilcoxon
 
@@ -82,6 +82,24 @@ def test_verdict_needs_the_corrected_rank_test_and_the_interval():
     noise = _compared(a, a + rng.normal(0, 0.02, 12), **costs)
     assert noise["ci_low"] < 0 < noise["ci_high"]
     assert _verdict(noise, "segments").startswith("no difference between swin and unet")
+
+
+def _the_runs_table_shows_the_comparison(uri: str, printed: str, tmp_path) -> None:
+    """MLflow's own UI on the store, opened at the address `compare` printed, as a browser
+    draws it: the model-training view, a row for every model and method, the report's Dice
+    and training minutes as columns (test-artifacts/mlflow_runs.png)."""
+    address = printed.split("http://127.0.0.1:5000/", 1)[1].split()[0]
+    server = start_mlflow_server(free_port(), tmp_path / "ui", store=uri)
+    try:
+        page = f"{server.url}/{address}"
+        dom = browser_dom(page)
+        browser_screenshot(page, "mlflow_runs.png", 1800, 800, wait_ms=15000)
+    finally:
+        stop_server(server)
+    for text in ("unet_fold_0", "nnunet_fold_0", "identity_fold_0", "classical_fold_0",
+                 "report_mean_dice", "training_minutes", "Model training"):
+        assert text in dom, text
+    assert "comparison" in dom
 
 
 def test_compare_builds_the_report_from_mlflow_runs(tiny_pipeline, tmp_path, monkeypatch):
@@ -163,9 +181,22 @@ def test_compare_builds_the_report_from_mlflow_runs(tiny_pipeline, tmp_path, mon
     assert f"unet fold 1 (segmentation): FAILED after 0 epochs: {failed['reason']}" in markdown
     parents = [r for r in runs if r.data.tags.get("task") == "comparison"]
     assert len(parents) == 1
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")
+    # the compared runs point at the report's run, unnested (MLflow's table folds nested
+    # runs away), each with its model's numbers in the report
+    children = [r for r in runs if r.data.tags.get("comparison_run")
                 == parents[0].info.run_id]
-    assert len(children) == 4
+    assert len(children) == 4 and not any("mlflow.parentRunId" in r.data.tags for r in runs)
+    rows = {row["model"]: row for task in ("segmentation", "registration")
+            for row in summary[task]}
+    for run in children:
+        row = rows[run.data.tags["model"]]
+        assert run.data.metrics["report_mean_dice"] == pytest.approx(row["mean_dice"][0])
+        if run.data.tags["task"] == "segmentation":
+            assert run.data.metrics["training_minutes"] == pytest.approx(
+                row["training_s"] / 60)
+    kind = client.get_experiment(experiment.experiment_id).tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development"  # MLflow's model-training view, not GenAI's
+    _the_runs_table_shows_the_comparison(uri, result.stdout, tmp_path)
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
     assert {"report/report.html", "report/report.md"} <= artifacts
     # every trained fold is a registered version; the comparison points `champion` at the

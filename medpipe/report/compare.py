@@ -157,6 +157,23 @@ def champions(runs: Sequence[TrackedRun]) -> list[TrackedRun]:
     return list(best.values())
 
 
+def report_numbers(runs: Sequence[TrackedRun], summary: dict) -> dict[str, dict[str, float]]:
+    """Per compared run, its model's headline numbers in the report (mean Dice over the
+    report's cases, mean training minutes per fold; NaN where there is none), which
+    `compare` logs on each run so MLflow's runs table shows them side by side."""
+    rows = {(task, row["model"]): row for task in ("segmentation", "registration")
+            for row in summary[task]}
+    numbers = {}
+    for run in runs:
+        row = rows.get((run.tags.get(tracked.TASK), run.tags.get(tracked.MODEL)))
+        if row is not None:
+            seconds = row.get("training_s")
+            numbers[run.run_id] = {
+                tracked.REPORT_MEAN_DICE: float(row["mean_dice"][0]),
+                tracked.TRAINING_MINUTES: math.nan if seconds is None else seconds / 60}
+    return numbers
+
+
 # --------------------------------------------------------------------------- scores
 
 
