@@ -15,15 +15,26 @@ they lie on, channel c along array axis c; the warped image at x is image(x + dd
 
 from __future__ import annotations
 
+import contextlib
 from functools import cache
 
 import torch
 from monai.networks.blocks import DVF2DDF, Warp
 
 
+@contextlib.contextmanager
 def full_precision(tensor: torch.Tensor):
-    """A context with autocast off on TENSOR's device type."""
-    return torch.autocast(tensor.device.type, enabled=False)
+    """A context with autocast off on TENSOR's device type and TF32 off: on an Ampere or
+    newer GPU cuDNN runs fp32 convolutions in TF32 by default (10-bit mantissa), which would
+    bring back the cancellation in LNCC's local variances that autocast off avoids."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        with torch.autocast(tensor.device.type, enabled=False):
+            yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = before
 
 
 @cache

@@ -116,3 +116,15 @@ def test_two_processes_train_what_one_process_trains_and_resume_exactly(tiny_pip
     assert meta["epoch"] == 3
     for key, value in two_state["model"].items():  # the uninterrupted 2-process run's
         assert torch.equal(state["model"][key], value), key
+
+
+def test_more_processes_than_gpus_are_refused_in_one_line():
+    from medpipe.errors import MedpipeError
+    from medpipe.training.distributed import Processes, gpu_of
+
+    assert gpu_of(Processes(rank=3, world_size=4, local_rank=1), gpus=2) == 1
+    with pytest.raises(MedpipeError) as refused:
+        gpu_of(Processes(rank=1, world_size=2, local_rank=1), gpus=1)
+    message = str(refused.value)
+    assert "cuda:1" in message and "1 GPU(s)" in message and "--processes 1" in message
+    assert "\n" not in message

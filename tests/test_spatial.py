@@ -107,3 +107,31 @@ def test_upsampling_rescales_displacements_to_the_finer_voxels():
     expected = 2 * 0.1 * ((fine_index + 0.5) / 2 - 0.5 - 3.5)  # in fine voxels
     torch.testing.assert_close(fine[0, 0, 2:-2, 5, 5], expected[2:-2], atol=1e-5, rtol=0)
     assert np.allclose(fine[0, 1:].numpy(), 0.0)
+
+
+def test_full_precision_turns_tf32_off_inside_and_restores_it():
+    from medpipe.spatial import full_precision
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = True  # cuDNN's default on a GPU
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16), full_precision(torch.zeros(1)):
+            assert not cudnn.allow_tf32 and not matmul.allow_tf32
+            assert not torch.is_autocast_enabled("cpu")
+        assert cudnn.allow_tf32 and matmul.allow_tf32
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = before
+
+
+@pytest.mark.parametrize(("capability", "expected"), [((7, 5), torch.float16),
+                                                       ((8, 0), torch.bfloat16),
+                                                       ((9, 0), torch.bfloat16)])
+def test_bf16_only_on_gpus_that_compute_it_natively(monkeypatch, capability, expected):
+    """A T4 (7.5) emulates bf16, which torch.cuda.is_bf16_supported() counts: fp16 there."""
+    from medpipe.device import autocast_dtype
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert autocast_dtype(torch.device("cuda"), amp=True) is expected
+    assert autocast_dtype(torch.device("cuda"), amp=False) is None

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from medpipe.errors import MedpipeError
+
 # rank 0 validates alone while the others wait at the next collective: allow a long one
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 
@@ -62,13 +64,25 @@ def start(processes: Processes, device: torch.device) -> torch.device:
     if not processes.several:
         return device
     if device.type == "cuda":
-        device = torch.device("cuda", processes.local_rank)
+        device = torch.device("cuda", gpu_of(processes, torch.cuda.device_count()))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 rank=processes.rank, world_size=processes.world_size,
                                 timeout=COLLECTIVE_TIMEOUT)
     return device
+
+
+def gpu_of(processes: Processes, gpus: int) -> int:
+    """The GPU this process trains on, its local rank's; more processes on a machine than it
+    has GPUs are refused (two on one GPU would each need all of its memory)."""
+    if processes.local_rank >= gpus:
+        raise MedpipeError(
+            f"process {processes.rank} of {processes.world_size} would train on "
+            f"cuda:{processes.local_rank}, but this machine has {gpus} GPU(s): start at most "
+            f"{gpus} process(es) per machine (--processes {max(gpus, 1)}), or train on the "
+            "CPU (training.device: cpu)")
+    return processes.local_rank
 
 
 def stop(processes: Processes) -> None:
