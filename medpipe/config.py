@@ -82,6 +82,11 @@ class TrainingConfig(StrictModel):
                                "validation")
     amp: bool = Field(True, description="mixed precision: bf16 (or fp16 + loss scaling) "
                       "autocast on CUDA, bf16 on a CPU with native bf16 (AVX-512 BF16/AMX)")
+    amp_dtype: Literal["auto", "bf16", "fp16"] = Field(
+        "auto", description="with amp: auto takes bf16 where the device computes it natively "
+        "(a GPU of compute capability 8.0+, a CPU with AVX-512 BF16/AMX), fp16 with loss "
+        "scaling on an older GPU, fp32 on another CPU; bf16 or fp16 force one (fp16 on a "
+        "CPU runs the GPU's loss-scaling path there)")
     grad_clip: float | None = Field(12.0, gt=0, description="gradient norm clip; null: none")
     seed: int = Field(0, description="seeds the initial weights and every sample")
     num_workers: int = Field(2, ge=0, description="patch loader processes")

@@ -33,7 +33,7 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+def autocast_dtype(device: torch.device, amp: bool, choice: str = "auto") -> torch.dtype | None:
     """bf16 where the GPU computes it natively (no loss scaling needed), else fp16 (with
     the engine's GradScaler). On a CPU, bf16
     only where it has native bf16 instructions (AVX-512 BF16 or AMX): measured on such an
@@ -43,6 +43,8 @@ def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     without them bf16 is emulated and slower, so fp32."""
     if not amp:
         return None
+    if choice != "auto":  # forced: "bf16" or "fp16"
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[choice]
     if device.type == "cuda":  # native bf16 from Ampere (compute capability 8.0) on;
         # `torch.cuda.is_bf16_supported()` also counts the emulation of a T4 or V100
         major, _ = torch.cuda.get_device_capability(device)

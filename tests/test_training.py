@@ -227,6 +227,45 @@ def test_a_single_non_finite_step_is_skipped_counted_and_training_goes_on(tmp_pa
     assert math.isfinite(history[0]["train_loss"]) and math.isfinite(history[0]["grad_norm"])
 
 
+def _mixed_precision_trainer(folder, epochs, amp_dtype):
+    from medpipe.training.engine import EngineSettings, Trainer
+
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 1, 1)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    return Trainer(net, _LossWithNaNs(nan_at=set()), optimizer,
+                   torch.optim.lr_scheduler.ConstantLR(optimizer),
+                   EngineSettings(epochs=epochs, iterations_per_epoch=3, val_every=1,
+                                  amp_dtype=amp_dtype), folder)
+
+
+def test_fp16_with_loss_scaling_trains_on_the_cpu_and_resumes_across_precisions(tmp_path):
+    """The GPU's fp16 + GradScaler path, run on the CPU (torch has both there); a run resumes
+    from a checkpoint of another precision: bf16 ignores fp16's scaler state, and fp16 starts
+    its scaler afresh from a bf16 checkpoint (whose scaler state is empty)."""
+    folder = tmp_path / "checkpoints"
+    fp16 = _mixed_precision_trainer(folder, 1, "fp16")
+    assert fp16.dtype is torch.float16 and fp16.scaler.is_enabled()
+    before = fp16.model.weight.detach().clone()
+    history = fp16.fit()
+    assert not torch.equal(before, fp16.model.weight)  # the scaled steps were taken
+    # each overflow halves the scale from its initial 2^16 and is counted as a skipped step
+    # (not a divergence: the gradient norm stays finite in the history)
+    saved = torch.load(folder / "latest.pt", weights_only=True)["scaler"]
+    overflows = round(math.log2(65536.0 / saved["scale"]))
+    assert 0 < overflows < 3 and history[0]["skipped_steps"] == overflows
+    assert math.isfinite(history[0]["train_loss"]) and math.isfinite(history[0]["grad_norm"])
+
+    bf16 = _mixed_precision_trainer(folder, 2, "bf16")
+    assert bf16.dtype is torch.bfloat16 and not bf16.scaler.is_enabled()
+    assert bf16.resume() and bf16.epoch == 1
+    bf16.fit()
+    assert torch.load(folder / "latest.pt", weights_only=True)["scaler"] == {}
+    again = _mixed_precision_trainer(folder, 3, "fp16")
+    assert again.resume() and again.epoch == 2  # raised before: an empty scaler state
+    assert again.fit()[-1]["epoch"] == 3
+
+
 def test_deep_supervision_scores_each_output_against_labels_at_its_size():
     # an independent computation: nnU-Net's weights 1, 1/2 normalised, the lower output scored
     # against the labels downsampled by nearest-exact (voxel 2i+1 of each halved axis)

@@ -56,6 +56,7 @@ class EngineSettings:
     val_every: int
     seed: int = 0
     amp: bool = True
+    amp_dtype: str = "auto"  # TrainingConfig.amp_dtype
     grad_clip: float | None = 12.0
     # a step whose loss or gradient is not finite is skipped (counted as `skipped_steps`), as
     # GradScaler skips an fp16 overflow; this many in a row stop the run as diverged
@@ -102,8 +103,9 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.metadata = dict(metadata or {})  # construction args etc., saved with every checkpoint
         self.callbacks = list(callbacks)
-        self.dtype = autocast_dtype(settings.device, settings.amp)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+        self.dtype = autocast_dtype(settings.device, settings.amp, settings.amp_dtype)
+        self.scaler = torch.amp.GradScaler(settings.device.type,
+                                           enabled=self.dtype == torch.float16)
         self.epoch = 0  # epochs completed
         self.history: list[dict[str, float]] = []
         self.best_score = -math.inf
@@ -119,10 +121,14 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        # a checkpoint of another precision (bf16/fp32: an empty scaler state) leaves an fp16
+        # run's scaler at its initial scale; fp16's state is ignored by a disabled scaler
+        if state["scaler"] and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"].cpu())  # RNG states must be CPU byte tensors
-        if torch.cuda.is_available() and state.get("rng_cuda"):
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
+        # a checkpoint from a machine with more (or without) GPUs: the GPUs there are
+        for index, rng in enumerate(state.get("rng_cuda", [])[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(rng.cpu(), index)
         self.epoch = meta["epoch"]
         self.history = meta["history"]
         self.best_score = meta["best_score"] if meta["best_score"] is not None else -math.inf
@@ -233,11 +239,14 @@ class Trainer:
                 self.scaler.unscale_(self.optimizer)
                 norm = nn.utils.clip_grad_norm_(self.model.parameters(),
                                                 self.settings.grad_clip or math.inf)
-                # fp16: the scaler skips an overflowing step and lowers its scale itself
-                if torch.isfinite(norm) or self.scaler.is_enabled():
+                if torch.isfinite(norm):
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
                     norms.append(float(norm))
+                elif self.scaler.is_enabled():  # fp16 overflow: the scaler skips the step
+                    self.scaler.step(self.optimizer)  # and lowers its scale (expected while
+                    self.scaler.update()  # it finds its level): counted, not a divergence
+                    skipped += 1
                 else:
                     problem = f"the gradient norm is {float(norm)}"
             if problem is None:

@@ -109,6 +109,7 @@ def trainer_for(setup: RunSetup, callbacks: list | None = None) -> Trainer:
     settings = EngineSettings(
         epochs=training.epochs, iterations_per_epoch=training.iterations_per_epoch,
         val_every=training.val_every, seed=training.seed, amp=training.amp,
+        amp_dtype=training.amp_dtype,
         grad_clip=training.grad_clip, device=setup.device,
     )
     return Trainer(setup.network, setup.task, optimizer, scheduler, settings,
