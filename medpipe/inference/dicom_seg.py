@@ -63,10 +63,12 @@ def write_dicom_seg(labels: Volume, source: Path, output: Path,
                     label_values: Mapping[str, int | tuple[int, ...]], model: str) -> Path:
     """LABELS (on the grid of the DICOM series in folder SOURCE) as a DICOM SEG at OUTPUT,
     one segment per non-background entry of LABEL_VALUES, in their order."""
+    from importlib.metadata import version
+
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    from medpipe import __version__
+    software = version("medpipe")  # the installed package's version
 
     source, output = Path(source), Path(output)
     datasets = read_series(source)
@@ -77,7 +79,7 @@ def write_dicom_seg(labels: Volume, source: Path, output: Path,
     masks = np.stack([np.isin(labels.array, values) for _, values in segments], axis=-1)
     pixels = np.ascontiguousarray(np.moveaxis(masks[:, :, indices], 2, 0).transpose(0, 2, 1, 3))
     algorithm = hd.AlgorithmIdentificationSequence(
-        name=f"medpipe {model}", version=__version__,
+        name=f"medpipe {model}", version=software,
         family=codes.cid7162.ArtificialIntelligence)
     descriptions = [
         hd.seg.SegmentDescription(
@@ -93,7 +95,7 @@ def write_dicom_seg(labels: Volume, source: Path, output: Path,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=100,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer="medpipe",
-        manufacturer_model_name=model, software_versions=__version__,
+        manufacturer_model_name=model, software_versions=software,
         device_serial_number="none", series_description=f"medpipe {model}"[:64])
     with atomic_output(output) as staging:
         seg.save_as(staging)
