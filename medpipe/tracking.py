@@ -403,6 +403,8 @@ def log_parent_run(uri: str, experiment: str, children: Mapping[str, Mapping[str
         tracker.log_artifact(path, tracked.REPORT_FOLDER)
     for child, numbers in children.items():
         client.set_tag(child, tracked.COMPARISON_RUN, parent.info.run_id)
+        if "mlflow.parentRunId" in client.get_run(child).data.tags:  # nested by an older
+            client.delete_tag(child, "mlflow.parentRunId")  # medpipe: unfold it
         MlflowTracker(client, child).log_metrics(numbers)
     tracker.finish("FINISHED")
     return parent.info.run_id
