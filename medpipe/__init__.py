@@ -4,7 +4,6 @@ import warnings
 from typing import Any
 
 from medpipe.errors import MedpipeError
-from medpipe.io import Geometry, Volume, read_image, write_image
 
 # MONAI says on every Warp it builds that it uses torch's grid_sample (its own CUDA kernel
 # is not installed); that is the intended path, and the line would bury medpipe's own
@@ -25,8 +24,12 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    """The model loaders import torch and MONAI: only when first used, so that `import
-    medpipe` (and the CLI's data commands) stay quick."""
+    """The model loaders import torch and MONAI, the volume I/O nibabel and SimpleITK: only
+    when first used, so that `import medpipe` (and `medpipe --help`) stay quick."""
+    if name in ("Geometry", "Volume", "read_image", "write_image"):
+        from medpipe import io
+
+        return getattr(io, name)
     if name == "load_segmenter":
         from medpipe.inference.segmenter import load_segmenter
 

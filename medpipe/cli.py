@@ -503,8 +503,9 @@ def predict(
         help="torch: mixed precision where the device computes it natively (bf16 on a GPU "
         "or a CPU with AVX-512 BF16/AMX); --no-amp: float32 throughout.")] = True,
     output_format: Annotated[Literal["auto", "dicom-seg"], typer.Option(
-        "--format", help="dicom-seg: a DICOM Segmentation referencing the input DICOM "
-        "series; auto: that for a DICOM series in and a .dcm name out, else the output "
+        "--format", metavar="FORMAT", help="dicom-seg: a DICOM Segmentation referencing "
+        "the input DICOM series; auto: that for a DICOM series in and a .dcm name out, else "
+        "the output "
         "name's format (NIfTI, NRRD, MHA, or a DICOM series for a name without suffix).")
     ] = "auto",
     backend: Annotated[Literal["torch", "onnxruntime"], typer.Option(

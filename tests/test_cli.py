@@ -102,3 +102,17 @@ def test_compare_without_a_store_says_so_and_creates_none(tmp_path):
                             capture_output=True, **TEXT, timeout=120, cwd=tmp_path, env=env)
     assert result.returncode == 2 and "no MLflow store here" in result.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_help_imports_no_heavy_library():
+    """`medpipe --help` (and every command's) needs neither torch, MONAI, SimpleITK, nibabel
+    nor MLflow: help is instant, and a machine without them can still be asked."""
+    heavy = ("torch", "monai", "SimpleITK", "nibabel", "mlflow", "scipy")
+    code = ("import sys; from typer.testing import CliRunner; from medpipe.cli import app; "
+            "runner = CliRunner(); "
+            "[runner.invoke(app, [*c, '--help']) for c in ([], ['predict'], ['train-seg'])]; "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, **TEXT,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
