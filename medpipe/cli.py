@@ -27,6 +27,7 @@ try:  # typer >= 0.25 carries its own copy of click, whose exceptions it raises
 except ImportError:  # older typer runs on click itself
     from click.exceptions import ClickException
 
+
 class _FlagsWithoutType:
     """Help that shows a flag as `--mirror/--no-mirror` alone: Typer prints every option's
     type, and a flag's `<bool>` reads as if it wanted a value."""
@@ -505,8 +506,8 @@ def predict(
     output_format: Annotated[Literal["auto", "dicom-seg"], typer.Option(
         "--format", metavar="FORMAT", help="dicom-seg: a DICOM Segmentation referencing "
         "the input DICOM series; auto: that for a DICOM series in and a .dcm name out, else "
-        "the output "
-        "name's format (NIfTI, NRRD, MHA, or a DICOM series for a name without suffix).")
+        "the output name's format (NIfTI, NRRD, MHA, or a DICOM series for a name without "
+        "suffix).")
     ] = "auto",
     backend: Annotated[Literal["torch", "onnxruntime"], typer.Option(
         help="What runs the network: torch, or onnxruntime for a .onnx model (CPU, fp32); "

@@ -19,8 +19,6 @@ import numpy as np
 from medpipe.errors import MedpipeError
 from medpipe.io import Volume, atomic_output
 
-# a label's meaning is not known to medpipe: every segment is typed as a generic tissue
-# (SNOMED CT 85756007 "Tissue"), the code dcmqi's examples use for such labels
 _GRID_TOLERANCE = 1e-2  # voxels: how far a source slice may lie from the grid's
 
 
@@ -81,6 +79,8 @@ def write_dicom_seg(labels: Volume, source: Path, output: Path,
     algorithm = hd.AlgorithmIdentificationSequence(
         name=f"medpipe {model}", version=software,
         family=codes.cid7162.ArtificialIntelligence)
+    # a label's meaning is not known to medpipe: every segment is typed as a generic tissue
+    # (SNOMED CT 85756007 "Tissue")
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=number, segment_label=name,

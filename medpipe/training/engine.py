@@ -126,7 +126,7 @@ class Trainer:
         if state["scaler"] and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"].cpu())  # RNG states must be CPU byte tensors
-        # a checkpoint from a machine with more (or without) GPUs: the GPUs there are
+        # a checkpoint from a machine with more GPUs (or none): the states of the GPUs here
         for index, rng in enumerate(state.get("rng_cuda", [])[:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(rng.cpu(), index)
         self.epoch = meta["epoch"]
