@@ -177,3 +177,28 @@ def test_registration_models_are_not_segmentation_models():
 
     with pytest.raises(MedpipeError, match="known segmentation models: nnunet"):
         model_spec("voxelmorph", task="segmentation")
+
+
+def test_whole_volume_sums_leave_a_device_that_cannot_hold_them():
+    """A 512^3 CT with 4 classes needs ~11 GB of sums (mirrored): on a GPU that has less to
+    spare they accumulate in host memory; the windows still run on the GPU."""
+    from medpipe.models.sliding_window import accumulation_bytes, accumulation_device
+
+    ct = (512, 512, 512)
+    assert accumulation_bytes(ct, 4, mirrored=True) == 4 * 512**3 * (5 * 4 + 1)
+    gpu = torch.device("cuda", 0)  # a device object only: nothing runs on it
+    assert accumulation_device(gpu, ct, 4, True, budget_bytes=24 * 2**30) == gpu
+    assert accumulation_device(gpu, ct, 4, True, budget_bytes=8 * 2**30).type == "cpu"
+    assert accumulation_device(torch.device("cpu"), ct, 4, True, budget_bytes=1).type == "cpu"
+
+
+def test_sums_kept_elsewhere_give_the_same_probabilities():
+    from medpipe.models.sliding_window import predict_probabilities
+
+    torch.manual_seed(0)
+    net = nn.Conv3d(1, 3, 3, padding=1)
+    image = torch.randn(1, 20, 18, 16).numpy()
+    plain = predict_probabilities(net, image, (8, 8, 8), torch.device("cpu"), mirror_axes=(0,))
+    budgeted = predict_probabilities(net, image, (8, 8, 8), torch.device("cpu"),
+                                     mirror_axes=(0,), classes=3, budget_bytes=1)
+    assert torch.allclose(plain, budgeted) and plain.shape == (3, 20, 18, 16)

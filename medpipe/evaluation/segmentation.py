@@ -63,6 +63,7 @@ def evaluate_segmentation(
             network, case.data, spec.patch_size, torch_device,
             mirror_axes=(0, 1, 2) if mirror else (),
             dtype=autocast_dtype(torch_device, True), sigmoid=scheme.regions,
+            classes=spec.out_channels,
         )
         predicted = restore_label_from_probabilities(probabilities.numpy(), case.properties,
                                                      scheme)

@@ -104,7 +104,7 @@ class Segmenter:
             probs = predict_probabilities(
                 network, data, self.spec.patch_size, self.device,
                 mirror_axes=(0, 1, 2) if mirror else (), dtype=self.dtype,
-                sigmoid=self.labels_scheme.regions,
+                sigmoid=self.labels_scheme.regions, classes=self.spec.out_channels,
             )
             total = probs if total is None else total + probs
         mean = (total / len(self.networks)).numpy()
