@@ -128,3 +128,30 @@ def test_more_processes_than_gpus_are_refused_in_one_line():
     message = str(refused.value)
     assert "cuda:1" in message and "1 GPU(s)" in message and "--processes 1" in message
     assert "\n" not in message
+
+
+def test_nnunet_resenc_takes_ddp_steps(tmp_path):
+    """nnU-Net's ResEnc U-Net computes a lowest deep-supervision output that nnU-Net's loss
+    weights 0 (medpipe drops it): its head never gets a gradient, which DDP (without
+    find_unused_parameters) refuses at the second step; medpipe freezes that head."""
+    import torch.distributed as dist
+    from test_models import RESIDUAL
+
+    from medpipe.models import NetworkShape, build_model
+    from medpipe.training.distributed import Processes, wrap
+
+    net = build_model("nnunet_resenc", NetworkShape(1, 3, RESIDUAL)).train()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}",
+                            rank=0, world_size=1)
+    try:
+        model = wrap(net, Processes(0, 2, 0), torch.device("cpu"))  # DDP as for 2 ranks
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+        for _ in range(3):
+            optimizer.zero_grad()
+            sum(o.float().mean() for o in model(torch.randn(1, 1, 32, 32, 8))).backward()
+            optimizer.step()
+        trained = [n for n, p in net.named_parameters() if p.requires_grad]
+        assert all(net.get_parameter(n).grad is not None for n in trained)
+        assert not any("seg_layers.0" in n for n in trained)
+    finally:
+        dist.destroy_process_group()

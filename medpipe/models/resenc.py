@@ -12,7 +12,8 @@ Two differences from nnU-Net's use, neither changing the training: the decoder r
 deep-supervision outputs only in training mode (nnU-Net switches `decoder.deep_supervision`
 off by hand before predicting), so that evaluation, inference and export see one output, as
 for every other model; and the lowest output, which nnU-Net's loss weights 0, is not
-returned, so that every nnU-Net-style model hands the loss the outputs it scores.
+returned, so that every nnU-Net-style model hands the loss the outputs it scores (its head,
+never trained, is frozen, so that DDP takes its steps).
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ def residual_encoder_unet(in_channels: int, out_channels: int, kernel_sizes, str
         deep_supervision=deep_supervision,
     )
     network.apply(network.initialize)
+    # heads whose outputs no loss sees (the lowest deep-supervision head; without deep
+    # supervision, all but the full-size one) never get a gradient, which DDP refuses at
+    # the second step: frozen, they are left out of it and of the optimiser's updates
+    heads = network.decoder.seg_layers
+    for head in heads[:1] if deep_supervision else heads[:-1]:
+        head.requires_grad_(False)
     return network
 
 
