@@ -45,8 +45,11 @@ def train(tiny_pipeline, run_dir, processes: int, **popen) -> subprocess.Popen:
     for setting in SETTINGS:
         command += ["--set", setting]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    # UTF-8 whatever the locale: a killed run's output may hold torchrun's or MLflow's
+    # non-ASCII characters (an ASCII locale failed to decode one here)
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, **popen)
+                            encoding="utf-8", errors="replace", start_new_session=True,
+                            **popen)
 
 
 def finished(process: subprocess.Popen) -> str:
