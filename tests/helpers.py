@@ -129,6 +129,12 @@ def browser_dom(address: str, wait_ms: int = 15000, width: int = 1600) -> str:
                      "--dump-dom", address).stdout
 
 
+def run_medpipe(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`medpipe ARGS` as a user runs it, in a process of its own, its output as UTF-8."""
+    return subprocess.run([sys.executable, "-m", "medpipe.cli", *args], capture_output=True,
+                          encoding="utf-8", errors="replace", timeout=timeout)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,21 +7,16 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
+from helpers import run_medpipe
 
 from medpipe.errors import MedpipeError
 from medpipe.inference.dicom_seg import read_series, slice_indices
 from medpipe.io import Geometry, Volume, read_image, write_dicom_series
 
 SCAN = "brain_000_0000.nii.gz"
-
-
-def medpipe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medpipe.cli", *args], capture_output=True,
-                          text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +46,7 @@ def test_a_dicom_series_is_segmented_into_a_valid_dicom_seg(segmentation_run, mr
 
     seg_file, nifti = tmp_path / "seg.dcm", tmp_path / "labels.nii.gz"
     for target in (seg_file, nifti):  # a .dcm name for a DICOM series in: a SEG by default
-        done = medpipe("predict", "--model", str(segmentation_run), "-i", str(mr_series),
+        done = run_medpipe("predict", "--model", str(segmentation_run), "-i", str(mr_series),
                        "-o", str(target), "--device", "cpu")
         assert done.returncode == 0, done.stderr
     labels = read_image(nifti)
@@ -86,7 +81,7 @@ def test_dicom_seg_mistakes_are_refused_before_any_work(segmentation_run, mr_ser
          "not written beside a DICOM SEG"),
     ]
     for args, message in cases:
-        done = medpipe("predict", "--model", str(segmentation_run), *args)
+        done = run_medpipe("predict", "--model", str(segmentation_run), *args)
         assert done.returncode != 0 and message in " ".join(done.stderr.split()), done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not list(tmp_path.iterdir())

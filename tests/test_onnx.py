@@ -3,11 +3,9 @@ gives the torch backend's labels on the scan's own grid."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
+from helpers import run_medpipe
 
 from medpipe import load_segmenter
 from medpipe.config import load_config
@@ -17,11 +15,6 @@ from medpipe.io import read_image
 from medpipe.training.segmentation import train_segmentation
 
 SCAN = "brain_000_0000.nii.gz"
-
-
-def medpipe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medpipe.cli", *args], capture_output=True,
-                          text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +31,9 @@ def nnunet_run(tiny_pipeline, tmp_path_factory):
 def test_onnxruntime_labels_equal_torch_float32(run, request, tiny_pipeline, tmp_path):
     run_dir = request.getfixturevalue(run)
     scan = tiny_pipeline / "raw" / "imagesTr" / SCAN
-    exported = medpipe("export", str(run_dir), "-o", str(tmp_path / "model.onnx"))
+    exported = run_medpipe("export", str(run_dir), "-o", str(tmp_path / "model.onnx"))
     assert exported.returncode == 0, exported.stderr
-    predicted = medpipe("predict", "--model", str(tmp_path / "model.onnx"), "--backend",
+    predicted = run_medpipe("predict", "--model", str(tmp_path / "model.onnx"), "--backend",
                         "onnxruntime", "-i", str(scan), "-o", str(tmp_path / "onnx.nii.gz"),
                         "--probabilities")
     assert predicted.returncode == 0, predicted.stderr
@@ -64,9 +57,9 @@ def test_a_registration_network_exports_with_its_transform(registration_run, tin
 
     raw = tiny_pipeline / "raw" / "imagesTr"
     moving, fixed = raw / "brain_002_0000.nii.gz", raw / "brain_001_0000.nii.gz"
-    exported = medpipe("export", str(registration_run), "-o", str(tmp_path / "reg.onnx"))
+    exported = run_medpipe("export", str(registration_run), "-o", str(tmp_path / "reg.onnx"))
     assert exported.returncode == 0, exported.stderr
-    registered = medpipe("register", "--model", str(tmp_path / "reg.onnx"), "--backend",
+    registered = run_medpipe("register", "--model", str(tmp_path / "reg.onnx"), "--backend",
                          "onnxruntime", "--moving", str(moving), "--fixed", str(fixed),
                          "-o", str(tmp_path / "out"))
     assert registered.returncode == 0, registered.stderr
@@ -91,7 +84,7 @@ def test_export_and_backend_mistakes_are_named(segmentation_run, tiny_pipeline, 
     (tmp_path / "fake.onnx").write_bytes(b"not a model")
     with pytest.raises(MedpipeError, match="runs with --backend onnxruntime"):
         load_segmenter(tmp_path / "fake.onnx")
-    result = medpipe("predict", "--model", str(tmp_path / "fake.onnx"), "--backend",
+    result = run_medpipe("predict", "--model", str(tmp_path / "fake.onnx"), "--backend",
                      "onnxruntime", "-i", str(tiny_pipeline / "raw" / "imagesTr" / SCAN),
                      "-o", str(tmp_path / "out.nii.gz"))
     assert result.returncode != 0 and "fake.onnx" in result.stderr
