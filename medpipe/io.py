@@ -19,12 +19,25 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from glob import escape as glob_escape
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 
 from medpipe.errors import GeometryError, ImageReadError, ImageWriteError, MedpipeError
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
+
+def _sitk():
+    """SimpleITK, imported where a non-NIfTI file or an ITK image is handled: a 50 MiB
+    wheel that reading and writing NIfTI, training from preprocessed data and prediction
+    from NIfTI never need (a GPU machine's environment may lack it)."""
+    import SimpleITK
+
+    return SimpleITK
+
 
 # nibabel's RAS+ world and ITK's LPS+ world differ by a sign flip of the first two axes.
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -179,7 +192,7 @@ def from_sitk(image: sitk.Image) -> Volume:
     """Volume from a SimpleITK image (array axes reordered from (k, j, i) to (i, j, k))."""
     if image.GetDimension() != 3:
         raise GeometryError(f"expected a 3D image, got {image.GetDimension()}D")
-    array = sitk.GetArrayFromImage(image)
+    array = _sitk().GetArrayFromImage(image)
     axes = (2, 1, 0, 3) if image.GetNumberOfComponentsPerPixel() > 1 else (2, 1, 0)
     geometry = Geometry(
         spacing=_triplet(image.GetSpacing()),
@@ -195,9 +208,9 @@ def to_sitk(volume: Volume) -> sitk.Image:
     if array.dtype == bool:
         array = array.astype(np.uint8)
     if array.ndim == 3:
-        image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+        image = _sitk().GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
     elif array.ndim == 4:
-        image = sitk.GetImageFromArray(
+        image = _sitk().GetImageFromArray(
             np.ascontiguousarray(array.transpose(2, 1, 0, 3)), isVector=True
         )
     else:
@@ -257,7 +270,7 @@ def read_image(path: str | Path, series_id: str | None = None) -> Volume:
         if suffix in NIFTI_SUFFIXES:
             return from_nibabel(nib.load(path))
         if suffix in ITK_SUFFIXES:
-            return from_sitk(sitk.ReadImage(str(path)))
+            return from_sitk(_sitk().ReadImage(str(path)))
     except ImageReadError:
         raise
     except Exception as error:  # nibabel, zlib, ITK: all mean "this file is unreadable"
@@ -271,7 +284,7 @@ def read_image(path: str | Path, series_id: str | None = None) -> Volume:
 
 def read_dicom_series(folder: Path, series_id: str | None = None) -> Volume:
     """Read one DICOM series; slices are ordered by position along the slice normal (GDCM)."""
-    reader = sitk.ImageSeriesReader()
+    reader = _sitk().ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
         raise ImageReadError("no DICOM series found in this folder", folder)
@@ -314,7 +327,7 @@ def write_image(volume: Volume, path: str | Path) -> Path:
             if suffix in NIFTI_SUFFIXES:
                 nib.save(to_nibabel(volume), staging)
             else:
-                sitk.WriteImage(to_sitk(volume), str(staging), useCompression=True)
+                _sitk().WriteImage(to_sitk(volume), str(staging), useCompression=True)
         except GeometryError:
             raise
         except Exception as error:
@@ -360,7 +373,7 @@ def write_dicom_series(volume: Volume, folder: str | Path, modality: str = "OT")
     }
     if modality in _IMAGE_STORAGE:  # CT/MR Image Storage, not GDCM's Secondary Capture
         tags["0008|0016"] = _IMAGE_STORAGE[modality]
-    writer = sitk.ImageFileWriter()
+    writer = _sitk().ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     with atomic_folder(folder) as staging:
         for k in range(image.GetDepth()):

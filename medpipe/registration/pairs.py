@@ -31,8 +31,6 @@ from medpipe.config import ClassicalSettings
 from medpipe.errors import DatasetError
 from medpipe.io import Geometry, Volume
 from medpipe.preprocessing import load_labelled_cases, load_preprocessed, resized_geometry
-from medpipe.registration.classical import register_classical
-from medpipe.registration.fields import affine_matrix
 from medpipe.sampling import EpochDataset
 
 
@@ -123,7 +121,10 @@ def prealign(cases: Sequence[RegistrationCase], reference: RegistrationCase,
             matrix = np.eye(4)
         elif mode == "moments":
             matrix = moments_matrix(case, reference)
-        else:
+        else:  # SimpleITK, imported here only: training with moments never needs it
+            from medpipe.registration.classical import register_classical
+            from medpipe.registration.fields import affine_matrix
+
             matrix = affine_matrix(register_classical(reference.volume(), case.volume(),
                                                       settings))
         matrices[case.case_id] = matrix.tolist()
