@@ -18,13 +18,12 @@ from common import demo_pipeline, write_results
 
 
 def seconds_for(root: Path, n_cases: int, workers: int) -> float:
-    import json
-
     from medpipe.data import load_dataset
+    from medpipe.planning.plans import read_plans
     from medpipe.preprocessing import PreprocessingPlan, preprocess_dataset
 
     dataset = load_dataset(root / "raw")
-    plans = json.loads((root / "results" / "plans.json").read_text(encoding="utf-8"))
+    plans = read_plans(root / "results" / "plans.json")
     classes = sorted(v for v in dataset.spec.label_values if v > 0)
     cases = list(dataset.training)[:n_cases]
     with tempfile.TemporaryDirectory() as out:
