@@ -17,7 +17,7 @@ TORCH_GPU_SPEC ?= torch>=2.4
 DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: setup ants-env test lint demo study bench clean-demo
+.PHONY: setup ants-env test lint demo study bench gpu-check-data clean-demo
 
 setup: $(VENV)/.installed
 
@@ -81,6 +81,12 @@ study: setup $(ANTS_VENV)/.installed
 # The benchmarks' quick mode (bench/README.md); nnU-Net's environment for its own predictor
 bench: setup $(NNUNET_VENV)/.installed $(ANTS_VENV)/.installed
 	$(ANTS) MEDPIPE_NNUNET_BIN="$(CURDIR)/$(NNUNET_VENV)/bin" $(PY) bench/run_all.py --quick
+
+# The GPU check's data (the demo's brains, preprocessed) and wheels (bench/gpu_wheels.txt, for
+# the GPU machine's Python; GPU_PYTHON=3.11 for a check here) into bench/work/gpu_check/
+GPU_PYTHON ?= 3.12
+gpu-check-data: setup
+	$(PY) bench/gpu_check.py --prepare --python-version $(GPU_PYTHON)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -89,7 +89,10 @@ class TrainingConfig(StrictModel):
         "CPU runs the GPU's loss-scaling path there)")
     grad_clip: float | None = Field(12.0, gt=0, description="gradient norm clip; null: none")
     seed: int = Field(0, description="seeds the initial weights and every sample")
-    num_workers: int = Field(2, ge=0, description="patch loader processes")
+    num_workers: int | None = Field(None, ge=0, description="patch loader processes; null: "
+                                    "from the CPU count (on a GPU the cores less two, at most "
+                                    "12, nnU-Net's default; on a CPU one, the cores being the "
+                                    "network's)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when "
                                                    "there is a GPU")
     optimizer: OptimizerConfig = Field(

@@ -4,6 +4,7 @@ shared by training, evaluation and inference (so all three run a network the sam
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 
 import torch
@@ -31,6 +32,17 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise MedpipeError("device 'mps' was asked for, but torch sees no MPS device")
     return device
+
+
+def loader_workers(setting: int | None, device: torch.device) -> int:
+    """SETTING, or when None the loader processes for DEVICE: on a GPU every core but two
+    (the training loop and the system), at most 12 as nnU-Net's default (it reports an A100
+    waiting on data with 8); on a CPU one: there the network's threads need the cores."""
+    if setting is not None:
+        return setting
+    if device.type != "cuda":
+        return 1
+    return max(1, min(12, len(os.sched_getaffinity(0)) - 2))
 
 
 def autocast_dtype(device: torch.device, amp: bool, choice: str = "auto") -> torch.dtype | None:

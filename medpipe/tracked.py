@@ -26,6 +26,9 @@ FAILURE = "failure"  # why a run did not finish: its error's first line
 TRAIN_LOSS = "train_loss"
 LEARNING_RATE = "lr"
 EPOCH_SECONDS = "epoch_seconds"
+# of it, the seconds the loop waited for the loader's next batch: on a GPU, time the device
+# sat idle for want of data (each step ends in a host sync, so the wait is not hidden)
+DATA_WAIT_SECONDS = "data_wait_seconds"
 VAL_SECONDS = "val_seconds"
 VAL_DICE = "val_dice"  # the validation score that picks the `best` checkpoint
 EPOCH_SAMPLES = "epoch_samples"  # patches or pairs drawn in the epoch

@@ -14,6 +14,7 @@ never stopped.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -224,7 +225,14 @@ class Trainer:
         start = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
         skipped, in_a_row, norms = 0, 0, []
-        for iteration, batch in enumerate(self.task.batches(self.epoch, self.processes)):
+        waited = 0.0
+        batches = iter(self.task.batches(self.epoch, self.processes))
+        for iteration in itertools.count():
+            asked = time.perf_counter()
+            batch = next(batches, None)
+            waited += time.perf_counter() - asked
+            if batch is None:
+                break
             self.optimizer.zero_grad(set_to_none=True)
             with self._autocast():
                 loss, count = self.task.loss(self.step_model, batch, device)
@@ -274,6 +282,7 @@ class Trainer:
             tracked.LEARNING_RATE: lr,
             tracked.throughput(self.task.unit): samples / seconds,
             tracked.EPOCH_SECONDS: seconds,
+            tracked.DATA_WAIT_SECONDS: waited,
             tracked.EPOCH_SAMPLES: samples,
         }
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from medpipe.config import PipelineConfig
 from medpipe.data.layout import scan_dataset
 from medpipe.data.splits import fold_case_ids
-from medpipe.device import pick_device
+from medpipe.device import loader_workers, pick_device
 from medpipe.errors import MedpipeError
 from medpipe.figures import plot_registration
 from medpipe.io import write_json
@@ -208,7 +208,8 @@ def registration_setup(config: PipelineConfig, model: str, fold: int,
     ]
     loss = RegistrationLoss(settings, n_classes=len(spec.labels),
                             inverse_consistency=spec.model_options.inverse_consistency)
-    task = RegistrationTask(dataset, validation, loss, num_workers=training.num_workers,
+    task = RegistrationTask(dataset, validation, loss,
+                            num_workers=loader_workers(training.num_workers, device),
                             pin_memory=device.type == "cuda")
     return RunSetup(folder, spec, plans, network, task, device, processes)
 

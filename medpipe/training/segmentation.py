@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from medpipe.config import PipelineConfig, TrainingConfig
 from medpipe.data.labels import REGION_THRESHOLD, LabelScheme
-from medpipe.device import pick_device, require_memory
+from medpipe.device import loader_workers, pick_device, require_memory
 from medpipe.figures import plot_segmentation_overlay
 from medpipe.metrics import dice_per_class, dice_per_region
 from medpipe.models import NetworkShape, build_model, fit_patch_size, model_spec
@@ -216,7 +216,7 @@ def segmentation_setup(config: PipelineConfig, model: str, fold: int,
     task = SegmentationTask(
         dataset, load_labelled_cases(config.preprocessed_dir, spec.val_cases),
         labels=spec.label_scheme, batch_dice=spec.batch_dice,
-        overlap=training.val_overlap, num_workers=training.num_workers,
+        overlap=training.val_overlap, num_workers=loader_workers(training.num_workers, device),
         pin_memory=device.type == "cuda",
     )
     return RunSetup(folder, spec, plans, network, task, device, processes)
