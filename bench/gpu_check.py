@@ -14,11 +14,11 @@ On the lent GPU machine, as one call of the device tool (carry: bench/work/gpu_c
         && python3 bench/gpu_check.py --out $OUT/gpu.json
 
 `--prepare` builds the demo's brains at 3 mm (6 cases, planned and preprocessed: 17 MiB, the
-raw scans left behind) into bench/work/gpu_check/data and downloads the wheels of bench/gpu_wheels.txt (what the GPU
-machine lacks: MONAI, pydantic, nibabel, batchgenerators; about 8 MiB, not SimpleITK's 50
-MiB nor MLflow: training from preprocessed data with tracking off needs neither) into
-bench/work/gpu_check/wheels. Both folders travel with the code (`make gpu-check-data`; the
-device tool's `carry`).
+raw scans left behind) into bench/work/gpu_check/data and downloads the wheels of
+bench/gpu_wheels.txt (what the GPU machine lacks: MONAI, pydantic, nibabel, batchgenerators;
+about 8 MiB, not SimpleITK's 50 MiB nor MLflow: training from preprocessed data with tracking
+off needs neither) into bench/work/gpu_check/wheels. Both travel with the code (`make
+gpu-check-data`; the device tool's `carry`).
 
 Per model (each model's planned patch and batch, its default widths, nnU-Net's augmentation
 on, loader workers chosen from the CPU count, bf16 autocast; nnunet once more in fp16 with a

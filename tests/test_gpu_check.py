@@ -40,3 +40,20 @@ def test_the_gpu_check_runs_without_simpleitk_or_mlflow(tiny_pipeline, tmp_path)
         assert 0 <= row["data_wait_share"] < 1
         assert row["inference_seconds"] > 0 and row["loader_workers"] == 1
         assert row["peak_gpu_memory_mb"] is None and row["gpu_utilisation_percent"] is None
+
+
+def test_loader_workers_follow_the_device_and_the_cpu_count(monkeypatch):
+    import os
+
+    import torch
+
+    from medpipe.device import loader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16)))
+    assert loader_workers(None, torch.device("cuda")) == 12  # nnU-Net's default, at most
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(6)))
+    assert loader_workers(None, torch.device("cuda")) == 4  # the cores less two
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0})
+    assert loader_workers(None, torch.device("cuda")) == 1
+    assert loader_workers(None, torch.device("cpu")) == 1  # the cores are the network's
+    assert loader_workers(3, torch.device("cpu")) == 3  # a setting is kept
