@@ -11,11 +11,13 @@ file that keeps fold 0's validation cases and only K of its training cases.
 
 With --unlabelled, each K is run instead with fold 0's other training subjects as unlabelled
 scans (a dataset folder beside the JSON whose imagesTrUnlabelled links their images): what
-scans without labels add to K labelled ones. Rows are merged into the JSON by (K, unlabelled).
+scans without labels add to K labelled ones. --set KEY=VALUE (config overrides, e.g.
+models.pyramid.options.global_stage=none) trains a variant, named in its row. Rows are merged
+into the JSON by (K, unlabelled, overrides).
 Writes bench/results/registration_subjects.json.
 
     python bench/registration_subjects.py --config configs/demo.yaml [--subjects 2 4 9]
-        [--pairs 20] [--budget 100] [--model pyramid] [--unlabelled]
+        [--pairs 20] [--budget 100] [--model pyramid] [--unlabelled] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=100, help="training pairs per run")
     parser.add_argument("--unlabelled", action="store_true",
                         help="fold 0's other training subjects as unlabelled scans")
+    parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides for a variant")
     args = parser.parse_args()
 
     from medpipe.config import load_config
@@ -52,7 +56,8 @@ def main() -> None:
         if k > len(train_ids):
             raise SystemExit(f"fold 0 has {len(train_ids)} training subjects, not {k}")
         extra = train_ids[k:] if args.unlabelled else []
-        name = f"{args.model}_{k}" + (f"_unlabelled_{len(extra)}" if extra else "")
+        name = (f"{args.model}_{k}" + (f"_unlabelled_{len(extra)}" if extra else "")
+                + "".join(f"_{o.rsplit('.', 1)[-1]}" for o in args.overrides))
         results = WORK / "registration_subjects" / name
         results.mkdir(parents=True, exist_ok=True)
         dataset = base.dataset
@@ -81,32 +86,35 @@ def main() -> None:
         config = load_config(args.config, [
             f"results={results}", f"dataset={dataset}", "tracking.enabled=false",
             f"registration.eval_pairs={args.pairs}",
-            f"models.{args.model}.training.budget_samples={args.budget}"])
+            f"models.{args.model}.training.budget_samples={args.budget}", *args.overrides])
         run = train_registration(config, args.model, 0, results / "run", progress=False)
         # the run's own training time (a finished run is resumed, not retrained)
         minutes = json.loads((run / "training.json").read_text())["training_seconds"] / 60
         summary = evaluate_registration(config, args.model, 0, run, device="auto")
         row = {"subjects": k, "training_cases": train_ids[:k], "unlabelled_scans": extra,
-               "pairs_seen": args.budget,
+               "overrides": args.overrides, "pairs_seen": args.budget,
                "training_minutes": minutes, "test_pairs": summary["pairs"],
                "mean_dice": summary["mean_dice"]["mean"], "sd": summary["mean_dice"]["std"],
                "folding_percent": summary["folding_percent"]["mean"],
                "seconds_per_pair": summary["seconds"]["mean"]}
         print(row, flush=True)
-        rows = [r for r in rows if (r["subjects"], len(r.get("unlabelled_scans", [])))
-                != (k, len(extra))] + [row]
-    rows.sort(key=lambda r: (r["subjects"], len(r.get("unlabelled_scans", []))))
-    table = [[r["subjects"], len(r.get("unlabelled_scans", [])), r["pairs_seen"],
-              r["training_minutes"], r["mean_dice"], r["sd"], r["folding_percent"]]
-             for r in rows]
+        rows = [r for r in rows if key(r) != key(row)] + [row]
+    rows.sort(key=key)
+    table = [[r["subjects"], len(r.get("unlabelled_scans", [])), " ".join(r.get("overrides", [])),
+              r["pairs_seen"], r["training_minutes"], r["mean_dice"], r["sd"],
+              r["folding_percent"]] for r in rows]
     write_results("registration_subjects",
                   {"config": str(args.config), "model": args.model, "rows": rows},
-                  ["labelled subjects", "unlabelled scans", "pairs seen", "training min",
-                   "mean Dice", "SD", "folding %"], table,
+                  ["labelled subjects", "unlabelled scans", "variant", "pairs seen",
+                   "training min", "mean Dice", "SD", "folding %"], table,
                   notes=f"{args.model} trained on the first K training subjects of fold 0 "
                         "(and, where counted, the others as unlabelled scans) with the pairs "
                         f"seen each, scored by forward passes on {args.pairs} held-out test "
                         "pairs (evaluate-reg's scoring).")
+
+
+def key(row: dict) -> tuple:
+    return row["subjects"], len(row.get("unlabelled_scans", [])), row.get("overrides", [])
 
 
 if __name__ == "__main__":

@@ -65,6 +65,19 @@ class _MainOutput(nn.Module):
         return main_output(self.network(patch))
 
 
+class _AllParts(nn.Module):
+    """A registration network with its global stage's share of the field as a third output
+    (zeros without one): instance optimisation leaves it out of its penalty."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        warped, ddf, global_ddf = self.network(moving, fixed, parts=True)
+        return warped, ddf, torch.zeros_like(ddf) if global_ddf is None else global_ddf
+
+
 def export_onnx(source: str | Path, output: str | Path, checkpoint: str = "best") -> Path:
     """Write the network of the one fold SOURCE names (a run folder, checkpoint or models:/
     URI) to OUTPUT (.onnx), its run description and plans inside as metadata."""
@@ -87,8 +100,9 @@ def export_onnx(source: str | Path, output: str | Path, checkpoint: str = "best"
         module = _MainOutput(network)
     else:  # one pair on the network's padded grid
         example = tuple(torch.zeros(1, spec.in_channels, *spec.grid_shape) for _ in range(2))
-        names = {"input_names": ["moving", "fixed"], "output_names": ["warped", "ddf"]}
-        module = network
+        names = {"input_names": ["moving", "fixed"],
+                 "output_names": ["warped", "ddf", "global_ddf"]}
+        module = _AllParts(network)
     with atomic_output(output) as staging:
         try:
             torch.onnx.export(module.eval(), example, str(staging), dynamo=True,
@@ -119,11 +133,18 @@ class OnnxNetwork(nn.Module):
             str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
 
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def forward(self, *tensors: torch.Tensor,
+                parts: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The graph's outputs; for a registration network (warped, ddf), with PARTS its
+        global share too, as the torch network's `parts`."""
         feed = {name: np.ascontiguousarray(t.detach().float().cpu().numpy())
                 for name, t in zip(self.input_names, tensors, strict=True)}
         outputs = tuple(torch.from_numpy(o) for o in self.session.run(None, feed))
-        return outputs[0] if len(outputs) == 1 else outputs
+        if len(outputs) == 1:
+            return outputs[0]
+        if not parts:
+            return outputs[:2]
+        return outputs if len(outputs) == 3 else (*outputs, None)  # exported before 3
 
 
 def read_onnx_model(path: str | Path) -> tuple[OnnxNetwork, AnyRunSpec, Plans]:

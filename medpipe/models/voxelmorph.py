@@ -40,9 +40,12 @@ class FullPrecisionVoxelMorph(VoxelMorph):
     """MONAI's VoxelMorph (same parameters, same state dict) whose transform part, after the
     U-Net, runs in float32 with autocast off: MONAI's own runs it in the autocast dtype."""
 
-    def forward(self, moving: torch.Tensor,
-                fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(moving, self.backbone(torch.cat([moving, fixed], dim=1)))
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor,
+                parts: bool = False) -> tuple[torch.Tensor, ...]:
+        """(warped moving, ddf), and with PARTS None: no global stage (every registration
+        network's signature; see `models.pyramid`)."""
+        warped, ddf = self.transform(moving, self.backbone(torch.cat([moving, fixed], dim=1)))
+        return (warped, ddf, None) if parts else (warped, ddf)
 
     def transform(self, moving: torch.Tensor,
                   field: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,8 @@ network's grid), the refined map being the network's composed with exp(G v) (G: 
 of 1 voxel; exp: scaling and squaring, `medpipe.spatial.integrate`, 4 steps):
 x -> x + w(x) + u(x + w(x)), w = exp(G v), u the network's displacement. It minimises the
 network's own training loss without its label term (LNCC or MSE of the warped moving image
-to the fixed one, plus the diffusion penalty on the whole displacement).
+to the fixed one, plus the diffusion penalty on the whole displacement but a global stage's
+affine).
 
 Why this parametrisation, as measured (demo, 6 pairs; a known warp in the tests): Adam on
 the displacement itself folded 0.15-0.18 % of voxels (the network alone: 0.0006 %) whatever
@@ -33,11 +34,12 @@ SQUARINGS = 4
 
 
 def instance_optimise(ddf: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor,
-                      loss: RegistrationLoss,
-                      settings: InstanceOptimisationSettings) -> torch.Tensor:
+                      loss: RegistrationLoss, settings: InstanceOptimisationSettings,
+                      global_ddf: torch.Tensor | None = None) -> torch.Tensor:
     """DDF (1, 3, X, Y, Z, voxels) after SETTINGS.steps Adam steps on LOSS's image terms
     for MOVING warped onto FIXED (both (1, C, X, Y, Z) on the ddf's grid); fp32, autocast
-    off whatever the caller has on."""
+    off whatever the caller has on. GLOBAL_DDF: the network's affine share of DDF, left out
+    of the diffusion penalty as in training."""
     ddf = ddf.detach().float()
     moving, fixed = moving.float(), fixed.float()
     velocity = torch.zeros_like(ddf, requires_grad=True)
@@ -52,7 +54,7 @@ def instance_optimise(ddf: torch.Tensor, moving: torch.Tensor, fixed: torch.Tens
             optimiser.zero_grad(set_to_none=True)
             field = refined()
             value = loss.image_terms(warp(moving, field, padding_mode="border"), fixed, field,
-                                     settings.regularisation)
+                                     settings.regularisation, global_ddf)
             value.backward()
             optimiser.step()
         with torch.no_grad():

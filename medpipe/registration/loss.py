@@ -58,12 +58,14 @@ class RegistrationLoss(nn.Module):
 
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor, ddf: torch.Tensor,
                 moving_labels: torch.Tensor, fixed_labels: torch.Tensor,
-                labelled: torch.Tensor | None = None) -> torch.Tensor:
+                labelled: torch.Tensor | None = None,
+                global_ddf: torch.Tensor | None = None) -> torch.Tensor:
         """LABELLED (a bool per pair; None: all) marks the pairs whose label maps are real:
         the Dice term is their mean, weighted by their share of the batch, so a pair of
         unlabelled scans adds image terms only and a labelled pair weighs the same in any
-        batch."""
-        loss = self.image_terms(warped, fixed, ddf)
+        batch. GLOBAL_DDF: the share of DDF a network's global stage made (see
+        `image_terms`)."""
+        loss = self.image_terms(warped, fixed, ddf, global_ddf=global_ddf)
         with full_precision(ddf):
             if labelled is None:
                 labelled = torch.ones(len(ddf), dtype=torch.bool, device=ddf.device)
@@ -78,12 +80,18 @@ class RegistrationLoss(nn.Module):
         return loss
 
     def image_terms(self, warped: torch.Tensor, fixed: torch.Tensor, ddf: torch.Tensor,
-                    regularisation: float | None = None) -> torch.Tensor:
+                    regularisation: float | None = None,
+                    global_ddf: torch.Tensor | None = None) -> torch.Tensor:
         """Similarity + weighted diffusion (what instance optimisation minimises: no labels
-        at inference). In fp32 with autocast off (casting the inputs is not enough: autocast
-        would run LNCC's box-filter convolutions in bf16 again): LNCC divides local
-        variances that bf16 cannot hold; under bf16 it diverged to -1e6 within 200 pairs."""
+        at inference). The diffusion is of DDF less GLOBAL_DDF, the displacement of a
+        network's affine stage (none: all of DDF): an affine's gradient is the same at
+        every voxel, so penalising it would charge a global scaling or rotation everywhere,
+        as ANTs and VoxelMorph leave their affine stages unregularised. In fp32 with
+        autocast off (casting the inputs is not enough: autocast would run LNCC's box-filter
+        convolutions in bf16 again): LNCC divides local variances that bf16 cannot hold;
+        under bf16 it diverged to -1e6 within 200 pairs."""
         weight = self.regularisation if regularisation is None else regularisation
         with full_precision(warped):
+            local = ddf.float() if global_ddf is None else ddf.float() - global_ddf.float()
             return (self.similarity(warped.float(), fixed.float())
-                    + weight * self.smoothness(ddf.float()))
+                    + weight * self.smoothness(local))

@@ -74,16 +74,21 @@ class NetworkRegistration:
         moving_image, fixed_image = self._images(coarse_moving, coarse_fixed, matrix,
                                                  self.spec.grid_shape)
         with torch.no_grad(), autocast(self.device, self.dtype):
-            _, ddf = self.network(moving_image, fixed_image)
+            _, ddf, global_ddf = self.network(moving_image, fixed_image, parts=True)
         grid = coarse_fixed.geometry
         if self.refinement is None:
             return ddf[0].float().cpu().numpy(), grid
         if self.refinement.spacing is not None:  # the prediction onto the refinement's grid
             moving, fixed = (resample_case(c, self.refinement.spacing) for c in (moving, fixed))
-            ddf = resample_ddf(ddf[0].float().cpu(), grid, fixed.geometry, fixed.shape)
-            ddf, grid = ddf[None].to(self.device), fixed.geometry
+            ddf, global_ddf = (
+                None if field is None else resample_ddf(
+                    field[0].float().cpu(), grid, fixed.geometry, fixed.shape)[None].to(
+                    self.device)
+                for field in (ddf, global_ddf))
+            grid = fixed.geometry
             moving_image, fixed_image = self._images(moving, fixed, matrix, fixed.shape)
-        refined = instance_optimise(ddf, moving_image, fixed_image, self.loss, self.refinement)
+        refined = instance_optimise(ddf, moving_image, fixed_image, self.loss, self.refinement,
+                                    global_ddf)
         return refined[0].float().cpu().numpy(), grid
 
     def _images(self, moving: RegistrationCase, fixed: RegistrationCase, matrix: np.ndarray,

@@ -79,17 +79,17 @@ class RegistrationTask:
                           num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def loss(self, model: nn.Module, batch: dict, device: torch.device):
-        tensors = tuple(batch[name].to(device) for name in
+        tensors = tuple(batch[name].to(device, non_blocking=True) for name in
                         ("moving", "fixed", "moving_labels", "fixed_labels"))
-        labelled = batch["labelled"].to(device)
+        labelled = batch["labelled"].to(device, non_blocking=True)
         pairs = len(tensors[0])
         if self.loss_function.inverse_consistency > 0:  # every pair both ways
             tensors = symmetric_batch(*tensors)
             labelled = torch.cat([labelled, labelled])
         moving, fixed, moving_labels, fixed_labels = tensors
-        warped, ddf = model(moving, fixed)
-        return (self.loss_function(warped, fixed, ddf, moving_labels, fixed_labels, labelled),
-                pairs)
+        warped, ddf, global_ddf = model(moving, fixed, parts=True)
+        return (self.loss_function(warped, fixed, ddf, moving_labels, fixed_labels, labelled,
+                                   global_ddf), pairs)
 
     def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         per_pair, folding = [], []
