@@ -32,7 +32,13 @@ the default 8-16-32-32 / 16-32-32-32 at four levels trains at about a step per s
 the demo's 3 mm grid on two cores. The transform part (warps, integration, composition,
 upsampling) runs in float32 under any autocast (`medpipe.spatial`).
 
-Forward: `net(moving, fixed) -> (warped moving, ddf)`.
+Optionally (`global_stage: affine`) a learned affine stage comes first (`AffineStage`: a
+weighted least-squares fit of displacements predicted on the coarsest correlation), the map
+being x -> A(x + u(x)), the affine left out of the smoothness penalty; off by default, as it
+measured no better (see `PyramidOptions.global_stage`).
+
+Forward: `net(moving, fixed) -> (warped moving, ddf)`; `net(moving, fixed, parts=True)` adds
+the affine stage's share of the ddf (None without one), which the penalty leaves out.
 """
 
 from __future__ import annotations
@@ -143,6 +149,7 @@ class AffineStage(nn.Module):
     left the global misalignment partly unrecovered (demo, 3 unseen pairs at 3 mm: 0.720 by
     forward passes, 0.781 after an iterative SimpleITK affine), and the diffusion penalty
     charges every voxel for a global scaling or rotation. The affine is exempt from it.
+    Measured, it did not close that gap (`options.global_stage`, off by default).
     """
 
     RIDGE = 1e-4  # pulls an ill-posed fit (confidence on a plane) towards the identity
@@ -166,7 +173,7 @@ class AffineStage(nn.Module):
             displacement = out[:, :3].flatten(2).transpose(1, 2) * self.STEP
             targets = points[:, :3] + displacement * 2 / size
             # half the weight spread evenly: the fit stays posed however the confidences
-            # concentrate (a softmax alone let one corner's voxels decide, and diverged)
+            # concentrate (a softmax alone can hand the fit to a few voxels on a plane)
             weights = 0.5 * (torch.softmax(out[:, 3].flatten(1), dim=1) + 1 / out[0, 3].numel())
             weights = weights[..., None]  # (B, N, 1)
             normal = points.T @ (weights * points)  # (B, 4, 4)
