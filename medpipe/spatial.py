@@ -82,3 +82,15 @@ def upsample_field(ddf: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
                              device=ddf.device).view(1, -1, 1, 1, 1)
         return torch.nn.functional.interpolate(ddf.float(), size=tuple(shape),
                                                mode="trilinear", align_corners=False) * scale
+
+
+def voxel_map_field(voxel_maps: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """(B, 3, *SHAPE) displacements, in voxels, of the affine maps VOXEL_MAPS (B, 4, 4:
+    voxel index x on this grid -> index M x on another, column vectors), in float32: with
+    `warp`, an image on the other grid resampled onto this one."""
+    with full_precision(voxel_maps):
+        axes = [torch.arange(n, device=voxel_maps.device, dtype=torch.float32) for n in shape]
+        points = torch.stack(torch.meshgrid(*axes, indexing="ij")).reshape(3, -1)  # (3, N)
+        maps = voxel_maps.float()
+        moved = maps[:, :3, :3] @ points + maps[:, :3, 3:]  # (B, 3, N)
+        return (moved - points).reshape(len(maps), 3, *shape)

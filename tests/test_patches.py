@@ -64,6 +64,25 @@ def test_every_patch_is_a_function_of_seed_epoch_and_index():
     assert not torch.equal(a[5]["image"], b[5]["image"])
 
 
+def test_one_loader_keeps_its_workers_and_gives_them_each_epoch():
+    """The run's loader starts its worker once: the epoch reaches it with every key, so
+    epoch 1 through the kept worker equals epoch 1 drawn in this process."""
+    from medpipe.sampling import EpochLoader
+
+    dataset = PatchDataset([small_case(0), small_case(1)], (16, 16, 16), 2, 3, seed=7,
+                           augment=Augmenter((16, 16, 16)))
+    loader = EpochLoader(dataset, num_workers=1)
+    first = list(loader.epoch(0))
+    workers = [w.pid for w in loader.loader._iterator._workers]
+    second = list(loader.epoch(1))
+    assert [w.pid for w in loader.loader._iterator._workers] == workers  # the same process
+    dataset.set_epoch(1)
+    for step, batch in enumerate(second):
+        expected = torch.stack([dataset[i]["image"] for i in range(2 * step, 2 * step + 2)])
+        assert torch.equal(batch["image"], expected)
+    assert not torch.equal(first[0]["image"], second[0]["image"])
+
+
 def test_augmentation_keeps_labels_integer_and_shapes():
     augmenter = Augmenter((16, 16, 16))
     assert augmenter.input_size == (25, 25, 25)  # cut larger, the final patch from its centre

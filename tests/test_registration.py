@@ -76,6 +76,51 @@ def known_warp(iterations: int) -> tuple[np.ndarray, PairDataset, ValidationPair
     return truth, dataset, pair
 
 
+def test_a_batch_of_pairs_is_resampled_on_the_device_as_scipy_resamples_one():
+    """The loader only pads; `onto_fixed_grid` resamples a whole batch with torch. Against
+    scipy's `affine_transform` (an independent implementation; "grid-constant": within a
+    voxel of the moving grid's edge, points blend towards the fill value, where scipy's
+    "constant" would jump to it), for cases on different
+    grids and a rotation + scaling + shift between them: images within float error,
+    labels equal but where a point falls halfway between two voxels."""
+    from scipy.ndimage import affine_transform
+    from scipy.spatial.transform import Rotation
+
+    from medpipe.registration.pairs import onto_fixed_grid, padded_pair
+
+    rng = np.random.default_rng(0)
+    moving_image = textured_image((20, 18, 16), seed=1)
+    labels = (moving_image > 2.3).astype(np.int64) + (moving_image > 3.0)
+    moving = RegistrationCase("m", moving_image[None], labels,
+                              Geometry(spacing=(2.0, 2.2, 2.5), origin=(3.0, -4.0, 1.0)))
+    fixed = RegistrationCase("f", textured_image((18, 20, 14), seed=2)[None],
+                             np.zeros((18, 20, 14), np.int64),
+                             Geometry(spacing=(2.1, 2.0, 2.4), origin=(0.0, 0.0, 0.0)))
+    shape = (22, 22, 18)
+    batch, expected = [], []
+    for seed in range(2):
+        matrix = np.eye(4)
+        matrix[:3, :3] = Rotation.from_rotvec(rng.normal(0, 0.1, 3)).as_matrix() * 1.05
+        matrix[:3, 3] = rng.normal(0, 2.0, 3)
+        arrays = padded_pair(moving, fixed, matrix, shape)
+        batch.append(arrays)
+        voxel_map = arrays["voxel_map"].astype(np.float64)
+        linear, offset = voxel_map[:3, :3], voxel_map[:3, 3]
+        expected.append((
+            affine_transform(moving_image, linear, offset, output_shape=shape, order=1,
+                             mode="grid-constant", cval=float(moving_image.min())),
+            affine_transform(labels, linear, offset, output_shape=shape, order=0,
+                             mode="grid-constant", cval=0)))
+    stacked = {k: torch.stack([torch.from_numpy(a[k]) for a in batch]) for k in batch[0]}
+    images, moved_labels = onto_fixed_grid(stacked["moving"], stacked["moving_labels"],
+                                           stacked["voxel_map"])
+    assert images.shape == (2, 1, *shape) and moved_labels.dtype == torch.int64
+    for index, (image, label) in enumerate(expected):
+        assert np.abs(images[index, 0].numpy() - image).max() < 1e-4
+        assert (moved_labels[index, 0].numpy() != label).mean() < 1e-3
+        assert len(np.unique(label)) == 3
+
+
 def end_point_error(net, pair: ValidationPair, truth: np.ndarray) -> tuple[np.ndarray, float,
                                                                               float]:
     """The trained NET's field on PAIR, and its mean end-point error and the mean |u| (voxels)

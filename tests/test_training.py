@@ -188,43 +188,75 @@ class _LossWithNaNs:
         return {"score": 0.0}
 
 
-def _nan_trainer(task, folder, epochs=1):
+def _nan_trainer(task, folder, epochs=1, fused=False, sync_every=None):
+    """FUSED: the optimizer skips a bad step on the device (found_inf) and the engine reads
+    the device every SYNC_EVERY steps; otherwise it reads it every step."""
     from medpipe.training.engine import EngineSettings, Trainer
 
     torch.manual_seed(0)
     net = torch.nn.Conv3d(1, 1, 1)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, fused=fused)
     return Trainer(net, task, optimizer, torch.optim.lr_scheduler.ConstantLR(optimizer),
                    EngineSettings(epochs=epochs, iterations_per_epoch=task.iterations,
-                                  val_every=1), folder)
+                                  val_every=1, sync_every=sync_every), folder)
 
 
-def test_a_diverging_loss_stops_training_before_the_step(tmp_path):
+@pytest.mark.parametrize("fused, sync_every", [(False, None), (True, 4)])
+def test_a_diverging_loss_stops_training_before_the_step(tmp_path, fused, sync_every):
     """Three non-finite losses in a row are an error naming where it happened, and the
-    weights are not updated with any of them."""
+    weights are not updated with any of them (read late, when the device is read every 4
+    steps, but named exactly)."""
     from medpipe.errors import MedpipeError
 
-    trainer = _nan_trainer(_LossWithNaNs(nan_at={0, 1, 2}), tmp_path / "checkpoints")
+    trainer = _nan_trainer(_LossWithNaNs(nan_at={0, 1, 2}, iterations=6),
+                           tmp_path / "checkpoints", fused=fused, sync_every=sync_every)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     with pytest.raises(MedpipeError, match="training diverged: the loss is nan at epoch 1, "
                                            "iteration 3, 3 non-finite steps in a row"):
         trainer.fit()
-    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    if not fused:  # read at once: no step after the third
+        assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 
 
-def test_a_single_non_finite_step_is_skipped_counted_and_training_goes_on(tmp_path):
+@pytest.mark.parametrize("fused, sync_every", [(False, None), (True, 3)])
+def test_a_single_non_finite_step_is_skipped_counted_and_training_goes_on(tmp_path, fused,
+                                                                          sync_every):
     """A lone NaN loss skips its step, as GradScaler skips an fp16 overflow: the run ends
     with the weights of a run that never drew that batch, and the skip is recorded."""
-    skipping = _nan_trainer(_LossWithNaNs(nan_at={1}, iterations=4), tmp_path / "a")
+    skipping = _nan_trainer(_LossWithNaNs(nan_at={1}, iterations=4), tmp_path / "a",
+                            fused=fused, sync_every=sync_every)
     history = skipping.fit()
     assert history[0]["skipped_steps"] == 1 and skipping.summary()["skipped_steps"] == 1
     assert history[0]["epoch_samples"] == 4  # the budget was drawn, one step not taken
     # the same updates as a run of the 3 finite steps only (SGD without momentum)
-    clean = _nan_trainer(_LossWithNaNs(nan_at=set(), iterations=3), tmp_path / "b")
+    clean = _nan_trainer(_LossWithNaNs(nan_at=set(), iterations=3), tmp_path / "b",
+                         fused=fused)
     clean.fit()
     for key, value in skipping.model.state_dict().items():
         assert torch.allclose(value, clean.model.state_dict()[key])
     assert math.isfinite(history[0]["train_loss"]) and math.isfinite(history[0]["grad_norm"])
+
+
+def test_a_fused_optimizer_steps_without_reading_the_device(tmp_path, monkeypatch):
+    """Between reads (every `sync_every` steps) nothing asks the device for a value: the
+    number of host reads of an epoch does not grow with its steps."""
+    reads = []
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, **kwargs):
+            reads.append(1)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    counts = []
+    for iterations in (4, 12):
+        trainer = _nan_trainer(_LossWithNaNs(nan_at=set(), iterations=iterations),
+                               tmp_path / str(iterations), fused=True, sync_every=100)
+        reads.clear()
+        trainer.train_epoch()
+        counts.append(len(reads))
+    assert counts[0] == counts[1] and counts[0] < 20
 
 
 def _mixed_precision_trainer(folder, epochs, amp_dtype):

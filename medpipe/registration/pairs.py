@@ -25,13 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import affine_transform, center_of_mass
+from scipy.ndimage import center_of_mass
 
 from medpipe.config import ClassicalSettings
 from medpipe.errors import DatasetError
 from medpipe.io import Geometry, Volume
 from medpipe.preprocessing import load_labelled_cases, load_preprocessed, resized_geometry
 from medpipe.sampling import EpochDataset
+from medpipe.spatial import voxel_map_field, warp
 
 
 @dataclass(frozen=True)
@@ -158,27 +159,51 @@ def pair_matrix(matrices: dict[str, list] | None, moving: str, fixed: str) -> np
 def pair_arrays(moving: RegistrationCase, fixed: RegistrationCase, matrix: np.ndarray,
                 shape: Sequence[int]) -> dict[str, np.ndarray]:
     """Both images and (where both cases have them) label maps of a pair on the fixed
-    case's grid padded to SHAPE.
+    case's grid padded to SHAPE (`padded_pair`, then `onto_fixed_grid`).
 
     Image padding (and moving-image points outside its own grid) take each image's
     minimum, the background of a normalised scan; labels take 0.
     """
+    arrays = padded_pair(moving, fixed, matrix, shape)
+    tensors = {name: torch.from_numpy(array)[None] for name, array in arrays.items()}
+    moved = onto_fixed_grid(tensors["moving"], tensors.get("moving_labels"),
+                            tensors.pop("voxel_map"))
+    tensors["moving"], labels = moved
+    if labels is not None:
+        tensors["moving_labels"] = labels
+    return {name: tensor[0].numpy() for name, tensor in tensors.items()}
+
+
+def padded_pair(moving: RegistrationCase, fixed: RegistrationCase, matrix: np.ndarray,
+                shape: Sequence[int]) -> dict[str, np.ndarray]:
+    """A pair before resampling, every array padded to SHAPE: the moving image and labels
+    still on the moving case's grid, and `voxel_map` (fixed voxel index -> moving voxel
+    index, float32 4x4) that `onto_fixed_grid` applies. The loader sends this (a copy), the
+    device resamples the whole batch at once."""
     shape = tuple(int(n) for n in shape)
     # fixed voxel index -> fixed physical point -> moving physical point -> moving index
     voxel_map = np.linalg.inv(moving.geometry.affine_lps) @ matrix @ fixed.geometry.affine_lps
-    linear, offset = voxel_map[:3, :3], voxel_map[:3, 3]
-    moving_image = np.stack([
-        affine_transform(channel, linear, offset, output_shape=shape, order=1,
-                         cval=float(channel.min()))
-        for channel in moving.image
-    ]).astype(np.float32)
-    arrays = {"moving": moving_image, "fixed": _pad(fixed.image, shape, per_channel_min=True)}
+    arrays = {"moving": _pad(moving.image, shape, per_channel_min=True),
+              "fixed": _pad(fixed.image, shape, per_channel_min=True),
+              "voxel_map": voxel_map.astype(np.float32)}
     if moving.labels is not None and fixed.labels is not None:
-        moving_labels = affine_transform(moving.labels, linear, offset, output_shape=shape,
-                                         order=0, cval=0)
-        arrays["moving_labels"] = moving_labels.astype(np.int64)[None]
+        arrays["moving_labels"] = _pad(moving.labels[None].astype(np.int64), shape)
         arrays["fixed_labels"] = _pad(fixed.labels[None].astype(np.int64), shape)
     return arrays
+
+
+def onto_fixed_grid(moving: torch.Tensor, labels: torch.Tensor | None,
+                    voxel_maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch of padded moving images (B, C, *S) and label maps (B, 1, *S) resampled onto
+    their fixed grids through VOXEL_MAPS (B, 4, 4), trilinear and nearest-neighbour, in
+    float32 (`spatial.warp`); points outside the moving grid take the image's minimum and
+    label 0, as the padding does."""
+    field = voxel_map_field(voxel_maps.to(moving.device), tuple(moving.shape[2:]))
+    floor = moving.flatten(2).amin(dim=2)[..., None, None, None].float()
+    moved = warp(moving.float() - floor, field) + floor
+    if labels is not None:
+        labels = warp(labels.float(), field, mode="nearest").round().to(labels.dtype)
+    return moved, labels
 
 
 def _pad(array: np.ndarray, shape: Sequence[int], per_channel_min: bool = False) -> np.ndarray:
@@ -228,15 +253,15 @@ class PairDataset(EpochDataset):
         self.seed = seed
         self.atlas = atlas
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+    def sample(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, epoch, index])
         if self.atlas is not None:
             moving, fixed = self.cases[rng.integers(len(self.cases))], self.atlas
         else:
             first, second = rng.choice(len(self.cases), size=2, replace=False)
             moving, fixed = self.cases[first], self.cases[second]
         matrix = pair_matrix(self.matrices, moving.case_id, fixed.case_id)
-        arrays = pair_arrays(moving, fixed, matrix, self.shape)
+        arrays = padded_pair(moving, fixed, matrix, self.shape)  # resampled by the task
         labelled = "moving_labels" in arrays
         if not labelled:
             empty = np.zeros((1, *self.shape), dtype=np.int64)

@@ -57,7 +57,8 @@ class ProgressPrinter(Callback):
     def on_iteration_end(self, trainer: Trainer, iteration: int, loss: float) -> None:
         elapsed = time.perf_counter() - self.epoch_start
         batch = getattr(getattr(trainer.task, "dataset", None), "batch_size", 1)
-        self.progress.update(self.task_id, advance=1, loss=loss,
+        done = trainer.epoch * trainer.settings.iterations_per_epoch + iteration + 1
+        self.progress.update(self.task_id, completed=done, loss=loss,
                              rate=(iteration + 1) * batch / max(elapsed, 1e-9))
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:

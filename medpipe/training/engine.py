@@ -62,6 +62,9 @@ class EngineSettings:
     # a step whose loss or gradient is not finite is skipped (counted as `skipped_steps`), as
     # GradScaler skips an fp16 overflow; this many in a row stop the run as diverged
     nonfinite_limit: int = 3
+    # steps between reads of the device (losses, skip counts, divergence, progress); None:
+    # every step on a CPU (free there), every 25 on a GPU, which then never waits
+    sync_every: int | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
@@ -70,11 +73,75 @@ class Callback:
 
     def on_train_start(self, trainer: Trainer) -> None: ...
 
-    def on_iteration_end(self, trainer: Trainer, iteration: int, loss: float) -> None: ...
+    def on_iteration_end(self, trainer: Trainer, iteration: int, loss: float) -> None:
+        """After ITERATION (0-based, within the epoch) whenever the engine reads the device
+        (`EngineSettings.sync_every`), with the mean loss since the last call."""
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
 
     def on_train_end(self, trainer: Trainer) -> None: ...
+
+
+class StepRecord:
+    """An epoch's step outcomes, kept on the device until read: the losses and gradient
+    norms of the steps taken, the skipped steps, and the first run of NONFINITE_LIMIT
+    problem steps in a row (a non-finite loss, or gradient outside fp16's loss scaling)."""
+
+    def __init__(self, device: torch.device, limit: int) -> None:
+        zero = torch.zeros((), device=device)
+        self.limit = limit
+        self.loss_sum, self.losses, self.skipped, self.run = zero, zero, zero, zero
+        self.norm_sum, self.norms, self.norm_max = zero, zero, torch.full_like(zero, -math.inf)
+        self.hit = torch.full_like(zero, -1)  # the iteration that completed the run, or -1
+        self.hit_loss, self.hit_norm = zero, zero
+        self.window_sum, self.window_n, self.last_iteration = zero, zero, None
+
+    def add(self, iteration: int, loss: torch.Tensor, norm: torch.Tensor,
+            overflow_is_expected: bool) -> None:
+        loss, norm = loss.float(), norm.float()
+        bad_loss, bad_norm = ~torch.isfinite(loss), ~torch.isfinite(norm)
+        problem = bad_loss | (bad_norm & (not overflow_is_expected))
+        taken = ~(bad_loss | bad_norm)
+        self.skipped = self.skipped + (bad_loss | bad_norm).float()
+        kept_loss = torch.where(problem, 0.0, loss)
+        self.loss_sum, self.losses = self.loss_sum + kept_loss, self.losses + (~problem).float()
+        self.window_sum = self.window_sum + kept_loss
+        self.window_n = self.window_n + (~problem).float()
+        kept_norm = torch.where(taken, norm, 0.0)
+        self.norm_sum, self.norms = self.norm_sum + kept_norm, self.norms + taken.float()
+        self.norm_max = torch.maximum(self.norm_max, torch.where(taken, norm, -math.inf))
+        self.run = (self.run + 1) * problem.float()
+        first = (self.run >= self.limit) & (self.hit < 0)
+        self.hit = torch.where(first, float(iteration), self.hit)
+        self.hit_loss = torch.where(first, loss, self.hit_loss)
+        self.hit_norm = torch.where(first, norm, self.hit_norm)
+        self.last_iteration = iteration
+
+    def divergence(self) -> tuple[int, str] | None:
+        """(iteration, what was not finite) of the first run of problem steps, or None."""
+        hit = int(self.hit)
+        if hit < 0:
+            return None
+        loss, norm = float(self.hit_loss), float(self.hit_norm)
+        return hit, (f"the loss is {loss}" if not math.isfinite(loss)
+                     else f"the gradient norm is {norm}")
+
+    def window(self) -> tuple[int | None, float]:
+        """The last iteration and the mean loss since the last call."""
+        n = float(self.window_n)
+        loss = float(self.window_sum) / n if n else math.nan
+        self.window_sum, self.window_n = torch.zeros_like(self.window_sum), torch.zeros_like(
+            self.window_n)
+        return self.last_iteration, loss
+
+    def summary(self) -> dict[str, float]:
+        losses, norms = float(self.losses), float(self.norms)
+        return {
+            tracked.TRAIN_LOSS: float(self.loss_sum) / losses if losses else math.nan,
+            tracked.SKIPPED_STEPS: int(self.skipped),
+            tracked.GRAD_NORM: float(self.norm_sum) / norms if norms else math.nan,
+            tracked.GRAD_NORM_MAX: float(self.norm_max) if norms else math.nan,
+        }
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -217,14 +284,22 @@ class Trainer:
 
     def train_epoch(self) -> dict[str, float]:
         """One epoch of optimisation steps (no validation, no checkpoint): its mean loss,
-        learning rate, throughput and seconds. `fit` calls it; benchmarks time it alone."""
+        learning rate, throughput and seconds. `fit` calls it; benchmarks time it alone.
+
+        A step does not wait for the device: whether its loss and gradient were finite
+        stays on the device (`StepRecord`), and a fused optimizer skips a bad step there
+        (`found_inf`, as GradScaler uses it), so the host reads the counts every
+        `sync_every` steps only. An optimizer without that support is stepped after one
+        read per step."""
         torch.manual_seed(epoch_seed(self.settings.seed, self.epoch))
         self.model.train()
         device = self.settings.device
-        losses, samples = [], 0
+        skips_on_device = getattr(self.optimizer, "_step_supports_amp_scaling", False)
+        sync_every = self.settings.sync_every or (1 if device.type == "cpu" else 25)
+        record = StepRecord(device, self.settings.nonfinite_limit)
+        samples = 0
         start = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
-        skipped, in_a_row, norms = 0, 0, []
         waited = 0.0
         batches = iter(self.task.batches(self.epoch, self.processes))
         for iteration in itertools.count():
@@ -239,52 +314,54 @@ class Trainer:
             # the global batch's loss (every rank's share averaged) and, after DDP's
             # all-reduce, one gradient: every rank takes the same decision below
             global_loss = mean_over_ranks(loss.detach(), self.processes)
-            problem = None
-            if not torch.isfinite(global_loss):
-                problem = f"the loss is {float(global_loss)}"
-            else:
-                self.scaler.scale(loss).backward()
-                self.scaler.unscale_(self.optimizer)
-                norm = nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                self.settings.grad_clip or math.inf)
-                if torch.isfinite(norm):
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                    norms.append(float(norm))
-                elif self.scaler.is_enabled():  # fp16 overflow: the scaler skips the step
-                    self.scaler.step(self.optimizer)  # and lowers its scale (expected while
-                    self.scaler.update()  # it finds its level): counted, not a divergence
-                    skipped += 1
-                else:
-                    problem = f"the gradient norm is {float(norm)}"
-            if problem is None:
-                in_a_row = 0
-                losses.append(float(global_loss))
-            else:  # skipped, the weights untouched; several in a row end the run
-                skipped, in_a_row = skipped + 1, in_a_row + 1
-                self.optimizer.zero_grad(set_to_none=True)
-                if in_a_row >= self.settings.nonfinite_limit:
-                    raise MedpipeError(
-                        f"training diverged: {problem} at epoch {self.epoch + 1}, iteration "
-                        f"{iteration + 1}, {in_a_row} non-finite steps in a row; the last "
-                        "checkpoint is from before it (check the data with `medpipe verify`, "
-                        "or lower the learning rate)", self.checkpoint_dir)
+            loss_finite = torch.isfinite(loss.detach())
+            # a non-finite loss makes every gradient non-finite (x/0), so the step is
+            # skipped by the same test as an overflowing gradient, on every rank
+            self.scaler.scale(loss / loss_finite.to(loss.dtype)).backward()
+            self.scaler.unscale_(self.optimizer)
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(),
+                                            self.settings.grad_clip or math.inf)
+            norm_finite = torch.isfinite(norm)
+            if self.scaler.is_enabled():  # fp16: the scaler skips an overflow, lowers its
+                self.scaler.step(self.optimizer)  # scale (expected while it finds its
+                self.scaler.update()  # level): counted, not a divergence
+            elif skips_on_device:
+                self.optimizer.found_inf = (~norm_finite).float()
+                self.optimizer.grad_scale = None
+                self.optimizer.step()
+                del self.optimizer.found_inf, self.optimizer.grad_scale
+            elif norm_finite:  # one read of the device per step
+                self.optimizer.step()
+            record.add(iteration, global_loss, norm, overflow_is_expected=self.scaler.is_enabled())
             self.scheduler.step()  # the schedule follows the budget, taken steps or not
             samples += count * self.processes.world_size
-            for callback in self.callbacks:
-                callback.on_iteration_end(self, iteration, float(global_loss))
+            if (iteration + 1) % sync_every == 0:
+                self._check(record)
+        self._check(record)
         seconds = time.perf_counter() - start
         return {
-            tracked.TRAIN_LOSS: float(np.mean(losses)) if losses else math.nan,
-            tracked.SKIPPED_STEPS: skipped,
-            tracked.GRAD_NORM: float(np.mean(norms)) if norms else math.nan,
-            tracked.GRAD_NORM_MAX: max(norms, default=math.nan),
+            **record.summary(),
             tracked.LEARNING_RATE: lr,
             tracked.throughput(self.task.unit): samples / seconds,
             tracked.EPOCH_SECONDS: seconds,
             tracked.DATA_WAIT_SECONDS: waited,
             tracked.EPOCH_SAMPLES: samples,
         }
+
+    def _check(self, record: StepRecord) -> None:
+        """Read the device's step counts: stop a diverged run, report progress."""
+        diverged = record.divergence()
+        if diverged is not None:
+            iteration, problem = diverged
+            raise MedpipeError(
+                f"training diverged: {problem} at epoch {self.epoch + 1}, iteration "
+                f"{iteration + 1}, {self.settings.nonfinite_limit} non-finite steps in a row; "
+                "the last checkpoint is from before it (check the data with `medpipe verify`, "
+                "or lower the learning rate)", self.checkpoint_dir)
+        iteration, loss = record.window()
+        if iteration is not None:
+            for callback in self.callbacks:
+                callback.on_iteration_end(self, iteration, loss)
 
     def _autocast(self):
         return autocast(self.settings.device, self.dtype)

@@ -82,8 +82,8 @@ class PatchDataset(EpochDataset):
         self.oversample_foreground = oversample_foreground
         self.augment = augment
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+    def sample(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, epoch, index])
         case = self.cases[rng.integers(len(self.cases))]
         centre = None
         if do_oversample(index % self.batch_size, self.batch_size, self.oversample_foreground):

@@ -34,6 +34,7 @@ from medpipe.registration.pairs import (
     RegistrationCase,
     evaluation_pairs,
     load_registration_cases,
+    onto_fixed_grid,
     padded_shape,
     pair_arrays,
     pair_matrix,
@@ -42,6 +43,7 @@ from medpipe.registration.pairs import (
 )
 from medpipe.runs.folder import RunFolder
 from medpipe.runs.spec import RegistrationRunSpec
+from medpipe.sampling import EpochLoader
 from medpipe.spatial import warp
 from medpipe.training.distributed import ONE_PROCESS, Processes, start, wait_for_main
 from medpipe.training.runs import RunSetup, common_fields, fit_run, prepare_run_folder
@@ -70,18 +72,24 @@ class RegistrationTask:
         self.loss_function = loss
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.loader: EpochLoader | None = None
         self.example: dict[str, Any] | None = None
 
     def batches(self, epoch: int, processes: Processes = ONE_PROCESS) -> DataLoader:
-        self.dataset.set_epoch(epoch)
-        batches = self.dataset.rank_batches(processes.rank, processes.world_size)
-        return DataLoader(self.dataset, batch_sampler=batches,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory)
+        """The run's one loader (workers kept between epochs), set to EPOCH."""
+        key = (processes.rank, processes.world_size)
+        if self.loader is None or self.loader.key != key:
+            self.loader = EpochLoader(self.dataset, *key, num_workers=self.num_workers,
+                                      pin_memory=self.pin_memory)
+        return self.loader.epoch(epoch)
 
     def loss(self, model: nn.Module, batch: dict, device: torch.device):
-        tensors = tuple(batch[name].to(device, non_blocking=True) for name in
-                        ("moving", "fixed", "moving_labels", "fixed_labels"))
-        labelled = batch["labelled"].to(device, non_blocking=True)
+        moving, fixed, moving_labels, fixed_labels, voxel_maps, labelled = (
+            batch[name].to(device, non_blocking=True) for name in
+            ("moving", "fixed", "moving_labels", "fixed_labels", "voxel_map", "labelled"))
+        # the whole batch onto its fixed grids at once, on the device (the loader only pads)
+        moving, moving_labels = onto_fixed_grid(moving, moving_labels, voxel_maps)
+        tensors = moving, fixed, moving_labels, fixed_labels
         pairs = len(tensors[0])
         if self.loss_function.inverse_consistency > 0:  # every pair both ways
             tensors = symmetric_batch(*tensors)

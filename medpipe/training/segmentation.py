@@ -26,6 +26,7 @@ from medpipe.planning.plans import Plans, read_plans
 from medpipe.preprocessing import PreprocessedCase, load_labelled_cases
 from medpipe.runs.folder import RunFolder
 from medpipe.runs.spec import SegmentationRunSpec
+from medpipe.sampling import EpochLoader
 from medpipe.training.augment import Augmenter
 from medpipe.training.distributed import ONE_PROCESS, Processes, start, wait_for_main
 from medpipe.training.patches import PatchDataset
@@ -54,6 +55,7 @@ class SegmentationTask:
         self.overlap = overlap
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.loader: EpochLoader | None = None
         # nnU-Net's losses, 1:1 and smooth 1e-5: soft Dice without background + cross-entropy
         # over softmax classes; for regions soft Dice per region + binary cross-entropy on
         # sigmoid outputs (MONAI's DiceCELoss switches to BCE-with-logits with sigmoid)
@@ -69,10 +71,12 @@ class SegmentationTask:
         self.example: dict[str, Any] | None = None  # last validation example, for figures
 
     def batches(self, epoch: int, processes: Processes = ONE_PROCESS) -> DataLoader:
-        self.dataset.set_epoch(epoch)
-        batches = self.dataset.rank_batches(processes.rank, processes.world_size)
-        return DataLoader(self.dataset, batch_sampler=batches,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory)
+        """The run's one loader (workers kept between epochs), set to EPOCH."""
+        key = (processes.rank, processes.world_size)
+        if self.loader is None or self.loader.key != key:
+            self.loader = EpochLoader(self.dataset, *key, num_workers=self.num_workers,
+                                      pin_memory=self.pin_memory)
+        return self.loader.epoch(epoch)
 
     def targets(self, label: torch.Tensor) -> torch.Tensor:
         """What the loss compares with: the label map, or (B, R, ...) region masks."""
