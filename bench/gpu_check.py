@@ -54,8 +54,16 @@ FOLDER = HERE / "work" / "gpu_check"
 WHEELS_FILE = HERE / "gpu_wheels.txt"
 SEGMENTATION = ("unet", "nnunet", "nnunet_resenc", "swin_unetr")
 REGISTRATION = ("voxelmorph", "voxelmorph_diff", "pyramid")
-# (model, autocast dtype): bf16 for all, fp16 + GradScaler once
-RUNS = [*((m, "bf16") for m in (*SEGMENTATION, *REGISTRATION)), ("nnunet", "fp16")]
+# (model, autocast dtype, where augmentation runs): bf16 for all, fp16 + GradScaler once,
+# nnU-Net's augmentation on the GPU (`training.augment_on: device`) once
+RUNS = [*((m, "bf16", "loader") for m in (*SEGMENTATION, *REGISTRATION)),
+        ("nnunet", "fp16", "loader"), ("nnunet", "bf16", "device")]
+
+
+def parse_run(text: str) -> tuple[str, str, str]:
+    """MODEL[:DTYPE[:AUGMENT_ON]] -> (model, dtype, augment_on); bf16 and loader by default."""
+    parts = text.split(":")
+    return (*parts, *("bf16", "loader")[len(parts) - 1:])[:3]
 
 
 def prepare(python_version: str) -> None:
@@ -129,8 +137,8 @@ class Utilisation:
         return sum(self.samples) / len(self.samples) if self.samples else None
 
 
-def config_for(data: Path, model: str, dtype: str, device: str, iterations: int,
-               workers: int | None, folder: Path):
+def config_for(data: Path, model: str, dtype: str, augment_on: str, device: str,
+               iterations: int, workers: int | None, folder: Path):
     """The check's config: the prepared data, tracking off, two epochs of ITERATIONS steps,
     the model's planned patch and batch and default options, augmentation on."""
     import yaml
@@ -141,16 +149,16 @@ def config_for(data: Path, model: str, dtype: str, device: str, iterations: int,
         "dataset": str(data / "raw"), "results": str(data / "results"),
         "configuration": "3d_fullres", "folds": 5, "tracking": {"enabled": False},
         "training": {"epochs": 2, "iterations_per_epoch": iterations, "val_every": 1000,
-                     "augment": True, "device": device, "amp": True, "amp_dtype": dtype,
+                     "augment": True, "augment_on": augment_on, "device": device, "amp": True, "amp_dtype": dtype,
                      "num_workers": workers},
     }
-    path = folder / f"{model}_{dtype}.yaml"
+    path = folder / f"{model}_{dtype}_{augment_on}.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return load_config(path)
 
 
-def check_model(data: Path, model: str, dtype: str, device: str, iterations: int,
-                workers: int | None) -> dict:
+def check_model(data: Path, model: str, dtype: str, augment_on: str, device: str,
+                iterations: int, workers: int | None) -> dict:
     import numpy as np
     import torch
 
@@ -162,7 +170,8 @@ def check_model(data: Path, model: str, dtype: str, device: str, iterations: int
 
     registration = model in REGISTRATION
     with tempfile.TemporaryDirectory() as folder:
-        config = config_for(data, model, dtype, device, iterations, workers, Path(folder))
+        config = config_for(data, model, dtype, augment_on, device, iterations, workers,
+                            Path(folder))
         setup_of = registration_setup if registration else segmentation_setup
         setup = setup_of(config, model, 0, Path(folder) / "run", restart=True)
         trainer = trainer_for(setup)
@@ -180,6 +189,7 @@ def check_model(data: Path, model: str, dtype: str, device: str, iterations: int
         row = {
             "model": model, "task": "registration" if registration else "segmentation",
             "amp_dtype": str(trainer.dtype).replace("torch.", "") if trainer.dtype else None,
+            "augment_on": augment_on if not registration else None,
             "batch_size": setup.spec.batch_size,
             "patch": list(getattr(setup.spec, "patch_size", None) or setup.spec.grid_shape),
             "loader_workers": setup.task.num_workers,
@@ -252,7 +262,7 @@ def main() -> None:
 
     runs = RUNS
     if args.models:
-        runs = [(m.split(":")[0], m.split(":")[1] if ":" in m else "bf16") for m in args.models]
+        runs = [parse_run(m) for m in args.models]
     device = torch.device(args.device)
     result = {"benchmark": "gpu_check", "machine": machine(),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -260,18 +270,18 @@ def main() -> None:
               "nnunet_own_trainer": "not run: nnunetv2 needs SimpleITK (a 50 MiB wheel), more "
                                     "than the check's 20 MiB of wheels", "rows": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for model, dtype in runs:
+    for model, dtype, augment_on in runs:
         if time.perf_counter() - started > args.budget_seconds:
-            result["rows"].append({"model": model, "amp_dtype": dtype,
+            result["rows"].append({"model": model, "amp_dtype": dtype, "augment_on": augment_on,
                                    "skipped": "the check's time budget was spent"})
             continue
-        print(f"== {model} ({dtype})", flush=True)
+        print(f"== {model} ({dtype}, augmentation on the {augment_on})", flush=True)
         try:
-            row = check_model(args.data, model, dtype, args.device, args.iterations,
-                              args.workers)
+            row = check_model(args.data, model, dtype, augment_on, args.device,
+                              args.iterations, args.workers)
         except Exception as error:  # recorded; the other models still run
             traceback.print_exc()
-            row = {"model": model, "amp_dtype": dtype,
+            row = {"model": model, "amp_dtype": dtype, "augment_on": augment_on,
                    "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
         print(json.dumps(row), flush=True)
         result["rows"].append(row)

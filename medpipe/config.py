@@ -76,6 +76,10 @@ class TrainingConfig(StrictModel):
     oversample_foreground: float = Field(0.33, ge=0, le=1, description="share of each batch "
                                          "centred on a foreground class (nnU-Net's 1/3)")
     augment: bool = Field(True, description="spatial and intensity augmentation")
+    augment_on: Literal["loader", "device"] = Field(
+        "loader", description="where augmentation runs: loader (each patch in the loader "
+        "workers, as nnU-Net) or device (the batch at once on the training device, the same "
+        "distributions; for a GPU the workers cannot keep fed; not for in-plane patches)")
     val_every: int = Field(50, ge=1, description="epochs between validations (the last "
                            "always validates)")
     val_overlap: float = Field(0.5, ge=0, lt=1, description="sliding-window overlap in "

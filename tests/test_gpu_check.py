@@ -28,13 +28,13 @@ def test_the_gpu_check_runs_without_simpleitk_or_mlflow(tiny_pipeline, tmp_path)
     result = subprocess.run(
         [sys.executable, "-c", WITHOUT, str(ROOT / "bench" / "gpu_check.py"), "--device",
          "cpu", "--iterations", "2", "--data", str(tiny_pipeline), "--out", str(out),
-         "--models", "unet", "nnunet:fp16"],
+         "--models", "unet:bf16:device", "nnunet:fp16"],
         capture_output=True, cwd=ROOT, timeout=600)
     log = (result.stdout + result.stderr).decode("utf-8", "replace")
     assert result.returncode == 0, log[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["model"], r["amp_dtype"]) for r in rows] == [("unet", "bfloat16"),
-                                                            ("nnunet", "float16")]
+    assert [(r["model"], r["amp_dtype"], r["augment_on"]) for r in rows] == [
+        ("unet", "bfloat16", "device"), ("nnunet", "float16", "loader")]
     for row in rows:
         assert row["seconds_per_iteration"] > 0 and row["samples_per_second"] > 0
         assert 0 <= row["data_wait_share"] < 1

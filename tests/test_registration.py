@@ -98,7 +98,7 @@ def test_a_batch_of_pairs_is_resampled_on_the_device_as_scipy_resamples_one():
                              Geometry(spacing=(2.1, 2.0, 2.4), origin=(0.0, 0.0, 0.0)))
     shape = (22, 22, 18)
     batch, expected = [], []
-    for seed in range(2):
+    for _ in range(2):
         matrix = np.eye(4)
         matrix[:3, :3] = Rotation.from_rotvec(rng.normal(0, 0.1, 3)).as_matrix() * 1.05
         matrix[:3, 3] = rng.normal(0, 2.0, 3)

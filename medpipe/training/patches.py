@@ -15,6 +15,7 @@ from medpipe.errors import DatasetError
 from medpipe.preprocessing import PreprocessedCase
 from medpipe.sampling import EpochDataset
 from medpipe.training.augment import Augmenter
+from medpipe.training.augment_device import DeviceAugmenter, draw_parameters
 
 
 def do_oversample(index_in_batch: int, batch_size: int, fraction: float) -> bool:
@@ -70,8 +71,10 @@ class PatchDataset(EpochDataset):
         iterations: int,
         seed: int,
         oversample_foreground: float = 0.33,
-        augment: Augmenter | None = None,
+        augment: Augmenter | DeviceAugmenter | None = None,
     ) -> None:
+        """AUGMENT: an `Augmenter` augments each patch here; a `DeviceAugmenter` leaves it to
+        the training device, which gets the larger patch and the drawn `parameters`."""
         if not cases:
             raise DatasetError("no training cases for this fold")
         self.cases = list(cases)
@@ -95,7 +98,9 @@ class PatchDataset(EpochDataset):
             "image": torch.from_numpy(crop_patch(case.data, origin, size)),
             "label": torch.from_numpy(crop_patch(case.seg[None], origin, size).astype(np.int64)),
         }
-        if self.augment is not None:
+        if isinstance(self.augment, DeviceAugmenter):
+            sample["parameters"] = draw_parameters(rng, len(case.data), self.patch_size)
+        elif self.augment is not None:
             sample = self.augment(sample, int(rng.integers(2**31)))
         return sample
 

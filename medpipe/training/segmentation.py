@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from medpipe.config import PipelineConfig, TrainingConfig
 from medpipe.data.labels import REGION_THRESHOLD, LabelScheme
 from medpipe.device import loader_workers, pick_device, require_memory
+from medpipe.errors import MedpipeError
 from medpipe.figures import plot_segmentation_overlay
 from medpipe.metrics import dice_per_class, dice_per_region
 from medpipe.models import NetworkShape, build_model, fit_patch_size, model_spec
@@ -28,6 +29,8 @@ from medpipe.runs.folder import RunFolder
 from medpipe.runs.spec import SegmentationRunSpec
 from medpipe.sampling import EpochLoader
 from medpipe.training.augment import Augmenter
+from medpipe.training.augment_device import DeviceAugmenter
+from medpipe.training.augment_device import supports as supports_on_device
 from medpipe.training.distributed import ONE_PROCESS, Processes, start, wait_for_main
 from medpipe.training.patches import PatchDataset
 from medpipe.training.runs import RunSetup, common_fields, fit_run, prepare_run_folder
@@ -88,7 +91,10 @@ class SegmentationTask:
 
     def loss(self, model: nn.Module, batch: dict, device: torch.device):
         image = batch["image"].to(device, non_blocking=True)
-        label = self.targets(batch["label"].to(device, non_blocking=True))
+        label = batch["label"].to(device, non_blocking=True)
+        if isinstance(self.dataset.augment, DeviceAugmenter):  # the batch at once, here
+            image, label = self.dataset.augment(image, label, batch["parameters"])
+        label = self.targets(label)
         output = model(image)
         if isinstance(output, list | tuple):
             # nnU-Net's deep supervision: one output per decoder level, full size first, each
@@ -171,6 +177,22 @@ def describe_run(config: PipelineConfig, plans: Plans, model: str, fold: int,
     )
 
 
+def augmenter(spec: SegmentationRunSpec,
+              training: TrainingConfig) -> Augmenter | DeviceAugmenter | None:
+    """nnU-Net's augmentation where the config puts it (`training.augment_on`)."""
+    if not training.augment:
+        return None
+    if training.augment_on == "loader":
+        return Augmenter(spec.patch_size)
+    if not supports_on_device(spec.patch_size):
+        raise MedpipeError(
+            f"training.augment_on=device: the patch {tuple(spec.patch_size)} is augmented "
+            "in-plane (nnU-Net's dummy 2D for anisotropic patches), which only the loader "
+            "does; use training.augment_on=loader")
+    return DeviceAugmenter(spec.patch_size,
+                           (0, *(v for values in spec.label_scheme.values for v in values)))
+
+
 def train_segmentation(
     config: PipelineConfig,
     model: str,
@@ -215,7 +237,7 @@ def segmentation_setup(config: PipelineConfig, model: str, fold: int,
         load_labelled_cases(config.preprocessed_dir, spec.train_cases),
         spec.patch_size, spec.batch_size, training.iterations_per_epoch,
         seed=training.seed, oversample_foreground=training.oversample_foreground,
-        augment=Augmenter(spec.patch_size) if training.augment else None,
+        augment=augmenter(spec, training),
     )
     task = SegmentationTask(
         dataset, load_labelled_cases(config.preprocessed_dir, spec.val_cases),
