@@ -17,7 +17,7 @@ import argparse
 import time
 
 import torch
-from common import demo_pipeline, write_results
+from common import SMOKE, demo_pipeline, write_results
 
 
 def networks() -> dict:
@@ -30,7 +30,8 @@ def networks() -> dict:
     from medpipe.registration.loss import RegistrationLoss
 
     torch.manual_seed(0)
-    shape = (64, 80, 64)
+    shape = (32, 32, 32) if SMOKE else (64, 80, 64)
+    patch = (32, 32, 32) if SMOKE else (80, 80, 64)
     voxelmorph = build_model("voxelmorph", NetworkShape(1, 3), {})
     pair = (torch.randn(1, 1, *shape), torch.randn(1, 1, *shape),
             torch.randint(0, 4, (1, 1, *shape)))
@@ -44,8 +45,8 @@ def networks() -> dict:
     plans = read_plans(demo_pipeline() / "results" / "plans.json")  # the demo's topology
     architecture = plans.configuration("3d_fullres").architecture.arch_kwargs
     dynunet = build_model("nnunet", NetworkShape(1, plans.out_channels, architecture),
-                          {"features_per_stage": [8, 16, 32, 64, 128]})
-    patches = (torch.randn(2, 1, 80, 80, 64), torch.randint(0, 4, (2, 1, 80, 80, 64)))
+                          {"features_per_stage": [8 * 2**i for i in range(architecture.n_stages)]})
+    patches = (torch.randn(2, 1, *patch), torch.randint(0, 4, (2, 1, *patch)))
     segmentation_loss = DiceCELoss(to_onehot_y=True, softmax=True)
 
     def segment(net, inputs):
@@ -81,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     from medpipe.device import cpu_has_native_bf16
 
-    repeats = 2 if args.quick else 4
+    repeats = 1 if SMOKE else 2 if args.quick else 4
     rows, table = [], []
     for name, (net, inputs, loss) in networks().items():
         optimiser = torch.optim.SGD(net.parameters(), lr=1e-4)

@@ -19,7 +19,12 @@ from typing import Any
 # where JSON and tables go: bench/results (committed) unless MEDPIPE_BENCH_RESULTS says
 RESULTS = Path(os.environ.get("MEDPIPE_BENCH_RESULTS")
                or Path(__file__).resolve().parent / "results")
-WORK = Path(__file__).resolve().parent / "work"
+WORK = Path(os.environ.get("MEDPIPE_BENCH_WORK") or Path(__file__).resolve().parent / "work")
+# a smoke run (tests/test_bench_smoke.py, in `make test`): every script once at its tiniest
+# size, on a prepared tiny dataset (MEDPIPE_BENCH_DATA: a folder with config.yaml, raw/ and
+# results/) instead of the demo's, nothing timed that matters
+SMOKE = os.environ.get("MEDPIPE_BENCH_SMOKE") == "1"
+SMOKE_DATA = os.environ.get("MEDPIPE_BENCH_DATA")
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
@@ -154,6 +159,8 @@ def demo_pipeline(cases: int = 6, spacing: float = 3.0, name: str | None = None,
     from medpipe.planning import fingerprint_dataset, plan_experiment, write_plans
     from medpipe.preprocessing import PreprocessingPlan, preprocess_dataset
 
+    if SMOKE_DATA:
+        return Path(SMOKE_DATA)
     root = WORK / (name or f"demo_{cases}_{spacing:g}mm")
     config_file = root / "config.yaml"
     if config_file.is_file():

@@ -149,8 +149,8 @@ def config_for(data: Path, model: str, dtype: str, augment_on: str, device: str,
         "dataset": str(data / "raw"), "results": str(data / "results"),
         "configuration": "3d_fullres", "folds": 5, "tracking": {"enabled": False},
         "training": {"epochs": 2, "iterations_per_epoch": iterations, "val_every": 1000,
-                     "augment": True, "augment_on": augment_on, "device": device, "amp": True, "amp_dtype": dtype,
-                     "num_workers": workers},
+                     "augment": True, "augment_on": augment_on, "device": device,
+                     "amp": True, "amp_dtype": dtype, "num_workers": workers},
     }
     path = folder / f"{model}_{dtype}_{augment_on}.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")

@@ -25,6 +25,7 @@ import subprocess
 from pathlib import Path
 
 from common import (
+    SMOKE,
     WORK,
     demo_pipeline,
     fastest,
@@ -167,7 +168,7 @@ def main() -> None:
         from medpipe.training.segmentation import train_segmentation
 
         runs = one_step_runs(root, args.models, train_segmentation)
-    sizes = [64, 96] if args.quick else [64, 96, 128, 160, 192, 256]
+    sizes = [32] if SMOKE else [64, 96] if args.quick else [64, 96, 128, 160, 192, 256]
     files = scans(root, sizes)
     rows, table, reference = [], [], []
     for model in args.models:

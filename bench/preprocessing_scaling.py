@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import demo_pipeline, write_results
+from common import SMOKE, demo_pipeline, write_results
 
 
 def seconds_for(root: Path, n_cases: int, workers: int) -> float:
@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     root = demo_pipeline(cases=6 if args.quick else 12, name=None if args.quick else "demo_12")
-    sizes = [3, 6] if args.quick else [3, 6, 12]
+    sizes = [2] if SMOKE else [3, 6] if args.quick else [3, 6, 12]
     worker_counts = sorted({1, cores})
     rows, table = [], []
     for n_cases in sizes:

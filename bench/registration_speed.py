@@ -34,7 +34,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import demo_pipeline, in_fresh_process, measured, one_step_runs, write_results
+from common import (
+    SMOKE,
+    demo_pipeline,
+    in_fresh_process,
+    measured,
+    one_step_runs,
+    write_results,
+)
 
 NETWORKS = ("voxelmorph", "voxelmorph_diff", "pyramid")
 # the pairs are brains no network has seen: demo subjects of another seed (the demo's own
@@ -141,7 +148,8 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, help="folder of NETWORK/fold_0 run folders")
     parser.add_argument("--only", nargs="*", help="only these methods (a partial JSON)")
     args = parser.parse_args()
-    grids = {grid: demo_pipeline(**settings) for grid, settings in PAIR_DATA.items()}
+    grids = {grid: demo_pipeline(**settings) for grid, settings in PAIR_DATA.items()
+             if not SMOKE or grid.startswith("3 mm")}
     trained = args.runs is not None
     networks = list(NETWORKS)
     if args.runs:
@@ -151,7 +159,8 @@ def main() -> None:
     else:
         from medpipe.training.registration import train_registration
 
-        runs = one_step_runs(demo_pipeline(), NETWORKS, train_registration)
+        wanted = [n for n in NETWORKS if not args.only or any(m.startswith(n) for m in args.only)]
+        runs = one_step_runs(demo_pipeline(), wanted, train_registration)
     rows, table = [], []
     for grid, root in grids.items():
         images = sorted((root / "raw" / "imagesTr").glob("*_0000.nii.gz"))

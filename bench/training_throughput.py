@@ -24,7 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import PeakMemory, demo_pipeline, gpu_peak_mb, in_fresh_process, write_results
+from common import (
+    SMOKE,
+    PeakMemory,
+    demo_pipeline,
+    gpu_peak_mb,
+    in_fresh_process,
+    write_results,
+)
 
 SEGMENTATION = ("unet", "nnunet", "swin_unetr")
 REGISTRATION = ("voxelmorph", "voxelmorph_diff")
@@ -170,7 +177,7 @@ def main() -> None:
     root = demo_pipeline()
     rows, table = [], []
     for model in args.models:
-        rounds = (1 if model == "swin_unetr" else 3) if args.quick else 30
+        rounds = 1 if SMOKE else (1 if model == "swin_unetr" else 3) if args.quick else 30
         result = in_fresh_process(measure_model, str(root), model, rounds, args.device)
         ratio = result["engine_per_s"] / result["reference_per_s"]
         rows.append({"model": model, "rounds": rounds, **result,

@@ -43,14 +43,21 @@ def tiny_pipeline(tmp_path_factory):
 
     The plans' features are shrunk to TINY_FEATURES, as a user would edit plans.json to
     make nnU-Net's network smaller; `nnunet` must follow them."""
+    root = tmp_path_factory.mktemp("tiny")
+    return build_tiny_pipeline(root, {"uri": f"sqlite:///{root / 'mlflow.db'}",
+                                      "experiment": "tiny"})
+
+
+def build_tiny_pipeline(root: Path, tracking: dict, test_cases: int = 0) -> Path:
+    """ROOT/raw (5 demo brains at 6 mm and TEST_CASES test brains), ROOT/results (plans
+    with TINY_FEATURES, splits, the training cases preprocessed) and ROOT/config.yaml."""
     from medpipe.data import load_dataset, make_splits, write_splits
     from medpipe.data.demo import DemoSettings, build_demo_dataset
     from medpipe.planning import fingerprint_dataset, plan_experiment, write_plans
     from medpipe.preprocessing import PreprocessingPlan, preprocess_dataset
 
-    root = tmp_path_factory.mktemp("tiny")
     raw = root / "raw"
-    build_demo_dataset(raw, DemoSettings(cases=5, test_cases=0, spacing=6.0, seed=3))
+    build_demo_dataset(raw, DemoSettings(cases=5, test_cases=test_cases, spacing=6.0, seed=3))
     results = root / "results"
     plans = plan_experiment(fingerprint_dataset(raw), 8)
     stages = plans.configuration("3d_fullres").architecture.arch_kwargs.n_stages
@@ -71,7 +78,7 @@ def tiny_pipeline(tmp_path_factory):
             "num_workers": 0, "patch_size": [32, 32, 32],
         },
         "models": TINY_MODELS,
-        "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "tiny"},
+        "tracking": tracking,
     }
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     return root
