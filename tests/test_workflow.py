@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -258,6 +259,12 @@ def test_whole_workflow_end_to_end_killed_during_training_and_resumed(workdir):
     assert (workdir / "results" / "mlflow.db").is_file()
     assert list((workdir / "results" / "mlruns").rglob("best.pt"))
     assert not (workdir / "mlflow.db").exists() and not (workdir / "mlruns").exists()
+    # the study's record (bench/study_record.py) reads such a finished results folder back
+    record = run([sys.executable, str(REPO / "bench" / "study_record.py"),
+                  str(workdir / "results"), str(workdir / "record")])
+    assert record.returncode == 0, record.stderr[-3000:]
+    summary = json.loads((workdir / "record" / "mlflow_summary.json").read_text())
+    assert summary["targets"] and (workdir / "record" / "report.md").is_file()
 
     # a changed setting of one model reruns that model's training and what follows, only
     config["models"]["unet"]["training"] = {"epochs": 3}
