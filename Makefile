@@ -83,7 +83,7 @@ bench: setup $(NNUNET_VENV)/.installed $(ANTS_VENV)/.installed
 	$(ANTS) MEDPIPE_NNUNET_BIN="$(CURDIR)/$(NNUNET_VENV)/bin" $(PY) bench/run_all.py --quick
 
 # The GPU check's data (the demo's brains, preprocessed) and wheels (bench/gpu_wheels.txt, for
-# the GPU machine's Python; GPU_PYTHON=3.11 for a check here) into bench/work/gpu_check/
+# the GPU machine's Python and this one's) into bench/work/gpu_check/; bench/gpu_check.sh runs it
 GPU_PYTHON ?= 3.12
 gpu-check-data: setup
 	$(PY) bench/gpu_check.py --prepare --python-version $(GPU_PYTHON)

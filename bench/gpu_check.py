@@ -7,11 +7,12 @@ Run it in two places:
     make gpu-check-data                      # here: the data, preprocessed, and the wheels
     python bench/gpu_check.py [--device cuda] [--iterations 20] [--out FILE]   # there
 
-On the lent GPU machine, as one call of the device tool (carry: bench/work/gpu_check):
+On the lent GPU machine, as one call of the device tool (carry: bench/work/gpu_check),
+`bench/gpu_check.sh` installs the wheels that fit its Python into a temporary folder and
+runs this script with the arguments given:
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
-        bench/work/gpu_check/wheels/*.whl && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 \
-        && python3 bench/gpu_check.py --out $OUT/gpu.json
+    bench/gpu_check.sh --out $OUT/gpu.json
+    bench/gpu_check.sh --device cpu --iterations 2     # the same, here, on the CPU
 
 `--prepare` builds the demo's brains at 3 mm (6 cases, planned and preprocessed: 17 MiB, the
 raw scans left behind) into bench/work/gpu_check/data and downloads the wheels of
@@ -54,6 +55,7 @@ FOLDER = HERE / "work" / "gpu_check"
 WHEELS_FILE = HERE / "gpu_wheels.txt"
 SEGMENTATION = ("unet", "nnunet", "nnunet_resenc", "swin_unetr")
 REGISTRATION = ("voxelmorph", "voxelmorph_diff", "pyramid")
+RESENC_PLANS = "plans_resenc_m.json"  # beside plans.json in the prepared data
 # (model, autocast dtype, where augmentation runs): bf16 for all, fp16 + GradScaler once,
 # nnU-Net's augmentation on the GPU (`training.augment_on: device`) once
 RUNS = [*((m, "bf16", "loader") for m in (*SEGMENTATION, *REGISTRATION)),
@@ -66,8 +68,10 @@ def parse_run(text: str) -> tuple[str, str, str]:
     return (*parts, *("bf16", "loader")[len(parts) - 1:])[:3]
 
 
-def prepare(python_version: str) -> None:
-    """The data and the wheels (for Python PYTHON_VERSION), into FOLDER."""
+def prepare(python_versions: list[str]) -> None:
+    """The data and the wheels (for each of PYTHON_VERSIONS and this Python: one folder
+    serves the GPU machine and a check here; `gpu_check.sh` installs what fits), into
+    FOLDER."""
     sys.path.insert(0, str(HERE))
     from common import demo_pipeline
 
@@ -82,15 +86,23 @@ def prepare(python_version: str) -> None:
     for name in ("plans.json", "splits.json"):
         shutil.copy(root / "results" / name, data / "results" / name)
     shutil.copytree(root / "results" / "preprocessed", data / "results" / "preprocessed")
+    # nnunet_resenc trains from ResEnc M plans: the same preprocessing (nnU-Net's ResEnc
+    # planners change the network, patch and batch only), so the same cases serve
+    from medpipe.planning import fingerprint_dataset, plan_experiment, write_plans
+
+    write_plans(plan_experiment(fingerprint_dataset(root / "raw"), planner="ResEncM"),
+                data / "results" / RESENC_PLANS)
     wheels = FOLDER / "wheels"
     shutil.rmtree(wheels, ignore_errors=True)
     requirements = [line.split("#")[0].strip() for line in WHEELS_FILE.read_text().splitlines()]
-    subprocess.run([
-        sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-        "--python-version", python_version, "--implementation", "cp",
-        *(arg for tag in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64",
-                          "manylinux2014_x86_64") for arg in ("--platform", tag)),
-        "-d", str(wheels), *filter(None, requirements)], check=True)
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    for version in sorted({*python_versions, here}):
+        subprocess.run([
+            sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+            "--only-binary=:all:", "--python-version", version, "--implementation", "cp",
+            *(arg for tag in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64",
+                              "manylinux2014_x86_64") for arg in ("--platform", tag)),
+            "-d", str(wheels), *filter(None, requirements)], check=True)
     size = sum(f.stat().st_size for f in wheels.iterdir()) / 2**20
     print(f"data: {data} ({folder_mib(data):.1f} MiB); wheels: {wheels} ({size:.1f} MiB)")
 
@@ -145,8 +157,15 @@ def config_for(data: Path, model: str, dtype: str, augment_on: str, device: str,
 
     from medpipe.config import load_config
 
+    results = data / "results"
+    if model == "nnunet_resenc":  # its plans, the prepared cases linked
+        results = folder / "results_resenc"
+        results.mkdir()
+        shutil.copy(data / "results" / RESENC_PLANS, results / "plans.json")
+        shutil.copy(data / "results" / "splits.json", results / "splits.json")
+        (results / "preprocessed").symlink_to((data / "results" / "preprocessed").resolve())
     config = {
-        "dataset": str(data / "raw"), "results": str(data / "results"),
+        "dataset": str(data / "raw"), "results": str(results),
         "configuration": "3d_fullres", "folds": 5, "tracking": {"enabled": False},
         "training": {"epochs": 2, "iterations_per_epoch": iterations, "val_every": 1000,
                      "augment": True, "augment_on": augment_on, "device": device,
@@ -239,7 +258,8 @@ def check_model(data: Path, model: str, dtype: str, augment_on: str, device: str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prepare", action="store_true", help="build the data and wheels")
-    parser.add_argument("--python-version", default="3.12", help="of the wheels (--prepare)")
+    parser.add_argument("--python-version", nargs="+", default=["3.12"],
+                        help="of the wheels (--prepare; this Python's are added)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--iterations", type=int, default=20, help="timed steps per model")
     parser.add_argument("--workers", type=int, default=None,

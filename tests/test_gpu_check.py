@@ -24,17 +24,27 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def test_the_gpu_check_runs_without_simpleitk_or_mlflow(tiny_pipeline, tmp_path):
+    from conftest import TINY_FEATURES
+
+    from medpipe.planning import fingerprint_dataset, plan_experiment, write_plans
+
+    # what `--prepare` writes for nnunet_resenc (here with the tiny features)
+    resenc = plan_experiment(fingerprint_dataset(tiny_pipeline / "raw"), planner="ResEncM")
+    stages = resenc.configuration("3d_fullres").architecture.arch_kwargs.n_stages
+    write_plans(resenc.with_features("3d_fullres", tuple(TINY_FEATURES[:stages])),
+                tiny_pipeline / "results" / "plans_resenc_m.json")
     out = tmp_path / "gpu.json"
     result = subprocess.run(
         [sys.executable, "-c", WITHOUT, str(ROOT / "bench" / "gpu_check.py"), "--device",
          "cpu", "--iterations", "2", "--data", str(tiny_pipeline), "--out", str(out),
-         "--models", "unet:bf16:device", "nnunet:fp16"],
+         "--models", "unet:bf16:device", "nnunet:fp16", "nnunet_resenc"],
         capture_output=True, cwd=ROOT, timeout=600)
     log = (result.stdout + result.stderr).decode("utf-8", "replace")
     assert result.returncode == 0, log[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [(r["model"], r["amp_dtype"], r["augment_on"]) for r in rows] == [
-        ("unet", "bfloat16", "device"), ("nnunet", "float16", "loader")]
+        ("unet", "bfloat16", "device"), ("nnunet", "float16", "loader"),
+        ("nnunet_resenc", "bfloat16", "loader")]
     for row in rows:
         assert row["seconds_per_iteration"] > 0 and row["samples_per_second"] > 0
         assert 0 <= row["data_wait_share"] < 1

@@ -92,8 +92,9 @@ class SegmentationTask:
     def loss(self, model: nn.Module, batch: dict, device: torch.device):
         image = batch["image"].to(device, non_blocking=True)
         label = batch["label"].to(device, non_blocking=True)
-        if isinstance(self.dataset.augment, DeviceAugmenter):  # the batch at once, here
-            image, label = self.dataset.augment(image, label, batch["parameters"])
+        augment = getattr(self.dataset, "augment", None)
+        if isinstance(augment, DeviceAugmenter):  # the batch at once, here
+            image, label = augment(image, label, batch["parameters"])
         label = self.targets(label)
         output = model(image)
         if isinstance(output, list | tuple):
