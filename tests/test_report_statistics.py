@@ -97,3 +97,16 @@ def test_a_saturating_curve_gives_the_budget_it_needs():
 
 def test_one_validation_says_nothing_about_convergence():
     assert convergence([(400, 0.7)])["still_improving"] is None
+
+
+def test_too_few_cases_give_no_interval_and_no_claim():
+    row = run_level_difference(_runs([0.1, 0.1], cases=5, seed=5),
+                               _runs([0.0, 0.0], cases=5, seed=5))
+    assert row["too_few_cases"] and math.isnan(row["ci_low"]) and row["signs_agree"]
+    assert not _claimed(row)
+
+
+def test_two_methods_that_are_not_trained_are_compared_over_cases_alone():
+    # a classical baseline answers the same every time: its one run is all there is
+    row = run_level_difference(_runs([0.05], seed=6), _runs([0.0], seed=6), True, True)
+    assert row["runs_measured"] and row["ci_low"] > 0 and _claimed(row)

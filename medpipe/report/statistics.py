@@ -1,14 +1,18 @@
-"""Paired comparisons of two methods scored on the same cases: what the report concludes.
+"""Comparisons of methods scored on the same cases: what the report concludes.
 
-Per pair of methods: the mean per-case difference, the two-sided Wilcoxon signed-rank test
-(scipy), its p-value corrected across every pair of one table by Holm's step-down method
-(the family-wise error stays at 5 % however many pairs are compared), two effect sizes (the
-matched-pairs rank-biserial correlation, which goes with the rank test, and Cohen's d_z, the
-mean difference in standard deviations of the differences), and a bootstrap 95 % interval
-of the mean difference only where there are enough cases for one: with fewer than
-`MIN_CASES_FOR_INTERVAL` a percentile bootstrap undercovers badly and looks decisive when
-it is not (3 cases give an interval as narrow as their spread, and the smallest two-sided
-Wilcoxon p with 3 cases is 0.25).
+Per pair of methods, over the cases (one trained network each): the mean per-case
+difference, the two-sided Wilcoxon signed-rank test (scipy), its p-value corrected across
+every pair of one table by Holm's step-down method, two effect sizes (the matched-pairs
+rank-biserial correlation and Cohen's d_z), and a bootstrap 95 % interval of the mean
+difference only where there are enough cases for one (`MIN_CASES_FOR_INTERVAL`: a
+percentile bootstrap of 3 cases undercovers badly and looks decisive when it is not).
+
+Over the training runs (`run_level_difference`): what a claim rests on, since a p-value over
+the cases of one trained network per model says nothing about training it again (the
+spread between seeds can exceed the difference between models). A claim needs every run
+pair to agree in sign and a hierarchical bootstrap (runs, then cases) that excludes zero
+after Holm's correction (`claims_difference`); and `convergence` says whether a model was
+still improving when its budget ran out, among which no winner is declared.
 """
 
 from __future__ import annotations
@@ -68,30 +72,24 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     return adjusted
 
 
-def shows_difference(row: dict) -> bool:
-    """A difference is claimed when the Holm-adjusted p is below 5 % and, where there is an
-    interval, it excludes zero."""
-    p = row.get("holm_p", math.nan)
-    if math.isnan(p) or p >= SIGNIFICANCE:
-        return False
-    low, high = row["ci_low"], row["ci_high"]
-    return math.isnan(low) or low > 0 or high < 0
-
-
 # --------------------------------------------------------------------------- repeated runs
 
 HIERARCHICAL_SAMPLES = 4000
 
 
-def run_level_difference(runs_a: Sequence[dict], runs_b: Sequence[dict]) -> dict:
+def run_level_difference(runs_a: Sequence[dict], runs_b: Sequence[dict],
+                         a_fixed: bool = False, b_fixed: bool = False) -> dict:
     """A against B where each is trained more than once: RUNS_A and RUNS_B hold one
     {case: score} per training run (a seed or a fold). Every pair of runs (one of each)
     that scored the same cases gives a mean difference over those cases: a difference is
     claimed only when they all have one sign (`signs_agree`) and the hierarchical
     bootstrap (runs resampled, then cases within each run pair: Saravanan et al. 2020,
     "Application of the hierarchical bootstrap to multi-level data in neuroscience") puts
-    zero outside its interval. With one run on either side the run-to-run spread is not
-    measured and nothing is claimed (`runs_measured` False)."""
+    zero outside its interval (not drawn where a run pair shares fewer than
+    MIN_CASES_FOR_INTERVAL cases: `too_few_cases`). With one run on either side the
+    run-to-run spread is not
+    measured and nothing is claimed (`runs_measured` False), unless that side is FIXED: a
+    method that is not trained (a classical baseline) answers the same every time."""
     pairs = [(i, j, np.asarray([a[k] - b[k] for k in sorted(set(a) & set(b))], float))
              for i, a in enumerate(runs_a) for j, b in enumerate(runs_b)]
     pairs = [(i, j, d) for i, j, d in pairs if len(d)]
@@ -101,10 +99,11 @@ def run_level_difference(runs_a: Sequence[dict], runs_b: Sequence[dict]) -> dict
            "mean_difference": float(np.mean(means)) if means else math.nan,
            "signs_agree": bool(means) and (all(m > 0 for m in means)
                                            or all(m < 0 for m in means)),
-           "runs_measured": len(runs_a) > 1 and len(runs_b) > 1,
+           "runs_measured": (len(runs_a) > 1 or a_fixed) and (len(runs_b) > 1 or b_fixed),
            "run_sd_a": _run_sd(runs_a), "run_sd_b": _run_sd(runs_b),
-           "ci_low": math.nan, "ci_high": math.nan, "bootstrap_p": math.nan}
-    if not out["runs_measured"] or not pairs:
+           "ci_low": math.nan, "ci_high": math.nan, "bootstrap_p": math.nan,
+           "too_few_cases": any(len(d) < MIN_CASES_FOR_INTERVAL for _, _, d in pairs)}
+    if not out["runs_measured"] or not pairs or out["too_few_cases"]:
         return out
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     by_pair = {(i, j): d for i, j, d in pairs}
