@@ -648,9 +648,11 @@ def compare(
     )
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    dataset = None
     if config is not None:
         pipeline = load_config(config, overrides)
         results = results or pipeline.results
+        dataset = pipeline.dataset
         store = pipeline.tracking_store
         if store is None:
             raise MedpipeError("tracking is off in this config: the report is built from "
@@ -666,7 +668,7 @@ def compare(
         raise MedpipeError("say where the runs were tracked: --config, --tracking-uri or "
                            "$MLFLOW_TRACKING_URI")
     runs = finished_runs(uri, experiment)
-    summary = build_report(runs, output, results, unfinished_runs(uri, experiment))
+    summary = build_report(runs, output, results, unfinished_runs(uri, experiment), dataset)
     files = [output / "report.html", output / "report.md", output / "summary.json",
              *(output / figure["file"] for figure in summary["figures"])]
     headline = {f"{prefix}mean_dice_{r['model']}": r["mean_dice"][0]

@@ -31,10 +31,19 @@ from medpipe import tracked
 from medpipe.errors import MedpipeError
 from medpipe.io import write_json
 from medpipe.report.render import ratio_text
-from medpipe.report.statistics import holm, paired_difference, shows_difference
+from medpipe.report.statistics import (
+    MIN_CASES_FOR_INTERVAL,
+    claims_difference,
+    convergence,
+    holm,
+    paired_difference,
+    run_level_difference,
+)
 from medpipe.tracking import TrackedRun, UnfinishedRun
 
 UNEQUAL_BUDGET = 1.05  # samples seen differing by more than 5 % make a comparison unequal
+# nnU-Net v2's default budget in steps: 1000 epochs x 250 iterations (x its batch size)
+NNUNET_DEFAULT_STEPS = 1000 * 250
 
 BASELINES = {
     "identity": "no registration: the moving scan as it is, centres of mass matched (the floor)",
@@ -78,11 +87,13 @@ def read_scores(path: str | Path, key_columns: Sequence[str], prefix: tuple = ()
 
 
 def build_report(runs: Sequence[TrackedRun], out_dir: Path, results: Path | None = None,
-                 unfinished: Sequence[UnfinishedRun] = ()) -> dict[str, Any]:
+                 unfinished: Sequence[UnfinishedRun] = (),
+                 dataset: Path | None = None) -> dict[str, Any]:
     """Tables, statistics and figures from RUNS (`tracking.finished_runs`) and, in the
     workflow's RESULTS folder, the test-set evaluations and postprocessing decisions; files
     in OUT_DIR. UNFINISHED runs (`tracking.unfinished_runs`) without a finished run of the
-    same model and fold are listed as not compared, with the reason."""
+    same model and fold are listed as not compared, with the reason. DATASET (its
+    dataset.json) describes the data in the scope box."""
     from medpipe.report import figures, render
 
     segmentation = [r for r in runs if r.tags.get(tracked.TASK) == "segmentation"]
@@ -97,20 +108,22 @@ def build_report(runs: Sequence[TrackedRun], out_dir: Path, results: Path | None
     reg_scores = {m: _pooled(folds, "pairs.csv", ("moving", "fixed"))
                   for m, folds in reg_methods.items()}
     reg_scope = _registration_scope(reg_methods, reg_scores)
-    table = _table(seg_models, seg_scores, "segmentation")
-    reg_table = _table(reg_methods, reg_scores, "registration")
-    paired = _paired(seg_scores, table)
-    reg_paired = _paired(reg_scores, reg_table)
+    seg_runs = {m: _run_scores(folds, "cases.csv", ("case_id",))
+                for m, folds in seg_models.items()}
+    reg_runs = {m: _run_scores(folds, "pairs.csv", ("moving", "fixed"))
+                for m, folds in reg_methods.items()}
+    table = _table(seg_models, seg_scores, "segmentation", seg_runs)
+    reg_table = _table(reg_methods, reg_scores, "registration", reg_runs)
+    paired = _paired(seg_scores, table, seg_runs)
+    reg_paired = _paired(reg_scores, reg_table, reg_runs)
     summary = {
         "segmentation_scope": seg_scope,
         "segmentation": table,
         "paired": paired,
-        "verdicts": [_verdict(row, "segments") for row in paired],
         "budgets": _budget_check(table),
         "registration_scope": reg_scope,
         "registration": reg_table,
         "registration_paired": reg_paired,
-        "registration_verdicts": [_verdict(row, "registers") for row in reg_paired],
         "methods": [_describe(row, runs_of, results) for row, runs_of in
                     [*((r, seg_models[r["model"]]) for r in table),
                      *((r, reg_methods[r["model"]]) for r in reg_table)]],
@@ -119,6 +132,7 @@ def build_report(runs: Sequence[TrackedRun], out_dir: Path, results: Path | None
         "did_not_finish": _did_not_finish(runs, unfinished),
     }
     summary["headline"] = _headlines(summary)
+    summary["scope"] = _scope(summary, runs, dataset)
     if seg_scores:
         order = [row["model"] for row in table]
         summary["figures"].append(figures.per_case(
@@ -185,13 +199,21 @@ def _by_model(runs: Sequence[TrackedRun]) -> dict[str, list[TrackedRun]]:
 
 
 def _pooled(folds: Sequence[TrackedRun], name: str, key_columns: Sequence[str]) -> Scores:
-    """Every fold's cases (keyed by fold and case): the cross-validation scores."""
-    pooled = Scores()
+    """Every fold's cases (keyed by fold and case): the cross-validation scores; a case that
+    several runs of one fold scored (seeds) takes their mean."""
+    collected: dict[str, dict[tuple, dict[str, list[float]]]] = {"dice": {}, "hd95": {}}
     for run in folds:
         if name in run.files:
             scores = read_scores(run.files[name], key_columns, (run.tags.get(tracked.FOLD),))
-            pooled.dice.update(scores.dice)
-            pooled.hd95.update(scores.hd95)
+            for metric, table in (("dice", scores.dice), ("hd95", scores.hd95)):
+                for key, values in table.items():
+                    for label, value in values.items():
+                        collected[metric].setdefault(key, {}).setdefault(label, []).append(
+                            value)
+    pooled = Scores()
+    for metric, target in (("dice", pooled.dice), ("hd95", pooled.hd95)):
+        for key, values in collected[metric].items():
+            target[key] = {label: float(np.mean(v)) for label, v in values.items()}
     return pooled
 
 
@@ -233,15 +255,41 @@ def _metric(runs: Sequence[TrackedRun], name: str) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
+def _run_scores(runs: Sequence[TrackedRun], name: str,
+                key_columns: Sequence[str]) -> list[dict[tuple, float]]:
+    """One {case: mean Dice} per training run (a fold, or a seed) from its evaluation file:
+    the level above the cases that repeated training adds."""
+    return [scores for run in runs if name in run.files
+            if (scores := read_scores(run.files[name], key_columns).mean_dice())]
+
+
+def _convergence(runs: Sequence[TrackedRun]) -> dict[str, Any]:
+    """The convergence check over a model's runs: still improving when any run is (the
+    mean gain and the largest budget a fit asks for, over the runs)."""
+    checks = [convergence(run.cost_curve(tracked.SAMPLES_SEEN)) for run in runs]
+    known = [c for c in checks if c["still_improving"] is not None]
+    if not known:
+        return {"still_improving": None, "gain": math.nan, "budget_needed": math.nan}
+    needed = [c["budget_needed"] for c in known if not math.isnan(c["budget_needed"])]
+    return {"still_improving": any(c["still_improving"] for c in known),
+            "gain": float(np.mean([c["gain"] for c in known])),
+            "budget_needed": max(needed) if needed else math.nan}
+
+
 def _table(models: dict[str, list[TrackedRun]], scores: dict[str, Scores],
-           task: str) -> list[dict[str, Any]]:
-    """One row per method, best mean Dice first: scores as (mean, sd over cases), costs as
-    the mean over folds."""
+           task: str, runs: dict[str, list[dict]]) -> list[dict[str, Any]]:
+    """One row per method, best mean Dice first: scores as (mean, sd over cases), the runs
+    and the spread of their means, costs as the mean over runs, the convergence check."""
     rows = []
     for model, folds in models.items():
         score = scores.get(model, Scores())
+        run_means = [float(np.mean(list(r.values()))) for r in runs.get(model, [])]
         row: dict[str, Any] = {"model": model, "folds": len(folds), "cases": len(score.dice),
-                               "mean_dice": _spread(list(score.mean_dice().values()))}
+                               "mean_dice": _spread(list(score.mean_dice().values())),
+                               "runs": len(run_means), "run_spread": _spread(run_means)}
+        trained = model not in BASELINES and any(r.val_dice_history for r in folds)
+        row["convergence"] = _convergence(folds) if trained else {
+            "still_improving": None, "gain": math.nan, "budget_needed": math.nan}
         for name in score.classes():
             row[f"dice_{name}"] = _spread([v[name] for v in score.dice.values() if name in v])
         row["hd95_mm"] = _spread([float(np.mean(list(v.values())))
@@ -275,9 +323,12 @@ COSTS = {"parameters": "parameters", "training_s": "training time",
          "inference_s_per_case": "inference time", "peak_memory_mb": "peak memory"}
 
 
-def _paired(scores: dict[str, Scores], table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _paired(scores: dict[str, Scores], table: list[dict[str, Any]],
+            runs: dict[str, list[dict]]) -> list[dict[str, Any]]:
     """Every pair of methods (better-scoring first) over the cases both were scored on, the
-    p-values Holm-corrected across the pairs, with a's costs relative to b's."""
+    p-values Holm-corrected across the pairs, with a's costs relative to b's; and over
+    their training runs (`run_level`: what a claim rests on, its p Holm-corrected too;
+    a baseline is not trained: its one run has no run-to-run spread)."""
     order = [row["model"] for row in table if row["model"] in scores]
     by_model = {row["model"]: row for row in table}
     rows = []
@@ -288,6 +339,9 @@ def _paired(scores: dict[str, Scores], table: list[dict[str, Any]]) -> list[dict
             continue
         row = {"a": a, "b": b, **paired_difference([first[k] for k in shared],
                                                    [second[k] for k in shared])}
+        row["a_baseline"], row["b_baseline"] = a in BASELINES, b in BASELINES
+        row["run_level"] = run_level_difference(runs.get(a, []), runs.get(b, []),
+                                                a in BASELINES, b in BASELINES)
         for key in COSTS:
             top, bottom = by_model[a].get(key, math.nan), by_model[b].get(key, math.nan)
             row[f"{key}_ratio"] = top / bottom if bottom and not math.isnan(bottom) \
@@ -295,30 +349,13 @@ def _paired(scores: dict[str, Scores], table: list[dict[str, Any]]) -> list[dict
         rows.append(row)
     for row, adjusted in zip(rows, holm([r["wilcoxon_p"] for r in rows]), strict=True):
         row["holm_p"] = adjusted
+    run_p = holm([r["run_level"]["bootstrap_p"] for r in rows])
+    improving = {r["model"] for r in table if r["convergence"]["still_improving"]}
+    for row, adjusted in zip(rows, run_p, strict=True):
+        row["run_level"]["holm_p"] = adjusted
+        row["still_improving"] = sorted({row["a"], row["b"]} & improving)
+        row["claimed"] = claims_difference(row["run_level"]) and not row["still_improving"]
     return rows
-
-
-def _verdict(row: dict[str, Any], verb: str) -> str:
-    """The paired comparison in one sentence: is a better than b, and at what cost?"""
-    a, b, n = row["a"], row["b"], row["n"]
-    interval = (f"95% CI [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
-                if not math.isnan(row["ci_low"]) else f"no interval with n = {n} < 10")
-    evidence = (f"mean Dice difference {row['mean_difference']:+.3f}, {interval}, "
-                f"better on {row['wins']} of {n}, Wilcoxon p = {_p(row['wilcoxon_p'])} "
-                f"(Holm-adjusted {_p(row['holm_p'])}), rank-biserial r = "
-                f"{_num(row['rank_biserial'], '+.2f')}, n = {n}")
-    direction = "better" if row["mean_difference"] > 0 else "worse"
-    if shows_difference(row):
-        claim = f"{a} {verb} {direction} than {b}"
-    elif n < 6:  # the smallest two-sided Wilcoxon p with 5 cases is 0.0625
-        claim = (f"{a} scored {direction} than {b} on these cases, but {n} paired "
-                 f"case{'s are' if n != 1 else ' is'} too few to show a difference")
-    else:
-        claim = f"no difference between {a} and {b} is shown"
-    costs = [f"{ratio_text(row[f'{key}_ratio'])} the {name}" for key, name in COSTS.items()
-             if not math.isnan(row.get(f"{key}_ratio", math.nan))]
-    cost = f"; {a} takes {', '.join(costs)} of {b}" if costs else ""
-    return f"{claim} ({evidence}){cost}."
 
 
 def _budget_check(table: list[dict[str, Any]]) -> dict[str, Any]:
@@ -334,42 +371,168 @@ def _budget_check(table: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _headlines(summary: dict[str, Any]) -> list[str]:
-    """Who won, by how much, with what uncertainty, at what cost: one line per task."""
+    """The verdicts, one line per question a reader brings: which segmentation model, which
+    registration method, at what cost, how sure."""
     lines = []
     for task, table, paired, verb in (
-            ("Segmentation", summary["segmentation"], summary["paired"], "segments"),
-            ("Registration", summary["registration"], summary["registration_paired"],
+            ("segmentation model", summary["segmentation"], summary["paired"], "segments"),
+            ("registration method", summary["registration"], summary["registration_paired"],
              "registers")):
-        if not table or math.isnan(table[0]["mean_dice"][0]):
-            continue
-        winner = table[0]
-        mean, sd = winner["mean_dice"]
-        unit = "case" if task == "Segmentation" else "pair"
-        n = winner["cases"]
-        spread = f"SD {sd:.3f} over {n} {unit}s" if not math.isnan(sd) else f"one {unit}"
-        line = f"{task}: {winner['model']} {verb} best, mean Dice {mean:.3f} ({spread})"
-        if not math.isnan(winner["samples_seen"]):
-            where = {"cpu": "a CPU"}.get(winner.get("device"), winner.get("device"))
-            device = f" on {where}" if where else ""
-            line += f" at a budget of {winner['samples_seen']:,.0f} training samples{device}"
-        if len(table) > 1:
-            runner = table[1]
-            row = next((r for r in paired if r["a"] == winner["model"]
-                        and r["b"] == runner["model"]), None)
-            if row is not None:
-                shown = "shown" if shows_difference(row) else "not shown"
-                line += (f"; {row['mean_difference']:+.3f} over {runner['model']} "
-                         f"(Holm-adjusted p = {_p(row['holm_p'])}: a difference is {shown})")
-                ratio = row.get("training_s_ratio", math.nan)
-                if not math.isnan(ratio):
-                    line += f", at {ratio_text(ratio)} its training time"
-        lines.append(line + ".")
+        if table and not math.isnan(table[0]["mean_dice"][0]):
+            lines.append(f"Which {task}? " + _answer(table, paired, verb))
+    cost = _cost_answer(summary)
+    if cost:
+        lines.append("At what cost? " + cost)
+    lines.append("How sure? " + _sureness(summary))
     if summary["budgets"]["samples_seen"] and not summary["budgets"]["equal"]:
         lines.append(summary["budgets"]["note"] + ".")
     if summary["did_not_finish"]:
         named = sorted({f"{r['model']} fold {r['fold']}" for r in summary["did_not_finish"]})
         lines.append(f"Not compared: {', '.join(named)} did not finish (see \"Did not "
                      "finish\").")
+    return lines
+
+
+def _answer(table: list[dict[str, Any]], paired: list[dict[str, Any]], verb: str) -> str:
+    """Who is best and whether that is claimed: no winner among models still improving,
+    none without repeated runs, else the run-level test against the runner-up."""
+    best = table[0]
+    mean = best["mean_dice"][0]
+    improving = [r for r in table if r["convergence"]["still_improving"]]
+    if improving:
+        names = ", ".join(r["model"] for r in improving)
+        gains = ", ".join(f"+{r['convergence']['gain']:.3f}" for r in improving)
+        needed = [r["convergence"]["budget_needed"] for r in improving]
+        known = [n for n in needed if not math.isnan(n)]
+        estimate = (f"; a saturating fit to the curves asks for about {max(known):,.0f} "
+                    "samples" if known else "; the curves do not say how many more samples "
+                    "it would take")
+        return (f"no winner is declared: {names} {'was' if len(improving) == 1 else 'were'} "
+                f"still improving at the end of the budget (mean Dice gained over its last "
+                f"quarter: {gains}){estimate}. Highest so far: {best['model']}, {mean:.3f}.")
+    if len(table) == 1:
+        return f"{best['model']} alone, mean Dice {mean:.3f}."
+    runner = table[1]
+    row = next((r for r in paired if r["a"] == best["model"] and r["b"] == runner["model"]),
+               None)
+    scores = f"mean Dice {mean:.3f} against {runner['model']}'s {runner['mean_dice'][0]:.3f}"
+    if row is None:
+        return f"{best['model']} scored highest ({scores}); they share no cases to compare."
+    level = row["run_level"]
+    if not level["runs_measured"]:
+        return (f"{best['model']} scored highest ({scores}), but with one training run per "
+                "model the run-to-run variance was not measured, so no ranking is claimed.")
+    if level["too_few_cases"]:
+        return (f"{best['model']} scored highest ({scores}), but {best['cases']} "
+                f"case{'s are' if best['cases'] != 1 else ' is'} too few to show a "
+                f"difference (an interval needs {MIN_CASES_FOR_INTERVAL}).")
+    pairs = level["run_pairs"]
+    evidence = (f"{pairs} run pair{'s' if pairs != 1 else ''}, hierarchical bootstrap 95% CI "
+                f"[{level['ci_low']:+.3f}, {level['ci_high']:+.3f}], Holm-adjusted p = "
+                f"{_p(level['holm_p'])}")
+    if row["claimed"]:
+        return (f"{best['model']} {verb} best: {scores}, {level['mean_difference']:+.3f} "
+                f"(every run pair agrees; {evidence}).")
+    reason = ("the run pairs disagree in sign" if not level["signs_agree"]
+              else "the interval includes zero")
+    return (f"{best['model']} scored highest ({scores}), but a difference is not shown: "
+            f"{reason} ({evidence}).")
+
+
+def _cost_answer(summary: dict[str, Any]) -> str:
+    """Training and inference time of the best segmentation model against the runner-up's;
+    seconds per pair of the best network against the best baseline's."""
+    parts = []
+    table = summary["segmentation"]
+    if len(table) > 1:
+        best, runner = table[0], table[1]
+        ratios = [f"{ratio_text(best[k] / runner[k])} the {name}"
+                  for k, name in (("training_s", "training time"),
+                                  ("inference_s_per_case", "inference time"))
+                  if not math.isnan(best[k]) and not math.isnan(runner[k]) and runner[k]]
+        if ratios:
+            parts.append(f"{best['model']} takes {', '.join(ratios)} of {runner['model']}")
+    reg = summary["registration"]
+    networks = [r for r in reg if r["model"] not in BASELINES]
+    baselines = [r for r in reg if r["model"] in BASELINES and r["model"] != "identity"]
+    if networks and baselines:
+        net, base = networks[0], baselines[0]
+        seconds = net["inference_s_per_case"], base["inference_s_per_case"]
+        if not any(math.isnan(v) for v in seconds) and seconds[0] > 0:
+            parts.append(f"the best network ({net['model']}, {net['mean_dice'][0]:.3f}) "
+                         f"registers a pair in {seconds[0]:.2g} s, the best baseline "
+                         f"({base['model']}, {base['mean_dice'][0]:.3f}) in {seconds[1]:.2g} s "
+                         f"({ratio_text(seconds[1] / seconds[0])} as long)")
+    return "; ".join(parts) + "." if parts else ""
+
+
+CLAIM_RULE = ("A difference is claimed only where every pair of runs agrees in sign and a "
+              "hierarchical bootstrap (runs, then cases) excludes zero after Holm's "
+              "correction, and not among models still improving.")
+
+
+def _sureness(summary: dict[str, Any]) -> str:
+    runs = _run_counts(summary)
+    counted = (f"{runs[0]}" if len(runs) == 1 else f"{runs[0]}-{runs[-1]}") if runs else "no"
+    text = f"{counted} training run{'s' if runs != [1] else ''} per model. {CLAIM_RULE}"
+    if runs and runs[0] < 2:
+        text += (" With one run, run-to-run variance is not measured: the Wilcoxon p-values "
+                 "in the tables cover the cases of one trained network per model, not "
+                 "retraining.")
+    return text
+
+
+def _run_counts(summary: dict[str, Any]) -> list[int]:
+    """The distinct numbers of training runs of the trained (non-baseline) methods."""
+    return sorted({r["runs"] for r in summary["segmentation"] + summary["registration"]
+                   if r["model"] not in BASELINES})
+
+
+def _scope(summary: dict[str, Any], runs: Sequence[TrackedRun],
+           dataset: Path | None) -> list[str]:
+    """What the numbers are about: the data, the runs, the budget against nnU-Net's
+    default, the recipe, and what the p-values cover."""
+    import json
+
+    from medpipe.data.demo import DEMO_NAME
+
+    name = next((r.params.get("run.dataset_name") for r in runs
+                 if r.params.get("run.dataset_name")), None)
+    description = None
+    if dataset is not None and (dataset / "dataset.json").is_file():
+        spec = json.loads((dataset / "dataset.json").read_text(encoding="utf-8"))
+        name, description = spec.get("name", name), spec.get("description")
+    data = f"Data: {name or 'the dataset'}"
+    if name == DEMO_NAME:
+        data += (" (synthetic: one template, MNI152, through random smooth deformations; "
+                 "its cases are draws from one generator, not different subjects)")
+    elif description:
+        data += f" ({description.rstrip('.')})"
+    lines = [data + f"; segmentation scored on {summary['segmentation_scope']}"
+             + (f", registration on {summary['registration_scope']}"
+                if summary["registration"] else "") + "."]
+    trained = [r for r in summary["segmentation"] + summary["registration"]
+               if r["model"] not in BASELINES]
+    if trained:
+        lines.append("Runs: " + ", ".join(f"{r['model']} {r['runs']}" for r in trained)
+                     + " (a run: one training of one fold or seed).")
+    shares = []
+    for row in summary["segmentation"]:
+        folds = [r for r in runs if r.tags.get(tracked.MODEL) == row["model"]
+                 and r.tags.get(tracked.TASK) == "segmentation"]
+        batch = next((float(r.params["run.batch_size"]) for r in folds
+                      if "run.batch_size" in r.params), math.nan)
+        if not math.isnan(row["samples_seen"]) and not math.isnan(batch):
+            share = 100 * row["samples_seen"] / (NNUNET_DEFAULT_STEPS * batch)
+            shares.append(f"{row['model']} {row['samples_seen']:,.0f} ({share:.2g} %)")
+    if shares:
+        lines.append("Budget, samples seen per run (share of nnU-Net's default, 1000 epochs "
+                     "x 250 steps at the same batch): " + ", ".join(shares) + ".")
+    lines.append("Recipe: each model's optimiser and schedule as configured, named under "
+                 "\"What was compared\".")
+    lines.append("p-values: the hierarchical bootstrap's cover runs and cases, Holm-corrected "
+                 "within a table; the Wilcoxon p in the tables covers the cases of one trained "
+                 "network per model.")
     return lines
 
 

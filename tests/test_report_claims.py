@@ -1,0 +1,131 @@
+"""The report's claims from a hand-made MLflow store: two training runs per model whose
+per-run differences agree in sign make a claim, ones that disagree refuse it; one run per
+model, or a model still improving, claims nothing; the first screen a reader sees holds the
+scope, the verdicts and a figure."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+
+from medpipe import tracked
+from medpipe.report.compare import build_report
+from medpipe.tracking import finished_runs
+
+CASES = [f"case_{k:02d}" for k in range(12)]
+
+
+def _store(tmp_path, offsets: dict[str, list[float]], curves: dict[str, list[float]] | None = None):
+    """A sqlite store with one finished segmentation run per (model, offset): seed k of the
+    model scores every case at base + offset (+ a little noise), on the same test cases;
+    CURVES: the validation Dice at 4 equal steps of the budget (a flat curve by default)."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("claims", artifact_location=str(tmp_path / "art"))
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.7, 0.85, len(CASES))
+    for model, seeds in offsets.items():
+        for seed, offset in enumerate(seeds):
+            run = client.create_run(experiment, tags={
+                tracked.TASK: "segmentation", tracked.MODEL: model, tracked.FOLD: "0",
+                tracked.DEVICE: "cpu"})
+            run_id = run.info.run_id
+            client.log_param(run_id, "run.batch_size", "2")
+            client.log_param(run_id, "run.training.seed", str(seed))
+            client.log_param(run_id, "run.dataset_name", "handmade")
+            curve = (curves or {}).get(model, [0.5, 0.7, 0.75, 0.75])
+            for step, dice in enumerate(curve, start=1):
+                client.log_metric(run_id, tracked.VAL_DICE, dice, step=step)
+                client.log_metric(run_id, tracked.SAMPLES_SEEN, 100 * step, step=step)
+            for name, value in ((tracked.TRAINING_SECONDS, 60.0), (tracked.PARAMETERS, 1e6)):
+                client.log_metric(run_id, name, value)
+            table = tmp_path / f"{model}_{seed}" / "cases.csv"
+            table.parent.mkdir()
+            with open(table, "w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f)
+                writer.writerow(["case_id", "class", "dice", "hd95"])
+                for case, value in zip(CASES, base, strict=True):
+                    writer.writerow([case, "a", value + offset + rng.normal(0, 0.002), 2.0])
+            client.log_artifact(run_id, str(table), tracked.EVALUATION_FOLDER)
+            client.set_terminated(run_id)
+    return finished_runs(uri, "claims")
+
+
+def _pair(summary, a, b):
+    return next(r for r in summary["paired"] if {r["a"], r["b"]} == {a, b})
+
+
+def test_runs_that_agree_make_the_claim(tmp_path):
+    runs = _store(tmp_path, {"big": [0.05, 0.04], "small": [0.0, 0.01]})
+    summary = build_report(runs, tmp_path / "out")
+    row = _pair(summary, "big", "small")
+    assert row["run_level"]["signs_agree"] and row["claimed"]
+    assert summary["headline"][0].startswith("Which segmentation model? big segments best")
+    assert summary["segmentation"][0]["runs"] == 2
+
+
+def test_runs_that_disagree_in_sign_refuse_it(tmp_path):
+    # big is better on average (+0.02) but one of its runs is worse than one of small's
+    runs = _store(tmp_path, {"big": [0.05, -0.005], "small": [0.0, 0.01]})
+    summary = build_report(runs, tmp_path / "out")
+    row = _pair(summary, "big", "small")
+    assert row["mean_difference"] > 0 and not row["run_level"]["signs_agree"]
+    assert not row["claimed"]
+    assert "a difference is not shown: the run pairs disagree in sign" in summary["headline"][0]
+
+
+def test_one_run_per_model_ranks_nothing(tmp_path):
+    # every case better by 0.05: the cases alone would show it (Wilcoxon p ~ 5e-4)
+    runs = _store(tmp_path, {"big": [0.05], "small": [0.0]})
+    summary = build_report(runs, tmp_path / "out")
+    row = _pair(summary, "big", "small")
+    assert row["wilcoxon_p"] < 0.001 and not row["claimed"]
+    assert "run-to-run variance was not measured, so no ranking is claimed" in \
+        summary["headline"][0]
+    assert any(line.startswith("How sure? 1 training run per model") for line in
+               summary["headline"])
+
+
+def test_no_winner_among_models_still_improving(tmp_path):
+    runs = _store(tmp_path, {"big": [0.05, 0.04], "small": [0.0, 0.01]},
+                  curves={"big": [0.3, 0.5, 0.6, 0.7]})  # +0.1 over the last quarter
+    summary = build_report(runs, tmp_path / "out")
+    assert not _pair(summary, "big", "small")["claimed"]
+    first = summary["headline"][0]
+    assert "no winner is declared: big was still improving" in first
+    big = next(r for r in summary["segmentation"] if r["model"] == "big")
+    assert big["convergence"]["gain"] == pytest.approx(0.1)
+    assert not math.isnan(big["run_spread"][1])
+
+
+def test_the_scope_box_says_what_the_numbers_cover(tmp_path):
+    runs = _store(tmp_path, {"big": [0.05, 0.04], "small": [0.0, 0.01]})
+    summary = build_report(runs, tmp_path / "out")
+    scope = " ".join(summary["scope"])
+    assert "Data: handmade" in scope and "Runs: big 2, small 2" in scope
+    # 400 samples against nnU-Net's 1000 x 250 steps x batch 2
+    assert "big 400 (0.08 %)" in scope
+    markdown = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert markdown.index("## Scope") < markdown.index("## Verdicts") < markdown.index(
+        "<details>")
+    assert "Each model against the best (big)" in markdown
+
+
+def test_the_first_screen_holds_the_scope_the_verdicts_and_a_figure(tmp_path):
+    """As a reader opens it: headless Chromium at 1280 x 900 draws the scope box, the
+    verdicts' box and a figure (many colours) before any scrolling."""
+    from helpers import browser_screenshot
+
+    runs = _store(tmp_path, {"big": [0.05, 0.04], "small": [0.0, 0.01]})
+    build_report(runs, tmp_path / "out")
+    shot = browser_screenshot(tmp_path / "out" / "report.html", "report_first_screen.png",
+                              1280, 900)
+    assert shot.shape[:2] == (900, 1280)
+    for colour in ((0xf7, 0xf7, 0xf2), (0xf5, 0xf8, 0xff)):  # scope box, verdicts' box
+        assert np.all(shot == colour, axis=-1).sum() > 5000, colour
+    assert len(np.unique(shot.reshape(-1, 3), axis=0)) > 300  # a figure, not only text
