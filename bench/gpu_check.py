@@ -55,7 +55,6 @@ FOLDER = HERE / "work" / "gpu_check"
 WHEELS_FILE = HERE / "gpu_wheels.txt"
 SEGMENTATION = ("unet", "nnunet", "nnunet_resenc", "swin_unetr")
 REGISTRATION = ("voxelmorph", "voxelmorph_diff", "pyramid")
-RESENC_PLANS = "plans_resenc_m.json"  # beside plans.json in the prepared data
 # (model, autocast dtype, where augmentation runs): bf16 for all, fp16 + GradScaler once,
 # nnU-Net's augmentation on the GPU (`training.augment_on: device`) once
 RUNS = [*((m, "bf16", "loader") for m in (*SEGMENTATION, *REGISTRATION)),
@@ -73,7 +72,7 @@ def prepare(python_versions: list[str]) -> None:
     serves the GPU machine and a check here; `gpu_check.sh` installs what fits), into
     FOLDER."""
     sys.path.insert(0, str(HERE))
-    from common import demo_pipeline
+    from common import demo_pipeline, resenc_plans
 
     root = demo_pipeline(cases=6, name="gpu_check_data")
     data = FOLDER / "data"
@@ -86,12 +85,7 @@ def prepare(python_versions: list[str]) -> None:
     for name in ("plans.json", "splits.json"):
         shutil.copy(root / "results" / name, data / "results" / name)
     shutil.copytree(root / "results" / "preprocessed", data / "results" / "preprocessed")
-    # nnunet_resenc trains from ResEnc M plans: the same preprocessing (nnU-Net's ResEnc
-    # planners change the network, patch and batch only), so the same cases serve
-    from medpipe.planning import fingerprint_dataset, plan_experiment, write_plans
-
-    write_plans(plan_experiment(fingerprint_dataset(root / "raw"), planner="ResEncM"),
-                data / "results" / RESENC_PLANS)
+    resenc_plans(data / "results", root / "raw")  # nnunet_resenc's, over the same cases
     wheels = FOLDER / "wheels"
     shutil.rmtree(wheels, ignore_errors=True)
     requirements = [line.split("#")[0].strip() for line in WHEELS_FILE.read_text().splitlines()]
@@ -154,16 +148,13 @@ def config_for(data: Path, model: str, dtype: str, augment_on: str, device: str,
     """The check's config: the prepared data, tracking off, two epochs of ITERATIONS steps,
     the model's planned patch and batch and default options, augmentation on."""
     import yaml
+    from common import resenc_results
 
     from medpipe.config import load_config
 
     results = data / "results"
     if model == "nnunet_resenc":  # its plans, the prepared cases linked
-        results = folder / "results_resenc"
-        results.mkdir()
-        shutil.copy(data / "results" / RESENC_PLANS, results / "plans.json")
-        shutil.copy(data / "results" / "splits.json", results / "splits.json")
-        (results / "preprocessed").symlink_to((data / "results" / "preprocessed").resolve())
+        results = resenc_results(results, folder / "results_resenc")
     config = {
         "dataset": str(data / "raw"), "results": str(results),
         "configuration": "3d_fullres", "folds": 5, "tracking": {"enabled": False},

@@ -25,7 +25,7 @@ NNUNET_PYTHON = Path(os.environ.get("MEDPIPE_NNUNET_BIN", ROOT / ".venv-nnunet" 
 # script -> its arguments ({data}, {runs}, {work}: the fixture's folders)
 SMOKE_RUNS = {
     "autocast_cpu": ["--quick"],
-    "data_loading": ["--quick", "--models", "unet", "voxelmorph"],
+    "data_loading": ["--quick", "--models", "unet", "nnunet_resenc", "voxelmorph"],
     "hostile_inputs": ["--model", "{runs}/unet/fold_0", "--reg-model",
                        "{runs}/voxelmorph/fold_0", "--only", "predict_nan",
                        "--out", "{work}/hostile_inputs.json"],
