@@ -287,9 +287,7 @@ def _table(models: dict[str, list[TrackedRun]], scores: dict[str, Scores],
         row: dict[str, Any] = {"model": model, "folds": len(folds), "cases": len(score.dice),
                                "mean_dice": _spread(list(score.mean_dice().values())),
                                "runs": len(run_means), "run_spread": _spread(run_means)}
-        trained = model not in BASELINES and any(r.val_dice_history for r in folds)
-        row["convergence"] = _convergence(folds) if trained else {
-            "still_improving": None, "gain": math.nan, "budget_needed": math.nan}
+        row["convergence"] = _convergence(folds)  # unknown without validation curves
         for name in score.classes():
             row[f"dice_{name}"] = _spread([v[name] for v in score.dice.values() if name in v])
         row["hd95_mm"] = _spread([float(np.mean(list(v.values())))
