@@ -17,7 +17,7 @@ TORCH_GPU_SPEC ?= torch>=2.4
 DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: setup ants-env test lint demo study bench gpu-check-data clean-demo
+.PHONY: setup ants-env test lint demo study study-native bench gpu-check-data clean-demo
 
 setup: $(VENV)/.installed
 
@@ -77,6 +77,23 @@ study: setup $(ANTS_VENV)/.installed
 		--configfile configs/study.yaml --config dataset=$(STUDY_DIR)/raw results=$(STUDY_DIR)/results
 	$(PY) bench/study_record.py $(STUDY_DIR)/results docs/study --started $$(cat $(STUDY_DIR)/started)
 	@echo "Report: $(STUDY_DIR)/results/compare/report.html (recorded in docs/study/)"
+
+# The native-recipe sensitivity check of the study: every segmentation model once
+# more, one seed, with its authors' recipe (`recipe: native`), on the study's data; the config
+# is the study's with those settings, written beside the results; the report is copied to
+# docs/study/native/. Its wall time is printed by Snakemake's log
+study-native: setup
+	mkdir -p $(STUDY_DIR)
+	$(VENV)/bin/medpipe demo-data $(STUDY_DIR)/raw --cases 12 --test-cases 20 --seed 0
+	$(PY) -c "import sys, yaml; from medpipe.config import apply_overrides; \
+		config = apply_overrides(yaml.safe_load(open('configs/study.yaml')), sys.argv[1:]); \
+		open('$(STUDY_DIR)/native.yaml', 'w').write(yaml.safe_dump(config))" \
+		recipe=native 'seeds=[0]' 'registration.models=[]' 'registration.baselines=[]'
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/snakemake all --profile configs/profiles/local \
+		--configfile $(STUDY_DIR)/native.yaml --config dataset=$(STUDY_DIR)/raw results=$(STUDY_DIR)/native
+	mkdir -p docs/study/native
+	cp $(STUDY_DIR)/native/compare/report.html $(STUDY_DIR)/native/compare/report.md \
+		$(STUDY_DIR)/native/compare/summary.json docs/study/native/
 
 # The benchmarks' quick mode (bench/README.md); nnU-Net's environment for its own predictor
 bench: setup $(NNUNET_VENV)/.installed $(ANTS_VENV)/.installed

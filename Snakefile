@@ -55,6 +55,16 @@ REG_TEST_CASES = (sorted(set(TEST_CASES) & set(TEST_LABELS))
                   if config["registration"].get("eval_cases") == "test" else [])
 
 
+# the training runs of each model (`seeds` x `train_folds`): the first seed's are fold_K,
+# the others seed_S/fold_K; with more than one run per segmentation model each run also
+# scores the labelled test cases (its own evaluation_test/), so that runs pair on the same cases
+RUNS = {model: training_runs(model) for model in SEG_MODELS + REG_MODELS}
+SEG_TEST_RUNS = {model: RUNS[model] if len(RUNS[model]) > 1 and TEST_CASES and TEST_LABELS
+                 else [] for model in SEG_MODELS}
+SEG_TEST_CASES = (sorted(set(TEST_CASES) & set(TEST_LABELS))
+                  if any(SEG_TEST_RUNS.values()) else [])
+
+
 include: "workflow/rules/data.smk"
 include: "workflow/rules/planning.smk"
 include: "workflow/rules/segmentation.smk"

@@ -186,33 +186,20 @@ def demo_pipeline(cases: int = 6, spacing: float = 3.0, name: str | None = None,
     return root
 
 
-RESENC_PLANS = "plans_resenc_m.json"  # beside a results folder's plans.json
-
-
 def resenc_plans(results: Path, raw: Path | None = None) -> Path:
-    """RESULTS' ResEnc M plans (RESENC_PLANS), planned from the RAW dataset when missing."""
-    plans = results / RESENC_PLANS
+    """RESULTS' ResEnc M plans, where the pipeline trains `nnunet_resenc` from beside the
+    default plans.json (`PipelineConfig.plans_file_for`: nnU-Net's ResEnc planners change
+    the network, patch and batch, not the preprocessing); planned from the RAW dataset when
+    missing."""
+    from medpipe.config import PipelineConfig
+
+    plans = PipelineConfig(dataset=raw or results, results=results).plans_file_for(
+        "nnunet_resenc")
     if not plans.is_file():
         from medpipe.planning import fingerprint_dataset, plan_experiment, write_plans
 
         write_plans(plan_experiment(fingerprint_dataset(raw), planner="ResEncM"), plans)
     return plans
-
-
-def resenc_results(results: Path, folder: Path, raw: Path | None = None) -> Path:
-    """FOLDER as a results folder for `nnunet_resenc`: RESULTS' ResEnc M plans
-    (`resenc_plans`) as its plans.json, RESULTS' splits, and RESULTS' preprocessed cases
-    linked: nnU-Net's ResEnc planners change the network, patch and batch, not the
-    preprocessing."""
-    import shutil
-
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(resenc_plans(results, raw), folder / "plans.json")
-    shutil.copy(results / "splits.json", folder / "splits.json")
-    link = folder / "preprocessed"
-    if not link.exists():
-        link.symlink_to((results / "preprocessed").resolve())
-    return folder
 
 
 def one_step_runs(root: Path, models: Sequence[str], train: Callable) -> Path:

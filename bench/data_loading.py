@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, SMOKE, demo_pipeline, resenc_results, write_results
+from common import RESULTS, SMOKE, demo_pipeline, resenc_plans, write_results
 
 SEGMENTATION = ("unet", "nnunet", "nnunet_resenc", "swin_unetr")
 REGISTRATION = ("voxelmorph", "pyramid")
@@ -36,13 +36,11 @@ def setup_for(root: Path, model: str, augment_on: str, folder: Path):
     from medpipe.training.registration import registration_setup
     from medpipe.training.segmentation import segmentation_setup
 
-    config = load_config(root / "config.yaml")
-    results = config.results
-    if model == "nnunet_resenc":  # its own plans over the same preprocessed cases
-        results = resenc_results(config.results, folder / "results_resenc", config.dataset)
-    config = load_config(root / "config.yaml", [f"results={results}", "training.augment=true",
+    config = load_config(root / "config.yaml", ["training.augment=true",
                                                 f"training.augment_on={augment_on}",
                                                 "training.device=cpu"])
+    if model == "nnunet_resenc":  # its own plans over the same preprocessed cases
+        resenc_plans(config.results, config.dataset)
     setup_of = registration_setup if model in REGISTRATION else segmentation_setup
     return setup_of(config, model, 0, folder / f"{model}_{augment_on}", restart=True)
 

@@ -148,13 +148,10 @@ def config_for(data: Path, model: str, dtype: str, augment_on: str, device: str,
     """The check's config: the prepared data, tracking off, two epochs of ITERATIONS steps,
     the model's planned patch and batch and default options, augmentation on."""
     import yaml
-    from common import resenc_results
 
     from medpipe.config import load_config
 
-    results = data / "results"
-    if model == "nnunet_resenc":  # its plans, the prepared cases linked
-        results = resenc_results(results, folder / "results_resenc")
+    results = data / "results"  # with nnunet_resenc's ResEnc M plans beside plans.json
     config = {
         "dataset": str(data / "raw"), "results": str(results),
         "configuration": "3d_fullres", "folds": 5, "tracking": {"enabled": False},

@@ -4,8 +4,8 @@ into the repository (docs/study/) with the machine it ran on.
 What is read back from the store, not from the workflow's files: the latest comparison
 run's headline metrics (each model's mean foreground Dice on the scope its params name: the
 test set's cases, the test pairs) and, per compared run, its budget and costs. The targets
-of the study (nnunet and unet >= 0.80 mean foreground Dice on >= 20 test brains) are checked
-against those numbers and written beside them.
+of the study (nnunet and unet >= 0.80 mean foreground Dice on >= 20 test brains; >= 3 training
+runs of each segmentation model) are checked against those numbers and written beside them.
 
     python bench/study_record.py study/results docs/study [--started EPOCH_SECONDS]
                                  [--wall-minutes M]
@@ -26,11 +26,14 @@ from medpipe import tracked
 TARGET_DICE = 0.80
 TARGET_MODELS = ("nnunet", "unet")
 MIN_TEST_CASES = 20
+# repeated training runs: run-to-run variance in every claim (the study's `seeds`)
+RUNS_MODELS = ("unet", "nnunet", "nnunet_resenc", "swin_unetr")
+MIN_RUNS = 3
 REPORT_FILES = ("report.html", "report.md", "summary.json")
 
 
 def read_store(uri: str) -> dict:
-    """The latest comparison run of the store and the runs nested under it."""
+    """The latest comparison run of the store and the runs it compared."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -42,14 +45,17 @@ def read_store(uri: str) -> dict:
         raise SystemExit(f"{uri}: no comparison run (run `medpipe compare` first)")
     parent = runs[0]
     children = client.search_runs(
-        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        [parent.info.experiment_id],
+        f"tags.{tracked.COMPARISON_RUN} = '{parent.info.run_id}'", max_results=10000)
     compared = []
     for run in sorted(children, key=lambda r: (r.data.tags.get(tracked.TASK, ""),
                                                r.data.tags.get(tracked.MODEL, ""))):
         metrics = run.data.metrics
         compared.append({
             "task": run.data.tags.get(tracked.TASK), "model": run.data.tags.get(tracked.MODEL),
-            "fold": run.data.tags.get(tracked.FOLD), "device": run.data.tags.get(tracked.DEVICE),
+            "fold": run.data.tags.get(tracked.FOLD), "seed": run.data.tags.get(tracked.SEED),
+            "recipe": run.data.tags.get(tracked.RECIPE),
+            "device": run.data.tags.get(tracked.DEVICE),
             **{key: metrics.get(key) for key in (
                 tracked.SAMPLES_SEEN, tracked.TRAINING_SECONDS, tracked.PARAMETERS,
                 tracked.EVAL_MEAN_DICE, tracked.EVAL_SECONDS_PER_CASE,
@@ -66,6 +72,9 @@ def check_targets(store: dict) -> dict:
               store["scores"].get(f"mean_dice_{model}", float("nan")) >= TARGET_DICE
               for model in TARGET_MODELS}
     checks[f"scored on >= {MIN_TEST_CASES} test cases"] = n >= MIN_TEST_CASES
+    for model in RUNS_MODELS:
+        runs = sum(r["task"] == "segmentation" and r["model"] == model for r in store["runs"])
+        checks[f"{model}: >= {MIN_RUNS} training runs"] = runs >= MIN_RUNS
     return checks
 
 

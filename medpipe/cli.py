@@ -193,6 +193,7 @@ def fingerprint(
 
 
 PlannerChoice = Literal["default", "ResEncM", "ResEncL", "ResEncXL"]  # planning.PLANNERS
+CasesChoice = Literal["validation", "test"]
 
 
 @app.command()
@@ -356,14 +357,19 @@ def evaluate_seg(
     checkpoint: Annotated[str, typer.Option(help="best or latest.")] = "best",
     mirror: Annotated[bool, typer.Option(help="Mirroring test-time augmentation.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    cases: Annotated[CasesChoice, typer.Option(
+        help="validation: the fold's validation cases (RUN/evaluation); test: the labelled "
+             "test cases, preprocessed (RUN/evaluation_test), so that repeated runs pair on "
+             "the same cases.")] = "validation",
 ) -> None:
-    """Score a trained fold on its validation cases, on the raw grid: Dice, HD95, volumes."""
+    """Score a trained fold on its validation cases (or the test cases), on the raw grid:
+    Dice, HD95, volumes."""
     from medpipe.config import load_config
     from medpipe.evaluation.segmentation import evaluate_segmentation
 
     summary = evaluate_segmentation(
-        load_config(config, overrides), model, fold, run_dir, checkpoint, mirror, device
-    )
+        load_config(config, overrides), model, fold, run_dir, checkpoint, mirror, device,
+        cases)
     _print_classes(summary)
     console.print(f"[green]mean Dice[/green] {summary['mean_dice']['mean']:.3f} over "
                   f"{summary['cases']} case(s)")

@@ -4,7 +4,9 @@ One YAML file (e.g. `configs/demo.yaml`) serves Snakemake and the `medpipe` comm
 top level names the data (`dataset`, `results`, ...); `training` holds the settings shared by
 every model; `models.<name>` holds a model's options and its own training overrides;
 `tracking` says where MLflow writes. Layering, lowest first: built-in defaults, the model's
-literature optimiser, `training`, `models.<name>.training`, `--set key=value` overrides.
+literature optimiser, `training`, with `recipe: native` the model's own recipe (its authors'
+optimiser, schedule, augmentation, patch; `medpipe.models`), `models.<name>.training`,
+`--set key=value` overrides.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ DEFAULT_ARTIFACTS = "mlruns"  # where the default store keeps its experiments' a
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PlannerName = Literal["default", "ResEncM", "ResEncL", "ResEncXL"]  # planning.PLANNERS
+RecipeName = Literal["shared", "native"]
 
 
 class OptimizerConfig(StrictModel):
@@ -111,13 +117,19 @@ class TrainingConfig(StrictModel):
         steps = math.ceil(self.budget_samples / (self.epochs * batch_size))
         return self.model_copy(update={"iterations_per_epoch": steps})
 
-    def overridden_by(self, override: TrainingConfig,
-                      optimizer_defaults: OptimizerConfig) -> TrainingConfig:
+    def overridden_by(self, override: TrainingConfig, optimizer_defaults: OptimizerConfig,
+                      recipe: TrainingConfig | None = None) -> TrainingConfig:
         """These shared settings with the fields OVERRIDE sets replacing them, and the
-        optimiser layered on OPTIMIZER_DEFAULTS: defaults, shared, then OVERRIDE's."""
-        merged = self.model_dump(exclude_unset=True) | override.model_dump(exclude_unset=True)
-        merged["optimizer"] = optimizer_defaults.overridden_by(self.optimizer,
-                                                               override.optimizer)
+        optimiser layered on OPTIMIZER_DEFAULTS: defaults, shared, then OVERRIDE's. A model's
+        own RECIPE (`recipe: native`) goes between the shared settings and OVERRIDE, and its
+        optimiser replaces the shared one whole (an SGD recipe keeps no AdamW field)."""
+        merged = self.model_dump(exclude_unset=True)
+        optimizer = optimizer_defaults.overridden_by(self.optimizer)
+        if recipe is not None:
+            merged |= recipe.model_dump(exclude_unset=True)
+            optimizer = optimizer_defaults.overridden_by(recipe.optimizer)
+        merged |= override.model_dump(exclude_unset=True)
+        merged["optimizer"] = optimizer.overridden_by(override.optimizer)
         return TrainingConfig(**merged)
 
 
@@ -126,6 +138,13 @@ class ModelEntry(StrictModel):
         {}, description="the network's settings (the model's options type)")
     training: TrainingConfig = Field(TrainingConfig(),
                                      description="this model's training overrides")
+    seeds: list[int] | None = Field(None, min_length=1, description="this model's training "
+                                    "seeds; null: the shared `seeds`")
+    planner: PlannerName | None = Field(
+        None, description="the plans this model trains with; null: the workflow's `planner`, "
+        "or ResEnc M for a model that needs residual-encoder plans (nnunet_resenc) when that "
+        "is `default` (planned beside plans.json over the same preprocessed cases, as nnU-Net "
+        "keeps nnUNetResEncUNetMPlans.json beside nnUNetPlans.json)")
 
 
 class ClassicalSettings(StrictModel):
@@ -286,7 +305,7 @@ class PipelineConfig(StrictModel):
     configuration: Literal["3d_fullres", "3d_lowres"] = Field(
         "3d_fullres", description="the plans configuration to preprocess and train with")
     folds: int = Field(5, ge=2, description="cross-validation folds of the split")
-    planner: Literal["default", "ResEncM", "ResEncL", "ResEncXL"] = Field(
+    planner: PlannerName = Field(
         "default", description="nnU-Net v2's planner the plans follow: default "
         "(ExperimentPlanner, a plain U-Net) or a Residual Encoder preset (nnUNetPlannerResEncM "
         "/ L / XL: 8 / 24 / 40 GB, for `nnunet_resenc`)")
@@ -299,6 +318,19 @@ class PipelineConfig(StrictModel):
     train_folds: list[Annotated[int, Field(ge=0)]] = Field(
         [0, 1, 2, 3, 4],
         description="the cross-validation folds the workflow trains")
+    seeds: list[int] = Field(
+        [0], min_length=1, description="training seeds: the workflow trains each model once "
+        "per seed on each fold in train_folds (repeated runs, so that the report can measure "
+        "run-to-run variance); the first seed's runs are RESULTS/runs/MODEL/fold_K (the fold "
+        "ensemble that predicts the test set), the others RESULTS/runs/MODEL/seed_S/fold_K; "
+        "with several runs per model each run is also scored on the labelled test cases, so "
+        "that runs pair on the same cases")
+    recipe: RecipeName = Field(
+        "shared", description="shared: every model trains with the settings in `training` "
+        "(one optimiser and schedule for all); native: each model with its authors' recipe "
+        "(nnunet, nnunet_resenc: nnU-Net's SGD + poly, deep supervision, augmentation, planned "
+        "patch and batch; unet, swin_unetr: MONAI's tutorials'; see the README), over "
+        "`training` and under `models.<name>.training`")
     training: TrainingConfig = Field(TrainingConfig(),
                                      description="training settings shared by every model")
     models: dict[str, ModelEntry] = Field(
@@ -320,6 +352,29 @@ class PipelineConfig(StrictModel):
     def plans_file(self) -> Path:
         return self.results / "plans.json"
 
+    def planner_for(self, model: str) -> PlannerName:
+        """The planner whose plans MODEL trains with: its own setting, else the workflow's,
+        unless the model needs residual-encoder plans and the workflow's are plain."""
+        from medpipe.models import model_spec
+
+        chosen = self.model_entry(model).planner
+        if chosen is not None:
+            return chosen
+        if model_spec(model).needs_residual_plans and self.planner == "default":
+            return "ResEncM"
+        return self.planner
+
+    def plans_file_for(self, model: str) -> Path:
+        """MODEL's plans: plans.json, or RESULTS/plans_PLANNER.json beside it when the model
+        trains with another planner's (sharing plans.json's preprocessed cases)."""
+        planner = self.planner_for(model)
+        return self.plans_file if planner == self.planner else \
+            self.results / f"plans_{planner}.json"
+
+    def seeds_for(self, model: str) -> list[int]:
+        """MODEL's training seeds: its own `seeds`, else the shared ones."""
+        return self.model_entry(model).seeds or self.seeds
+
     @property
     def splits_file(self) -> Path:
         return self.results / "splits.json"
@@ -329,8 +384,16 @@ class PipelineConfig(StrictModel):
         return self.results / "preprocessed" / self.configuration
 
     def run_folder(self, model: str, fold: int) -> RunFolder:
-        """Where MODEL's FOLD lives: `RESULTS/runs/MODEL/fold_K`."""
-        return RunFolder(self.results / "runs" / model / f"fold_{fold}")
+        """Where MODEL's FOLD lives: `RESULTS/runs/MODEL/fold_K` for the first of its seeds,
+        `RESULTS/runs/MODEL/seed_S/fold_K` for another (the seed its training settings
+        resolve to)."""
+        from medpipe.models import MODELS
+
+        runs = self.results / "runs" / model
+        if model in MODELS and (seed := self.training_for(model).seed) != \
+                self.seeds_for(model)[0]:  # a baseline or NETWORK_io has no seeds
+            runs = runs / f"seed_{seed}"
+        return RunFolder(runs / f"fold_{fold}")
 
     def model_entry(self, model: str) -> ModelEntry:
         return self.models.get(model, ModelEntry())
@@ -343,12 +406,14 @@ class PipelineConfig(StrictModel):
 
     def training_for(self, model: str) -> TrainingConfig:
         """The training settings of MODEL: its optimiser defaults, the shared settings,
-        then the model's overrides."""
+        its own recipe (with `recipe: native`), then the model's overrides."""
         from medpipe.models import model_spec
 
-        defaults = model_spec(model).optimizer_defaults
+        spec = model_spec(model)
+        recipe = spec.native_recipe if self.recipe == "native" else None
         try:
-            return self.training.overridden_by(self.model_entry(model).training, defaults)
+            return self.training.overridden_by(self.model_entry(model).training,
+                                               spec.optimizer_defaults, recipe)
         except ValidationError as error:
             raise MedpipeError(
                 f"invalid training settings for {model!r}: {_explain(error)}"

@@ -97,10 +97,11 @@ def settings_reference() -> str:
     walk(OptimizerConfig(), "training.optimizer.")
     rows += ["", "`models.<name>.training` takes the fields of `training`, and "
              "`models.<name>.options` the model's own options:", "",
-             "| model | task | options (defaults) | optimiser defaults |",
-             "| --- | --- | --- | --- |"]
+             "| model | task | options (defaults) | optimiser defaults | `recipe: native` |",
+             "| --- | --- | --- | --- | --- |"]
     for name, spec in sorted(MODELS.items()):
         optimizer = spec.optimizer_defaults.model_dump(exclude_unset=True)
+        native = spec.recipe_source or "its optimiser defaults"
         rows.append(f"| `{name}` | {spec.task} | `{_inline(spec.options())}` | "
-                    f"`{_inline(optimizer)}` |")
+                    f"`{_inline(optimizer)}` | {native} |")
     return "\n".join(rows) + "\n"

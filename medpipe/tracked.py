@@ -10,6 +10,8 @@ from __future__ import annotations
 TASK = "task"  # "segmentation", "registration" or "comparison"
 MODEL = "model"
 FOLD = "fold"
+SEED = "seed"  # a training run's seed (repeated runs of one model and fold differ in it)
+RECIPE = "recipe"  # "shared" or "native" (`PipelineConfig.recipe`)
 GIT_COMMIT = "git_commit"
 DATA_HASH = "data_hash"
 DEVICE = "device"
@@ -72,6 +74,8 @@ COMPARISON_VIEW = "medpipe-comparison"  # the key of the view `compare` writes
 
 # ------------------------------------------------------------------ artifacts
 EVALUATION_FOLDER = "evaluation"
+TEST_EVALUATION_FOLDER = "evaluation_test"  # a run's own scores of the labelled test cases
+TEST_MEAN_DICE = "test_mean_dice"
 FIGURES_FOLDER = "figures"
 CHECKPOINTS_FOLDER = "checkpoints"
 REPORT_FOLDER = "report"

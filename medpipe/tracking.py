@@ -272,6 +272,9 @@ def download_model(uri: str, tracking_uri: str | None = None) -> Path:
     return found[0].parent
 
 
+TEST_CASES = "test_cases.csv"  # TrackedRun.files' name for `evaluation_test/cases.csv`
+
+
 @dataclass(frozen=True)
 class TrackedRun:
     """A finished run as plain data: what the comparison report is built from."""
@@ -280,7 +283,9 @@ class TrackedRun:
     tags: dict[str, str]
     params: dict[str, str]
     metrics: dict[str, float]  # the latest value of each
-    files: dict[str, str]  # local copies: cases.csv / pairs.csv, example.png
+    # local copies: cases.csv / pairs.csv, test_cases.csv (the run's own test-set scores,
+    # repeated segmentation runs), example.png
+    files: dict[str, str]
     # per epoch: validation Dice, and the costs so far (samples seen, training seconds)
     histories: dict[str, list[tuple[int, float]]]
 
@@ -314,11 +319,12 @@ def finished_runs(uri: str, experiment: str) -> list[TrackedRun]:
         if tags.get(tracked.TASK) not in ("segmentation", "registration"):
             continue
         files = {}
-        for name in ("cases.csv", "pairs.csv"):
+        for name, artifact in (("cases.csv", f"{tracked.EVALUATION_FOLDER}/cases.csv"),
+                               ("pairs.csv", f"{tracked.EVALUATION_FOLDER}/pairs.csv"),
+                               (TEST_CASES, f"{tracked.TEST_EVALUATION_FOLDER}/cases.csv")):
             try:
-                files[name] = client.download_artifacts(
-                    run.info.run_id, f"{tracked.EVALUATION_FOLDER}/{name}")
-            except Exception:  # not every run has both files
+                files[name] = client.download_artifacts(run.info.run_id, artifact)
+            except Exception:  # not every run has every file
                 continue
         example = _example_figure(client, run.info.run_id)
         if example:
@@ -342,6 +348,7 @@ class UnfinishedRun:
     status: str  # MLflow's: FAILED or KILLED
     reason: str  # its error's first line (`tracked.FAILURE`), or "" where none was tagged
     epochs: int  # epochs it completed
+    seed: str = ""  # its training seed ("" where none was tagged: a baseline, an older run)
 
 
 def unfinished_runs(uri: str, experiment: str) -> list[UnfinishedRun]:
@@ -364,7 +371,8 @@ def unfinished_runs(uri: str, experiment: str) -> list[UnfinishedRun]:
                                                                tracked.SAMPLES_SEEN)]
             out.append(UnfinishedRun(tags[tracked.TASK], tags.get(tracked.MODEL, "?"),
                                      tags.get(tracked.FOLD, "?"), status,
-                                     tags.get(tracked.FAILURE, ""), max(steps, default=0)))
+                                     tags.get(tracked.FAILURE, ""), max(steps, default=0),
+                                     tags.get(tracked.SEED, "")))
     return sorted(out, key=lambda r: (r.task, r.model, r.fold))
 
 

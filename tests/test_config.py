@@ -39,6 +39,50 @@ def test_training_layers_merge_field_by_field(tmp_path):
     assert nnunet.optimizer.momentum == 0.99 and nnunet.optimizer.weight_decay == 0.5
 
 
+def test_native_recipe_sits_between_the_shared_settings_and_the_models_own(tmp_path):
+    # the study's shared recipe: AdamW + cosine, no augmentation, a 64^3 patch for all
+    shared = {"training": {"epochs": 8, "budget_samples": 1600, "augment": False,
+                           "patch_size": [64, 64, 64], "optimizer": {
+                               "name": "adamw", "lr": 0.001, "schedule": "cosine"}},
+              "models": {"swin_unetr": {"training": {"optimizer": {"lr": 0.0005}}}}}
+    config = load_config(write(tmp_path, {**shared, "recipe": "native"}))
+    nnunet = config.training_for("nnunet")  # nnU-Net's own: SGD + poly, augmented, planned
+    assert (nnunet.optimizer.name, nnunet.optimizer.lr, nnunet.optimizer.schedule) == (
+        "sgd", 0.01, "poly")
+    assert nnunet.optimizer.weight_decay == 3e-5 and nnunet.optimizer.nesterov
+    assert nnunet.augment and nnunet.patch_size is None and nnunet.batch_size is None
+    assert (nnunet.epochs, nnunet.budget_samples) == (8, 1600)  # the budget stays shared
+    unet = config.training_for("unet")  # MONAI's spleen tutorial: Adam 1e-4, constant
+    assert (unet.optimizer.name, unet.optimizer.lr, unet.optimizer.weight_decay,
+            unet.optimizer.schedule) == ("adamw", 1e-4, 0.0, "constant")
+    assert not unet.augment and unet.oversample_foreground == 0.5 and unet.grad_clip is None
+    assert unet.patch_size == (64, 64, 64)
+    swin = config.training_for("swin_unetr")  # the model's own override still wins
+    assert (swin.optimizer.lr, swin.optimizer.weight_decay, swin.optimizer.schedule) == (
+        0.0005, 1e-5, "constant")
+    same = load_config(write(tmp_path, shared)).training_for("nnunet")  # shared: as set
+    assert (same.optimizer.name, same.optimizer.schedule, same.augment,
+            same.patch_size) == ("adamw", "cosine", False, (64, 64, 64))
+
+
+def test_seeds_name_the_run_folders_and_resenc_trains_on_its_own_plans(tmp_path):
+    config = load_config(write(tmp_path, {"seeds": [3, 4],
+                                          "models": {"pyramid": {"seeds": [9]}}}))
+    assert config.seeds_for("unet") == [3, 4] and config.seeds_for("pyramid") == [9]
+    # the training seed decides the folder: the first seed's is fold_K
+    first = load_config(write(tmp_path, {"seeds": [3, 4]}), ["training.seed=3"])
+    assert first.run_folder("unet", 1).path == Path("results/runs/unet/fold_1")
+    other = load_config(write(tmp_path, {"seeds": [3, 4]}), ["models.unet.training.seed=4"])
+    assert other.run_folder("unet", 1).path == Path("results/runs/unet/seed_4/fold_1")
+    assert other.run_folder("identity", 1).path == Path("results/runs/identity/fold_1")
+    assert config.plans_file_for("nnunet") == Path("results/plans.json")
+    assert config.plans_file_for("nnunet_resenc") == Path("results/plans_ResEncM.json")
+    resenc_everywhere = load_config(write(tmp_path, {"planner": "ResEncL"}))
+    assert resenc_everywhere.plans_file_for("nnunet_resenc") == Path("results/plans.json")
+    chosen = load_config(write(tmp_path, {"models": {"nnunet_resenc": {"planner": "ResEncL"}}}))
+    assert chosen.plans_file_for("nnunet_resenc") == Path("results/plans_ResEncL.json")
+
+
 @pytest.mark.parametrize(("section", "message"), [
     ({"models": {"unet": {"options": {"chanels": [4, 8]}}}}, "chanels"),
     ({"models": {"vnet": {}}}, "unknown model 'vnet'"),

@@ -278,3 +278,49 @@ def test_predictions_never_overwrite_an_input(tmp_path):
         plan_predictions(scan.parent, scan.parent, 1)  # brain.nii.gz -> brain.nii.gz
     assert plan_predictions(scan.parent, tmp_path / "out", 1) == [
         ([scan], tmp_path / "out" / "brain.nii.gz")]
+
+
+def test_a_run_scores_the_labelled_test_cases_as_it_scores_its_validation_cases(
+        segmentation_run, tiny_pipeline, tmp_path):
+    # repeated runs pair on the test set: `--cases test` scores imagesTs/labelsTs (their
+    # preprocessed arrays) into the run's evaluation_test/; a validation case renamed as a
+    # test case must score exactly as it did in validation
+    import csv
+    import shutil
+
+    from medpipe.evaluation.segmentation import evaluate_segmentation
+
+    raw, results = tmp_path / "raw", tmp_path / "results"
+    shutil.copytree(tiny_pipeline / "raw", raw)
+    shutil.copytree(tiny_pipeline / "results", results)
+    config = load_config(tiny_pipeline / "config.yaml", [
+        f"dataset={raw}", f"results={results}", "tracking.enabled=false"])
+    validation = evaluate_segmentation(config, "unet", 0, segmentation_run, device="cpu")
+    case = read_model(segmentation_run).val_cases[0]
+    for folder in ("imagesTs", "labelsTs"):
+        (raw / folder).mkdir(exist_ok=True)
+    shutil.copy(raw / "imagesTr" / f"{case}_0000.nii.gz", raw / "imagesTs" / "t0_0000.nii.gz")
+    shutil.copy(raw / "labelsTr" / f"{case}.nii.gz", raw / "labelsTs" / "t0.nii.gz")
+    for suffix in (".npz", ".json"):
+        shutil.copy(config.preprocessed_dir / f"{case}{suffix}",
+                    config.preprocessed_dir / f"t0{suffix}")
+    test = evaluate_segmentation(config, "unet", 0, segmentation_run, device="cpu",
+                                 cases="test")
+    assert test["scored"] == "test" and test["cases"] == 1
+    assert (segmentation_run / "test" / "t0.nii.gz").is_file()
+
+    def dice(path, case_id):
+        with open(path, newline="", encoding="utf-8") as f:
+            return {r["class"]: float(r["dice"]) for r in csv.DictReader(f)
+                    if r["case_id"] == case_id}
+
+    assert dice(segmentation_run / "evaluation_test" / "cases.csv", "t0") == pytest.approx(
+        dice(segmentation_run / "evaluation" / "cases.csv", case), abs=1e-6)
+    assert validation["scored"] == "validation"
+
+
+def read_model(run_dir):
+    from medpipe.runs.folder import RunFolder
+    from medpipe.runs.spec import read_run_spec
+
+    return read_run_spec(RunFolder(run_dir))

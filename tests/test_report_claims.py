@@ -18,10 +18,12 @@ from medpipe.tracking import finished_runs
 CASES = [f"case_{k:02d}" for k in range(12)]
 
 
-def _store(tmp_path, offsets: dict[str, list[float]], curves: dict[str, list[float]] | None = None):
+def _store(tmp_path, offsets: dict[str, list[float]], curves: dict[str, list[float]] | None = None,
+           test_offsets: dict[str, list[float]] | None = None):
     """A sqlite store with one finished segmentation run per (model, offset): seed k of the
     model scores every case at base + offset (+ a little noise), on the same test cases;
-    CURVES: the validation Dice at 4 equal steps of the budget (a flat curve by default)."""
+    CURVES: the validation Dice at 4 equal steps of the budget (a flat curve by default).
+    TEST_OFFSETS: each run's own test-set scores too (`evaluation_test/`, repeated runs)."""
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -44,14 +46,18 @@ def _store(tmp_path, offsets: dict[str, list[float]], curves: dict[str, list[flo
                 client.log_metric(run_id, tracked.SAMPLES_SEEN, 100 * step, step=step)
             for name, value in ((tracked.TRAINING_SECONDS, 60.0), (tracked.PARAMETERS, 1e6)):
                 client.log_metric(run_id, name, value)
-            table = tmp_path / f"{model}_{seed}" / "cases.csv"
-            table.parent.mkdir()
-            with open(table, "w", newline="", encoding="utf-8") as f:
-                writer = csv.writer(f)
-                writer.writerow(["case_id", "class", "dice", "hd95"])
-                for case, value in zip(CASES, base, strict=True):
-                    writer.writerow([case, "a", value + offset + rng.normal(0, 0.002), 2.0])
-            client.log_artifact(run_id, str(table), tracked.EVALUATION_FOLDER)
+            evaluations = [(tracked.EVALUATION_FOLDER, offset)]
+            if test_offsets:
+                evaluations.append((tracked.TEST_EVALUATION_FOLDER, test_offsets[model][seed]))
+            for folder, shift in evaluations:
+                table = tmp_path / f"{model}_{seed}" / folder / "cases.csv"
+                table.parent.mkdir(parents=True)
+                with open(table, "w", newline="", encoding="utf-8") as f:
+                    writer = csv.writer(f)
+                    writer.writerow(["case_id", "class", "dice", "hd95"])
+                    for case, value in zip(CASES, base, strict=True):
+                        writer.writerow([case, "a", value + shift + rng.normal(0, 0.002), 2.0])
+                client.log_artifact(run_id, str(table), folder)
             client.set_terminated(run_id)
     return finished_runs(uri, "claims")
 
@@ -67,6 +73,19 @@ def test_runs_that_agree_make_the_claim(tmp_path):
     assert row["run_level"]["signs_agree"] and row["claimed"]
     assert summary["headline"][0].startswith("Which segmentation model? big segments best")
     assert summary["segmentation"][0]["runs"] == 2
+
+
+def test_runs_scored_on_the_test_set_are_compared_there(tmp_path):
+    # validation cases disagree in sign, each run's own test-set scores agree: the report
+    # pairs the runs on the test cases (the same for every run) and claims from them
+    runs = _store(tmp_path, {"big": [0.05, -0.005], "small": [0.0, 0.01]},
+                  test_offsets={"big": [0.06, 0.05], "small": [0.0, 0.01]})
+    summary = build_report(runs, tmp_path / "out")
+    assert summary["segmentation_scope"] == (
+        f"test set, n = {len(CASES)} cases, each case's mean over 2 runs")
+    row = _pair(summary, "big", "small")
+    assert row["run_level"]["signs_agree"] and row["claimed"]
+    assert row["mean_difference"] == pytest.approx(0.05, abs=0.005)
 
 
 def test_runs_that_disagree_in_sign_refuse_it(tmp_path):

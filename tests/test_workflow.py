@@ -101,6 +101,50 @@ def test_any_subset_of_models_plans_only_its_jobs(workdir):
     assert "train_segmentation" not in reg.stdout
 
 
+def test_seeds_repeat_runs_scored_on_the_test_cases_and_resenc_gets_its_plans(workdir):
+    # repeated runs: one per seed of each segmentation model, each also scoring the
+    # labelled test cases; a network with its own seeds; nnunet_resenc on ResEnc M plans
+    for folder in ("imagesTs", "labelsTs"):
+        (workdir / "raw" / folder).mkdir()
+    for index, image in enumerate(sorted((workdir / "raw" / "imagesTr").iterdir())[:2]):
+        case = image.name.removesuffix("_0000.nii.gz")
+        shutil.copy(image, workdir / "raw" / "imagesTs" / f"test{index}_0000.nii.gz")
+        shutil.copy(workdir / "raw" / "labelsTr" / f"{case}.nii.gz",
+                    workdir / "raw" / "labelsTs" / f"test{index}.nii.gz")
+    (workdir / "config.yaml").write_text(yaml.safe_dump({
+        "dataset": "raw", "results": "results", "train_folds": [0], "seeds": [0, 2],
+        "recipe": "native", "segmentation_models": ["unet", "nnunet_resenc"],
+        "models": {"pyramid": {"seeds": [5]}},
+        "registration": {"models": ["pyramid"], "baselines": []}}))
+    dry = run([*snakemake(workdir, "all"), "-n", "-p"])
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert re.search(r"train_segmentation\s+4\n", dry.stdout)
+    assert re.search(r"evaluate_segmentation_test\s+4\n", dry.stdout)
+    assert re.search(r"train_registration\s+1\n", dry.stdout)
+    assert re.search(r"plan_experiment_for_model\s+1\n", dry.stdout)
+    commands = [line for line in dry.stdout.splitlines() if "medpipe " in line]
+    seed_run = next(c for c in commands if "train-seg" in c and "runs/unet/seed_2/fold_0" in c)
+    assert "--set models.unet.training.seed=2" in seed_run and "--fold 0" in seed_run
+    first = next(c for c in commands if "train-seg" in c and "runs/unet/fold_0 " in c)
+    assert "--set models.unet.training.seed=0" in first
+    assert any("--cases test" in c and "runs/nnunet_resenc/seed_2/fold_0" in c
+               for c in commands)
+    assert any("train-reg" in c and "training.seed=5" in c and "runs/pyramid/fold_0 " in c
+               for c in commands)
+    assert any("--planner ResEncM" in c and "plans_ResEncM.json" in c for c in commands)
+    # the fold ensemble predicting the test set is the first seed's folds
+    assert re.search(r"predict_test_set\s+2\n", dry.stdout)
+
+
+def test_the_workflow_knows_which_models_need_residual_plans():
+    from medpipe.models import MODELS
+
+    common = (REPO / "workflow" / "rules" / "common.smk").read_text(encoding="utf-8")
+    listed = re.search(r"^RESIDUAL_MODELS = \{(.*)\}$", common, re.MULTILINE).group(1)
+    assert {name.strip().strip('"') for name in listed.split(",")} == {
+        name for name, spec in MODELS.items() if spec.needs_residual_plans}
+
+
 def test_lint_is_clean_and_the_config_must_be_given(workdir):
     lint = run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory",
                 str(workdir), "--configfile", str(workdir / "config.yaml"), "--lint"])

@@ -113,6 +113,11 @@ class RawDataset:
     def case_ids(self) -> list[str]:
         return [case.case_id for case in self.training]
 
+    @property
+    def labelled_test_ids(self) -> list[str]:
+        """The test cases with a reference label (imagesTs with labelsTs), sorted."""
+        return sorted(case.case_id for case in self.test if case.label is not None)
+
     def case(self, case_id: str) -> Case:
         for case in self.training + self.test + self.unlabelled:
             if case.case_id == case_id:

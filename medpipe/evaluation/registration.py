@@ -98,8 +98,7 @@ def held_out_cases(config: PipelineConfig, fold: int) -> list[str]:
     `registration.eval_cases: test`) the labelled test cases, which no fold trained on."""
     if config.registration.eval_cases == "validation":
         return fold_case_ids(config.splits_file, fold)[1]
-    labelled = sorted(c.case_id for c in load_dataset(config.dataset).test
-                      if c.label is not None)
+    labelled = load_dataset(config.dataset).labelled_test_ids
     if len(labelled) < 2:
         raise MedpipeError("registration.eval_cases is test, but the dataset has "
                            f"{len(labelled)} labelled test case(s) (imagesTs with labelsTs); "

@@ -13,7 +13,7 @@ import csv
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from medpipe import tracked
 from medpipe.config import PipelineConfig
@@ -29,6 +29,7 @@ from medpipe.runs.folder import RunFolder
 from medpipe.runs.loading import load_trained
 from medpipe.runs.spec import SegmentationRunSpec
 
+CASES_TABLE, SUMMARY = "cases.csv", "summary.json"  # in `evaluation/` or `evaluation_test/`
 METRICS = ("dice", "hd95", "volume_pred_ml", "volume_ref_ml", "volume_diff_ml")
 TRACKED_CLASS_METRICS = ("dice", "hd95", "volume_diff_ml")
 
@@ -41,9 +42,13 @@ def evaluate_segmentation(
     checkpoint: str = "best",
     mirror: bool = False,
     device: str = "auto",
+    cases: Literal["validation", "test"] = "validation",
 ) -> dict[str, Any]:
-    """Write `evaluation/cases.csv` and `evaluation/summary.json` in the run folder; log both
-    (and the summary's means) to the run's MLflow run. Returns the summary."""
+    """Score the fold's validation cases (CASES validation: `evaluation/`) or, for repeated
+    runs to pair on the same cases, the labelled test cases (test: `evaluation_test/`,
+    predictions in `test/`; the workflow preprocesses them): cases.csv and summary.json in
+    the run folder, logged (with the summary's means) to the run's MLflow run. Returns the
+    summary."""
     folder = RunFolder(run_dir) if run_dir else config.run_folder(model, fold)
     torch_device = pick_device(device)
     network, spec = load_trained(folder, checkpoint, torch_device)
@@ -54,9 +59,16 @@ def evaluate_segmentation(
     scheme = spec.label_scheme
     classes = scheme.scored_classes
     dataset = load_dataset(config.dataset)
+    case_ids, predictions, scored = spec.val_cases, folder.validation, folder.evaluation
+    if cases == "test":
+        case_ids, predictions, scored = (dataset.labelled_test_ids, folder.test_predictions,
+                                         folder.test_evaluation)
+        if not case_ids:
+            raise MedpipeError("no labelled test cases (imagesTs with labelsTs) to score",
+                               config.dataset)
     rows, seconds = [], []
     started = time.perf_counter()
-    for index, case_id in enumerate(spec.val_cases, start=1):
+    for index, case_id in enumerate(case_ids, start=1):
         case = load_preprocessed(config.preprocessed_dir, case_id)
         start = time.perf_counter()
         probabilities = predict_probabilities(
@@ -68,7 +80,7 @@ def evaluate_segmentation(
         predicted = restore_label_from_probabilities(probabilities.numpy(), case.properties,
                                                      scheme)
         seconds.append(time.perf_counter() - start)
-        write_image(predicted, folder.validation / f"{case_id}{dataset.spec.file_ending}")
+        write_image(predicted, predictions / f"{case_id}{dataset.spec.file_ending}")
         reference = read_image(dataset.case(case_id).label)
         scores = segmentation_metrics(
             predicted.array, reference.array, classes, reference.spacing
@@ -76,23 +88,29 @@ def evaluate_segmentation(
         for name, values in scores.items():
             rows.append({"case_id": case_id, "class": name, **values,
                          "seconds": seconds[-1]})
-        report_step(f"{spec.run_name}: case", index, len(spec.val_cases), started)
-    summary = _summary(rows, classes, seconds, spec, checkpoint, mirror, torch_device)
-    write_cases_table(rows, folder.cases_table)
-    write_json(summary, folder.evaluation_summary)
-    _log(config, folder, spec, summary)
+        report_step(f"{spec.run_name}: case", index, len(case_ids), started)
+    summary = _summary(rows, classes, seconds, spec, checkpoint, mirror, torch_device,
+                       case_ids, cases)
+    write_cases_table(rows, scored / CASES_TABLE)
+    write_json(summary, scored / SUMMARY)
+    if cases == "test":
+        _log_test(config, folder, spec, summary, scored)
+    else:
+        _log(config, folder, spec, summary)
     return summary
 
 
 def _summary(rows, classes, seconds, spec: SegmentationRunSpec, checkpoint, mirror,
-             device) -> dict[str, Any]:
+             device, case_ids: Sequence[str], cases: str) -> dict[str, Any]:
     return {
         "model": spec.model,
         "fold": spec.fold,
+        "seed": spec.training.seed,
+        "scored": cases,
         "checkpoint": checkpoint,
         "mirroring": mirror,
         "device": str(device),
-        **summarise_cases(rows, classes, spec.val_cases),
+        **summarise_cases(rows, classes, case_ids),
         "seconds_per_case": summarise(seconds),
     }
 
@@ -139,4 +157,16 @@ def _log(config: PipelineConfig, folder: RunFolder, spec: SegmentationRunSpec,
     tracker.log_metrics(metrics)
     tracker.log_artifact(folder.cases_table, tracked.EVALUATION_FOLDER)
     tracker.log_artifact(folder.evaluation_summary, tracked.EVALUATION_FOLDER)
+    tracker.finish("FINISHED")
+
+
+def _log_test(config: PipelineConfig, folder: RunFolder, spec: SegmentationRunSpec,
+              summary: dict, scored: Path) -> None:
+    """The run's own test-set scores beside its validation ones (`evaluation_test/`)."""
+    from medpipe.tracking import open_tracker
+
+    tracker = open_tracker(config.tracking_store, spec.dataset_name, spec.run_name, folder)
+    tracker.log_metrics({tracked.TEST_MEAN_DICE: summary["mean_dice"]["mean"]})
+    tracker.log_artifact(scored / CASES_TABLE, tracked.TEST_EVALUATION_FOLDER)
+    tracker.log_artifact(scored / SUMMARY, tracked.TEST_EVALUATION_FOLDER)
     tracker.finish("FINISHED")

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from medpipe.config import OptimizerConfig
+from medpipe.config import OptimizerConfig, TrainingConfig
 from medpipe.errors import MedpipeError
 from medpipe.planning.plans import ArchitectureKwargs
 
@@ -56,6 +56,15 @@ class ModelSpec:
     optimizer_defaults: OptimizerConfig
     description: str = ""
     min_patch_size: int = 0  # smallest patch edge the net can train on
+    # `recipe: native`: the training settings its authors' code sets (only those fields;
+    # None: the optimiser defaults alone), and where they come from
+    recipe: TrainingConfig | None = None
+    recipe_source: str = ""
+    needs_residual_plans: bool = False  # built from a ResEnc planner's plans
+
+    @property
+    def native_recipe(self) -> TrainingConfig:
+        return self.recipe or TrainingConfig(optimizer=self.optimizer_defaults)
 
 
 MODELS: dict[str, ModelSpec] = {}

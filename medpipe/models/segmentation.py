@@ -19,7 +19,7 @@ from monai.networks.nets import DynUNet, SwinUNETR, UNet
 from pydantic import Field, field_validator
 from torch import nn
 
-from medpipe.config import OptimizerConfig
+from medpipe.config import OptimizerConfig, TrainingConfig
 from medpipe.errors import MedpipeError
 from medpipe.models.registry import ModelOptions, ModelSpec, NetworkShape, register
 
@@ -27,6 +27,39 @@ from medpipe.models.registry import ModelOptions, ModelSpec, NetworkShape, regis
 ADAMW_COSINE = OptimizerConfig(name="adamw", lr=1e-3, weight_decay=1e-5, schedule="cosine")
 NNUNET_SGD = OptimizerConfig(name="sgd", lr=1e-2, momentum=0.99, nesterov=True,
                              weight_decay=3e-5, schedule="poly")
+
+# `recipe: native`: each model as its authors' code trains it (the fields set here replace the
+# shared `training`; the budget stays shared). The loss stays medpipe's Dice + cross-entropy
+# for all (the spleen tutorial's is Dice alone).
+# nnU-Net v2's nnUNetTrainer: SGD 1e-2 (momentum 0.99, Nesterov, weight decay 3e-5), poly
+# 0.9, gradient norm clipped at 12, its augmentation, the plans' patch and batch, a third of
+# each batch centred on foreground; deep supervision is the model's option (on by default)
+NNUNET_RECIPE = TrainingConfig(optimizer=NNUNET_SGD, augment=True, patch_size=None,
+                               batch_size=None, oversample_foreground=0.33, grad_clip=12.0)
+NNUNET_SOURCE = ("nnU-Net v2's nnUNetTrainer: SGD 0.01, momentum 0.99 (Nesterov), weight "
+                 "decay 3e-5, poly 0.9, deep supervision, its augmentation, planned patch and "
+                 "batch, gradient clip 12")
+# MONAI's spleen tutorial (Project-MONAI/tutorials 3d_segmentation/spleen_segmentation_3d):
+# UNet(channels 16..256, 2 residual units), Adam 1e-4, no schedule, crops centred on
+# foreground and background alike (RandCropByPosNegLabeld pos 1, neg 1), no augmentation
+# (its RandAffined is commented out), no clipping
+MONAI_UNET_RECIPE = TrainingConfig(
+    optimizer=OptimizerConfig(name="adamw", lr=1e-4, weight_decay=0.0, schedule="constant"),
+    augment=False, oversample_foreground=0.5, grad_clip=None)
+MONAI_UNET_SOURCE = ("MONAI's spleen tutorial: Adam 1e-4, no schedule, no augmentation, "
+                     "half the patches on foreground, no clipping")
+# MONAI's Swin-UNETR BTCV tutorial (3d_segmentation/swin_unetr_btcv_segmentation_3d): AdamW
+# 1e-4, weight decay 1e-5, no schedule, pos 1 / neg 1 crops, no clipping; its flips and 90
+# degree rotations (p 0.1) and intensity shifts (p 0.5) have no medpipe setting (medpipe's
+# augmentation is nnU-Net's, far stronger), so augmentation is off; it starts from
+# self-supervised weights, which nothing here may download: trained from scratch
+MONAI_SWIN_RECIPE = TrainingConfig(
+    optimizer=OptimizerConfig(name="adamw", lr=1e-4, weight_decay=1e-5, schedule="constant"),
+    augment=False, oversample_foreground=0.5, grad_clip=None)
+MONAI_SWIN_SOURCE = ("MONAI's Swin-UNETR BTCV tutorial: AdamW 1e-4, weight decay 1e-5, no "
+                     "schedule, half the patches on foreground, no clipping; its light "
+                     "flips/rotations/intensity shifts not available, so no augmentation; "
+                     "from scratch (no self-supervised weights)")
 
 
 # --------------------------------------------------------------------------- unet
@@ -199,6 +232,8 @@ register(
         build=build_unet,
         patch_divisor=unet_divisor,
         optimizer_defaults=ADAMW_COSINE,
+        recipe=MONAI_UNET_RECIPE,
+        recipe_source=MONAI_UNET_SOURCE,
         description="MONAI UNet, residual units, instance norm",
     )
 )
@@ -211,6 +246,8 @@ register(
         patch_divisor=swin_divisor,
         # Hatamizadeh et al. / MONAI tutorial
         optimizer_defaults=ADAMW_COSINE.overridden_by(OptimizerConfig(lr=1e-4)),
+        recipe=MONAI_SWIN_RECIPE,
+        recipe_source=MONAI_SWIN_SOURCE,
         description="MONAI SwinUNETR (v2 blocks by default)",
         # at 32 voxels the bottleneck is 1 voxel wide and instance norm cannot train on it
         min_patch_size=64,
@@ -224,6 +261,8 @@ register(
         build=build_nnunet,
         patch_divisor=nnunet_divisor,
         optimizer_defaults=NNUNET_SGD,
+        recipe=NNUNET_RECIPE,
+        recipe_source=NNUNET_SOURCE,
         description="MONAI DynUNet configured from plans.json (nnU-Net's PlainConvUNet)",
     )
 )
@@ -235,6 +274,9 @@ register(
         build=build_nnunet_resenc,
         patch_divisor=nnunet_divisor,
         optimizer_defaults=NNUNET_SGD,
+        recipe=NNUNET_RECIPE,
+        recipe_source=NNUNET_SOURCE,
+        needs_residual_plans=True,
         description="nnU-Net's ResidualEncoderUNet from ResEnc plans "
                     "(dynamic-network-architectures)",
     )

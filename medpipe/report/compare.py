@@ -39,7 +39,7 @@ from medpipe.report.statistics import (
     paired_difference,
     run_level_difference,
 )
-from medpipe.tracking import TrackedRun, UnfinishedRun
+from medpipe.tracking import TEST_CASES, TrackedRun, UnfinishedRun
 
 UNEQUAL_BUDGET = 1.05  # samples seen differing by more than 5 % make a comparison unequal
 # nnU-Net v2's default budget in steps: 1000 epochs x 250 iterations (x its batch size)
@@ -108,7 +108,7 @@ def build_report(runs: Sequence[TrackedRun], out_dir: Path, results: Path | None
     reg_scores = {m: _pooled(folds, "pairs.csv", ("moving", "fixed"))
                   for m, folds in reg_methods.items()}
     reg_scope = _registration_scope(reg_methods, reg_scores)
-    seg_runs = {m: _run_scores(folds, "cases.csv", ("case_id",))
+    seg_runs = {m: _run_scores(folds, _segmentation_run_file(seg_models), ("case_id",))
                 for m, folds in seg_models.items()}
     reg_runs = {m: _run_scores(folds, "pairs.csv", ("moving", "fixed"))
                 for m, folds in reg_methods.items()}
@@ -198,13 +198,16 @@ def _by_model(runs: Sequence[TrackedRun]) -> dict[str, list[TrackedRun]]:
     return dict(out)
 
 
-def _pooled(folds: Sequence[TrackedRun], name: str, key_columns: Sequence[str]) -> Scores:
+def _pooled(folds: Sequence[TrackedRun], name: str, key_columns: Sequence[str],
+            by_fold: bool = True) -> Scores:
     """Every fold's cases (keyed by fold and case): the cross-validation scores; a case that
-    several runs of one fold scored (seeds) takes their mean."""
+    several runs of one fold scored (seeds) takes their mean. Not BY_FOLD: keyed by case
+    alone, a case every run scored (the test set) takes the mean over all runs."""
     collected: dict[str, dict[tuple, dict[str, list[float]]]] = {"dice": {}, "hd95": {}}
     for run in folds:
         if name in run.files:
-            scores = read_scores(run.files[name], key_columns, (run.tags.get(tracked.FOLD),))
+            prefix = (run.tags.get(tracked.FOLD),) if by_fold else ()
+            scores = read_scores(run.files[name], key_columns, prefix)
             for metric, table in (("dice", scores.dice), ("hd95", scores.hd95)):
                 for key, values in table.items():
                     for label, value in values.items():
@@ -217,9 +220,26 @@ def _pooled(folds: Sequence[TrackedRun], name: str, key_columns: Sequence[str]) 
     return pooled
 
 
+def _segmentation_run_file(models: dict[str, list[TrackedRun]]) -> str:
+    """Which of each run's evaluations pairs runs on the same cases: its own test-set
+    scores when every run of every model has them (repeated runs), else its validation
+    cases' (folds differ in them; seeds of one fold share them)."""
+    runs = [run for folds in models.values() for run in folds]
+    return TEST_CASES if runs and all(TEST_CASES in r.files for r in runs) else "cases.csv"
+
+
 def _segmentation_scores(models: dict[str, list[TrackedRun]], test_results: Path | None,
                          ) -> tuple[dict[str, Scores], str]:
-    """The test set's scores when every model has them, else the cross-validation cases'."""
+    """The test set's scores when every model has them (each case's mean over a model's
+    runs where every run scored the test set, else the fold ensemble's), else the
+    cross-validation cases'."""
+    if models and _segmentation_run_file(models) == TEST_CASES:
+        scores = {m: _pooled(folds, TEST_CASES, ("case_id",), by_fold=False)
+                  for m, folds in models.items()}
+        n = len(next(iter(scores.values())).dice)
+        runs = sorted({len(folds) for folds in models.values()})
+        return scores, (f"test set, n = {n} cases, each case's mean over "
+                        f"{'/'.join(map(str, runs))} runs")
     test_files = {m: test_results / m / "evaluation" / "cases.csv" for m in models} \
         if test_results is not None else {}
     if models and test_files and all(path.is_file() for path in test_files.values()):
@@ -385,7 +405,9 @@ def _headlines(summary: dict[str, Any]) -> list[str]:
     if summary["budgets"]["samples_seen"] and not summary["budgets"]["equal"]:
         lines.append(summary["budgets"]["note"] + ".")
     if summary["did_not_finish"]:
-        named = sorted({f"{r['model']} fold {r['fold']}" for r in summary["did_not_finish"]})
+        named = sorted({f"{r['model']} fold {r['fold']}"
+                        + (f" seed {r['seed']}" if r.get("seed") not in ("", "0", None) else "")
+                        for r in summary["did_not_finish"]})
         lines.append(f"Not compared: {', '.join(named)} did not finish (see \"Did not "
                      "finish\").")
     return lines
@@ -526,8 +548,14 @@ def _scope(summary: dict[str, Any], runs: Sequence[TrackedRun],
     if shares:
         lines.append("Budget, samples seen per run (share of nnU-Net's default, 1000 epochs "
                      "x 250 steps at the same batch): " + ", ".join(shares) + ".")
-    lines.append("Recipe: each model's optimiser and schedule as configured, named under "
-                 "\"What was compared\".")
+    recipes = sorted({r.tags.get(tracked.RECIPE, "shared") for r in runs
+                      if r.tags.get(tracked.MODEL) not in BASELINES})
+    lines.append("Recipe: " + {
+        ("shared",): "shared (one optimiser, schedule and augmentation setting for every "
+                     "model, as configured)",
+        ("native",): "native (each model as its authors train it)"}.get(
+        tuple(recipes), " and ".join(recipes) or "none") + "; each method's is named under "
+        "\"What was compared\".")
     lines.append("p-values: the hierarchical bootstrap's cover runs and cases, Holm-corrected "
                  "within a table; the Wilcoxon p in the tables covers the cases of one trained "
                  "network per model.")
@@ -537,9 +565,10 @@ def _scope(summary: dict[str, Any], runs: Sequence[TrackedRun],
 def _did_not_finish(runs: Sequence[TrackedRun],
                     unfinished: Sequence[UnfinishedRun]) -> list[dict[str, Any]]:
     """The unfinished trainings no finished run replaces, with what they reached and why."""
-    finished = {(r.tags.get(tracked.TASK), r.tags.get(tracked.MODEL), r.tags.get(tracked.FOLD))
-                for r in runs}
-    return [asdict(u) for u in unfinished if (u.task, u.model, u.fold) not in finished]
+    finished = {(r.tags.get(tracked.TASK), r.tags.get(tracked.MODEL), r.tags.get(tracked.FOLD),
+                 r.tags.get(tracked.SEED, "")) for r in runs}
+    return [asdict(u) for u in unfinished
+            if (u.task, u.model, u.fold, u.seed) not in finished]
 
 
 def _describe(row: dict[str, Any], folds: Sequence[TrackedRun],
@@ -559,7 +588,7 @@ def _describe(row: dict[str, Any], folds: Sequence[TrackedRun],
     if model != base:
         what += ", refined per pair by instance optimisation"
     params = folds[0].params if folds else {}
-    parts = [what]
+    parts = [what, _recipe_text(base, folds)]
     if not math.isnan(row["parameters"]):
         parts.append(f"{row['parameters'] / 1e6:.2f} M parameters")
     optimizer = params.get("run.training.optimizer.name")
@@ -582,6 +611,20 @@ def _describe(row: dict[str, Any], folds: Sequence[TrackedRun],
     if decision is not None and decision.is_file():
         parts.append(_postprocessing_line(decision))
     return {"model": model, "text": "; ".join(parts)}
+
+
+def _recipe_text(model: str, runs: Sequence[TrackedRun]) -> str:
+    """The recipe MODEL's runs trained with: `native` (whose, from the model's spec) or
+    `shared` (the config's settings for every model; also runs from before the setting)."""
+    from medpipe.models import MODELS
+
+    recipes = sorted({r.tags.get(tracked.RECIPE, "shared") for r in runs})
+    spec = MODELS.get(model)
+    if recipes == ["native"] and spec is not None and spec.recipe_source:
+        return f"recipe: native ({spec.recipe_source})"
+    return f"recipe: {' and '.join(recipes)}" + (
+        " (the config's training settings, one for every model)" if recipes == ["shared"]
+        else "")
 
 
 def _postprocessing_line(path: Path) -> str:

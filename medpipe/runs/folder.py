@@ -13,6 +13,8 @@ holds everything needed to use the model later without the pipeline:
     training.json          written last: the run is complete when it exists
     validation/            predictions of the fold's validation cases on the raw grid
     evaluation/            cases.csv or pairs.csv, summary.json, figures
+    test/, evaluation_test/   segmentation with repeated runs: this run's own predictions of
+                           the labelled test cases and their scores
 """
 
 from __future__ import annotations
@@ -95,6 +97,16 @@ class RunFolder:
     def pairs_table(self) -> Path:
         """Per pair and class scores of a registration evaluation."""
         return self.evaluation / "pairs.csv"
+
+    @property
+    def test_predictions(self) -> Path:
+        """This run's own predictions of the labelled test cases (repeated runs)."""
+        return self.path / "test"
+
+    @property
+    def test_evaluation(self) -> Path:
+        """Their scores: cases.csv and summary.json, as `evaluation/` for validation."""
+        return self.path / "evaluation_test"
 
     def holds_run(self) -> bool:
         return self.model_file.is_file()

@@ -27,7 +27,6 @@ from medpipe.figures import plot_registration
 from medpipe.io import write_json
 from medpipe.metrics import deformation_metrics, dice_per_class
 from medpipe.models import NetworkShape, build_model, model_spec
-from medpipe.planning.plans import read_plans
 from medpipe.registration.loss import RegistrationLoss, symmetric_batch
 from medpipe.registration.pairs import (
     PairDataset,
@@ -46,7 +45,13 @@ from medpipe.runs.spec import RegistrationRunSpec
 from medpipe.sampling import EpochLoader
 from medpipe.spatial import warp
 from medpipe.training.distributed import ONE_PROCESS, Processes, start, wait_for_main
-from medpipe.training.runs import RunSetup, common_fields, fit_run, prepare_run_folder
+from medpipe.training.runs import (
+    RunSetup,
+    common_fields,
+    fit_run,
+    model_plans,
+    prepare_run_folder,
+)
 
 
 @dataclass(frozen=True)
@@ -162,7 +167,7 @@ def registration_setup(config: PipelineConfig, model: str, fold: int,
     device: what `train_registration` fits, and what benchmarks time."""
     spec_of_model = model_spec(model, task="registration")
     training = config.training_for(model)
-    plans = read_plans(config.plans_file)
+    plans = model_plans(config, model)
     train_ids, val_ids = fold_case_ids(config.splits_file, fold)
     settings = config.registration.network_settings()
     if settings.atlas is not None and settings.atlas not in (*train_ids, *val_ids):

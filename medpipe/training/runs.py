@@ -17,7 +17,7 @@ from medpipe.config import PipelineConfig, TrainingConfig
 from medpipe.data.splits import fold_case_ids
 from medpipe.errors import MedpipeError
 from medpipe.io import orientation, write_json
-from medpipe.planning.plans import Plans
+from medpipe.planning.plans import Plans, read_plans
 from medpipe.preprocessing.cases import case_files
 from medpipe.preprocessing.properties import read_properties
 from medpipe.runs.folder import RunFolder
@@ -39,6 +39,22 @@ def training_orientation(config: PipelineConfig, case_ids: list[str]) -> str | N
         if properties_file.is_file():
             codes.add(orientation(read_properties(properties_file).geometry))
     return codes.pop() if len(codes) == 1 else None
+
+
+def model_plans(config: PipelineConfig, model: str) -> Plans:
+    """The plans MODEL trains with (`PipelineConfig.plans_file_for`): another planner's
+    must preprocess the configuration as plans.json does, whose cases it trains on."""
+    path = config.plans_file_for(model)
+    plans = read_plans(path)
+    if path != config.plans_file:
+        own = plans.configuration(config.configuration).data_identifier
+        shared = read_plans(config.plans_file).configuration(config.configuration)
+        if own != shared.data_identifier:
+            raise MedpipeError(
+                f"{model}'s plans preprocess {config.configuration} differently from "
+                f"plans.json ({own} vs {shared.data_identifier}); set `planner: "
+                f"{config.planner_for(model)}` for the whole workflow instead", path)
+    return plans
 
 
 def common_fields(config: PipelineConfig, plans: Plans, model: str, fold: int,
@@ -126,7 +142,9 @@ def fit_run(config: PipelineConfig, setup: RunSetup, progress: bool = True) -> P
     if main:
         tracker = open_tracker(
             config.tracking_store, spec.dataset_name, spec.run_name, folder,
-            tags={"model": spec.model, "fold": str(spec.fold), "task": spec.task},
+            tags={tracked.MODEL: spec.model, tracked.FOLD: str(spec.fold),
+                  tracked.TASK: spec.task, tracked.SEED: str(spec.training.seed),
+                  tracked.RECIPE: config.recipe},
         )
         callbacks.append(TrackingCallback(tracker, folder, spec, setup.plans.configuration(
             spec.configuration), git_commit()))

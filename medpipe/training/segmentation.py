@@ -23,7 +23,7 @@ from medpipe.figures import plot_segmentation_overlay
 from medpipe.metrics import dice_per_class, dice_per_region
 from medpipe.models import NetworkShape, build_model, fit_patch_size, model_spec
 from medpipe.models.sliding_window import predict_probabilities
-from medpipe.planning.plans import Plans, read_plans
+from medpipe.planning.plans import Plans
 from medpipe.preprocessing import PreprocessedCase, load_labelled_cases
 from medpipe.runs.folder import RunFolder
 from medpipe.runs.spec import SegmentationRunSpec
@@ -33,7 +33,13 @@ from medpipe.training.augment_device import DeviceAugmenter
 from medpipe.training.augment_device import supports as supports_on_device
 from medpipe.training.distributed import ONE_PROCESS, Processes, start, wait_for_main
 from medpipe.training.patches import PatchDataset
-from medpipe.training.runs import RunSetup, common_fields, fit_run, prepare_run_folder
+from medpipe.training.runs import (
+    RunSetup,
+    common_fields,
+    fit_run,
+    model_plans,
+    prepare_run_folder,
+)
 
 
 class SegmentationTask:
@@ -219,7 +225,7 @@ def segmentation_setup(config: PipelineConfig, model: str, fold: int,
     fits, and what benchmarks time."""
     model_spec(model, task="segmentation")
     training = config.training_for(model)
-    plans = read_plans(config.plans_file)
+    plans = model_plans(config, model)
     spec = describe_run(config, plans, model, fold, training)
     training = spec.training  # with the budget's iterations per epoch
     folder = RunFolder(run_dir) if run_dir else config.run_folder(model, fold)

@@ -37,6 +37,21 @@ rule plan_experiment:
         " > {log:q} 2>&1"
 
 
+# a model that trains with another planner's plans (nnunet_resenc: ResEnc M beside default
+# plans) gets them beside plans.json, over the same fingerprint and preprocessed cases
+use rule plan_experiment as plan_experiment_for_model with:
+    output:
+        f"{RESULTS}/plans_{{planner}}.json",
+    log:
+        f"{RESULTS}/logs/plan_experiment_{{planner}}.log",
+    wildcard_constraints:
+        planner="default|ResEncM|ResEncL|ResEncXL",
+    params:
+        planner=lambda wildcards: wildcards.planner,
+        gpu_memory=(["--gpu-memory-gb", str(config["gpu_memory_gb"])]
+                    if config.get("gpu_memory_gb") is not None else []),
+
+
 rule preprocess_case:
     input:
         plans=f"{RESULTS}/plans.json",

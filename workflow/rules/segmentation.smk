@@ -1,4 +1,5 @@
-# Train each segmentation model on each fold, then score it on the fold's validation cases;
+# Train each segmentation model on each fold (once per seed), then score it on the fold's
+# validation cases (and, with repeated runs, each run on the labelled test cases);
 # nnU-Net's postprocessing (keep the largest component where that raised the validation
 # Dice) is decided on the folds' validation predictions; then each model's trained folds
 # together (the fold ensemble) predict the dataset's test images
@@ -13,19 +14,23 @@
 rule train_segmentation:
     input:
         plans=f"{RESULTS}/plans.json",
+        model_plans=model_plans,
         splits=f"{RESULTS}/splits.json",
         cases=expand(f"{RESULTS}/preprocessed/{CONFIGURATION}/{{case}}.npz", case=CASES),
     output:
-        f"{RESULTS}/runs/{{model}}/fold_{{fold}}/training.json",
+        f"{RESULTS}/runs/{{model}}/{{run}}/training.json",
     log:
-        f"{RESULTS}/logs/train_segmentation/{{model}}_fold_{{fold}}.log",
+        f"{RESULTS}/logs/train_segmentation/{{model}}_{{run}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/train_segmentation/{{model}}_fold_{{fold}}.tsv"
+        f"{RESULTS}/benchmarks/train_segmentation/{{model}}_{{run}}.tsv"
     wildcard_constraints:
         model=one_of(SEG_MODELS),
+        run=RUN_PATTERN,
     params:
         config_file=CONFIG_FILE,
         paths=PATH_OVERRIDES,
+        seed=seed_override,
+        fold=run_fold,
         run_dir=subpath(output[0], parent=True),
         settings=training_settings,
         processes=training_processes,
@@ -34,8 +39,8 @@ rule train_segmentation:
         mem_mb=16000,
         runtime=24 * 60,
     shell:
-        "medpipe train-seg --config {params.config_file:q} {params.paths:q}"
-        " --model {wildcards.model:q} --fold {wildcards.fold:q}"
+        "medpipe train-seg --config {params.config_file:q} {params.paths:q} {params.seed:q}"
+        " --model {wildcards.model:q} --fold {params.fold:q}"
         " --run-dir {params.run_dir:q} --restart-if-changed --processes {params.processes}"
         " > {log:q} 2>&1"
 
@@ -43,27 +48,49 @@ rule train_segmentation:
 rule evaluate_segmentation:
     input:
         plans=f"{RESULTS}/plans.json",
-        training=f"{RESULTS}/runs/{{model}}/fold_{{fold}}/training.json",
+        training=f"{RESULTS}/runs/{{model}}/{{run}}/training.json",
     output:
-        f"{RESULTS}/runs/{{model}}/fold_{{fold}}/evaluation/summary.json",
+        f"{RESULTS}/runs/{{model}}/{{run}}/evaluation/summary.json",
     log:
-        f"{RESULTS}/logs/evaluate_segmentation/{{model}}_fold_{{fold}}.log",
+        f"{RESULTS}/logs/evaluate_segmentation/{{model}}_{{run}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/evaluate_segmentation/{{model}}_fold_{{fold}}.tsv"
+        f"{RESULTS}/benchmarks/evaluate_segmentation/{{model}}_{{run}}.tsv"
     wildcard_constraints:
         model=one_of(SEG_MODELS),
+        run=RUN_PATTERN,
     params:
         config_file=CONFIG_FILE,
         paths=PATH_OVERRIDES,
+        seed=seed_override,
+        fold=run_fold,
         run_dir=subpath(input.training, parent=True),
+        cases=[],  # the fold's validation cases
     threads: 2
     resources:
         mem_mb=8000,
         runtime=60,
     shell:
-        "medpipe evaluate-seg --config {params.config_file:q} {params.paths:q}"
-        " --model {wildcards.model:q} --fold {wildcards.fold:q}"
+        "medpipe evaluate-seg --config {params.config_file:q} {params.paths:q} {params.seed:q}"
+        " --model {wildcards.model:q} --fold {params.fold:q} {params.cases:q}"
         " --run-dir {params.run_dir:q} > {log:q} 2>&1"
+
+
+# repeated runs (several seeds or folds): each run also scores the labelled test cases
+# itself, so that the report pairs every run of every model on the same cases
+use rule evaluate_segmentation as evaluate_segmentation_test with:
+    input:
+        plans=f"{RESULTS}/plans.json",
+        training=f"{RESULTS}/runs/{{model}}/{{run}}/training.json",
+        test_cases=expand(f"{RESULTS}/preprocessed/{CONFIGURATION}/{{case}}.npz",
+                          case=SEG_TEST_CASES),
+    output:
+        f"{RESULTS}/runs/{{model}}/{{run}}/evaluation_test/summary.json",
+    log:
+        f"{RESULTS}/logs/evaluate_segmentation_test/{{model}}_{{run}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate_segmentation_test/{{model}}_{{run}}.tsv"
+    params:
+        cases=["--cases", "test"],
 
 
 rule determine_postprocessing:
@@ -136,11 +163,10 @@ rule evaluate_test_set:
 
 rule segmentation_all:
     input:
-        expand(
-            f"{RESULTS}/runs/{{model}}/fold_{{fold}}/evaluation/summary.json",
-            model=SEG_MODELS,
-            fold=config["train_folds"],
-        ),
+        [f"{RESULTS}/runs/{model}/{run}/evaluation/summary.json"
+         for model in SEG_MODELS for run in RUNS[model]],
+        [f"{RESULTS}/runs/{model}/{run}/evaluation_test/summary.json"
+         for model in SEG_MODELS for run in SEG_TEST_RUNS[model]],
         expand(f"{RESULTS}/test/{{model}}/predictions", model=SEG_MODELS if TEST_CASES else []),
         expand(f"{RESULTS}/test/{{model}}/evaluation/summary.json",
                model=SEG_MODELS if TEST_CASES and TEST_LABELS else []),
