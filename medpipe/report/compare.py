@@ -620,8 +620,8 @@ def _recipe_text(model: str, runs: Sequence[TrackedRun]) -> str:
 
     recipes = sorted({r.tags.get(tracked.RECIPE, "shared") for r in runs})
     spec = MODELS.get(model)
-    if recipes == ["native"] and spec is not None and spec.recipe_source:
-        return f"recipe: native ({spec.recipe_source})"
+    if recipes == ["native"] and spec is not None:
+        return f"recipe: native ({spec.recipe_source or 'its own optimiser defaults'})"
     return f"recipe: {' and '.join(recipes)}" + (
         " (the config's training settings, one for every model)" if recipes == ["shared"]
         else "")
