@@ -32,7 +32,7 @@ def test_the_gpu_check_runs_without_simpleitk_or_mlflow(tiny_pipeline, tmp_path)
     resenc = plan_experiment(fingerprint_dataset(tiny_pipeline / "raw"), planner="ResEncM")
     stages = resenc.configuration("3d_fullres").architecture.arch_kwargs.n_stages
     write_plans(resenc.with_features("3d_fullres", tuple(TINY_FEATURES[:stages])),
-                tiny_pipeline / "results" / "plans_resenc_m.json")
+                tiny_pipeline / "results" / "plans_ResEncM.json")
     out = tmp_path / "gpu.json"
     result = subprocess.run(
         [sys.executable, "-c", WITHOUT, str(ROOT / "bench" / "gpu_check.py"), "--device",

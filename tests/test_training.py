@@ -81,18 +81,26 @@ def test_nnunet_resenc_learns_from_residual_encoder_plans(tiny_pipeline, tmp_pat
     from medpipe.planning import fingerprint_dataset, plan_experiment, write_plans
 
     root = tmp_path / "resenc"
-    shutil.copytree(tiny_pipeline / "results" / "preprocessed", root / "results" / "preprocessed")
-    shutil.copy(tiny_pipeline / "results" / "splits.json", root / "results" / "splits.json")
-    plans = plan_experiment(fingerprint_dataset(tiny_pipeline / "raw"), planner="ResEncM")
-    stages = plans.configuration("3d_fullres").architecture.arch_kwargs.n_stages
-    write_plans(plans.with_features("3d_fullres", tuple(TINY_FEATURES[:stages])),
-                root / "results" / "plans.json")
+    shutil.copytree(tiny_pipeline / "results", root / "results")
     config = yaml.safe_load((tiny_pipeline / "config.yaml").read_text())
     config["results"] = str(root / "results")
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     config = load_config(root / "config.yaml", [
         *NO_TRACKING, "training.epochs=3", "training.iterations_per_epoch=4",
         "training.augment=false", "training.val_every=3"])
+    # beside the default plans.json, as the workflow plans them (plans_ResEncM.json)
+    assert config.plans_file_for("nnunet_resenc") != config.plans_file
+    plans = plan_experiment(fingerprint_dataset(tiny_pipeline / "raw"), planner="ResEncM")
+    stages = plans.configuration("3d_fullres").architecture.arch_kwargs.n_stages
+    resenc = config.plans_file_for("nnunet_resenc")
+    write_plans(plans.with_features("3d_fullres", tuple(TINY_FEATURES[:stages])), resenc)
+    # plans whose configuration is preprocessed otherwise than plans.json's are refused
+    written = resenc.read_text()
+    resenc.write_text(written.replace("medpipePlans_3d_fullres", "otherPlans_3d_fullres"))
+    with pytest.raises(MedpipeError, match="preprocess 3d_fullres differently"):
+        train_segmentation(config, "nnunet_resenc", 0, root / "refused", progress=False)
+    assert not (root / "refused").exists()
+    resenc.write_text(written)
     run_dir = train_segmentation(config, "nnunet_resenc", 0, root / "runs" / "nnunet_resenc",
                                  progress=False)
     before = fixed_batch_loss(root, run_dir, None)

@@ -41,15 +41,17 @@ def per_case(scores: Mapping[str, Mapping[tuple, float]], path: Path, title: str
 def dice_versus_cost(runs: Sequence[TrackedRun], rows: Mapping[str, Mapping[str, Any]],
                      path: Path) -> dict[str, str]:
     """Validation Dice along training, against samples seen and against training seconds
-    (the axes on which "at equal cost" is read), one line per model and fold; the final
-    score of the table (test set or cross-validation) marked at each model's final cost."""
+    (the axes on which "at equal cost" is read), one line per run (fold or seed), a model's
+    runs in one colour under one legend entry, so that their spread reads as the run-to-run
+    variance; the final score of the table (test set or cross-validation) marked at each
+    model's final cost."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     colours: dict[str, Any] = {}
     for run in runs:
         model = run.tags[tracked.MODEL]
-        label = f"{model} fold {run.tags.get(tracked.FOLD)}"
+        label = model if model not in colours else "_nolegend_"  # one entry per model
         for ax, cost in zip(axes, (tracked.SAMPLES_SEEN, tracked.ELAPSED_SECONDS), strict=True):
             curve = run.cost_curve(cost)
             if not curve:  # runs from before costs were logged: epochs are not comparable
