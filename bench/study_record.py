@@ -9,6 +9,9 @@ runs of each segmentation model) are checked against those numbers and written b
 
     python bench/study_record.py study/results docs/study [--started EPOCH_SECONDS]
                                  [--wall-minutes M]
+
+The wall time counts from the first `make study`; `job_minutes` sums the jobs' own times
+(Snakemake's benchmark files), which is the study's cost when it was run in parts.
 """
 
 from __future__ import annotations
@@ -65,6 +68,18 @@ def read_store(uri: str) -> dict:
             "scopes": dict(parent.data.params), "runs": compared}
 
 
+def job_minutes(results: Path) -> float:
+    """The workflow's jobs' summed wall time (Snakemake's `benchmark:` files, one per job):
+    the study's cost when it ran in parts, the idle time between them left out."""
+    import csv
+
+    seconds = 0.0
+    for table in results.glob("benchmarks/**/*.tsv"):
+        with open(table, newline="", encoding="utf-8") as f:
+            seconds += sum(float(row["s"]) for row in csv.DictReader(f, delimiter="\t"))
+    return round(seconds / 60, 1)
+
+
 def check_targets(store: dict) -> dict:
     scope = store["scopes"].get("segmentation_scope", "")
     n = int(scope.rsplit("= ", 1)[-1].split()[0]) if "test set" in scope else 0
@@ -91,6 +106,7 @@ def main() -> None:
     record = {"machine": machine(), "recorded": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "wall_minutes": args.wall_minutes if args.wall_minutes is not None
               else round((time.time() - args.started) / 60, 1) if args.started else None,
+              "job_minutes": job_minutes(args.results),
               **store, "targets": check_targets(store)}
     args.out.mkdir(parents=True, exist_ok=True)
     for name in REPORT_FILES:
@@ -99,7 +115,8 @@ def main() -> None:
                                                   encoding="utf-8")
     for target, met in record["targets"].items():
         print(f"{'met' if met else 'MISSED'}: {target}")
-    print(f"wrote {args.out} (wall time {record['wall_minutes']} min)")
+    print(f"wrote {args.out} (wall time {record['wall_minutes']} min, the jobs' own "
+          f"{record['job_minutes']} min)")
 
 
 if __name__ == "__main__":
