@@ -1,5 +1,7 @@
 # medpipe workflow: every rule calls the `medpipe` command; this file only wires stages.
 #   snakemake --cores 2 --configfile configs/demo.yaml preprocess_all
+import copy
+
 from snakemake.utils import min_version, validate
 
 min_version("8.0")
@@ -10,6 +12,9 @@ if not workflow.overwrite_configfiles:
     raise WorkflowError("give the pipeline config: snakemake --configfile configs/demo.yaml ...")
 
 
+# each model's entry as written (the schema fills in every default), for the settings a
+# training depends on: a model given an entry of its own must not look changed by that alone
+MODEL_ENTRIES = copy.deepcopy(config.get("models") or {})
 validate(config, "configs/schema.yaml")
 
 # every rule can run inside the medpipe image (the Apptainer recipe in containers/ builds

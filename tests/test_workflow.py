@@ -319,3 +319,10 @@ def test_whole_workflow_end_to_end_killed_during_training_and_resumed(workdir):
     assert re.search(r"output: \S*runs/unet/fold_0/training\.json", dry.stdout)
     assert not re.search(r"output: \S*runs/nnunet/fold_0/training\.json", dry.stdout)
     assert "train_registration" not in dry.stdout
+    # a seed added to a model trains that seed's run only, not the one it had
+    config["models"].setdefault("nnunet", {})["seeds"] = [0, 7]
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    seeded = run([*snakemake(workdir, "all"), "-n"])
+    assert seeded.returncode == 0, seeded.stderr[-2000:]
+    assert re.search(r"output: \S*runs/nnunet/seed_7/fold_0/training\.json", seeded.stdout)
+    assert not re.search(r"output: \S*runs/nnunet/fold_0/training\.json", seeded.stdout)

@@ -91,7 +91,10 @@ def training_settings(wildcards):
                     if k not in REG_EVALUATION_ONLY}
     return json.dumps({
         "configuration": CONFIGURATION, "training": config["training"],
-        "model": config["models"].get(wildcards.model, {}),
+        # its entry as written, less `seeds`, which says which runs exist, not how one trains
+        # (adding a seed must not retrain the others): the run's own seed is below
+        "model": {k: v for k, v in MODEL_ENTRIES.get(wildcards.model, {}).items()
+                  if k != "seeds"},
         "recipe": config.get("recipe", "shared"), "seed": run_seed(wildcards),
         "planner": model_planner(wildcards.model),
         "registration": registration if wildcards.model in REG_MODELS else None,
