@@ -93,10 +93,7 @@ def evaluate_segmentation(
                        case_ids, cases)
     write_cases_table(rows, scored / CASES_TABLE)
     write_json(summary, scored / SUMMARY)
-    if cases == "test":
-        _log_test(config, folder, spec, summary, scored)
-    else:
-        _log(config, folder, spec, summary)
+    _log(config, folder, spec, summary, scored, cases)
     return summary
 
 
@@ -144,29 +141,24 @@ def write_cases_table(rows: list[dict], path: Path) -> None:
 
 
 def _log(config: PipelineConfig, folder: RunFolder, spec: SegmentationRunSpec,
-         summary: dict) -> None:
+         summary: dict, scored: Path, cases: str) -> None:
+    """The scores to the run's MLflow run: validation's means per class (`evaluation/`), or
+    the run's own test-set mean beside them (`evaluation_test/`)."""
     from medpipe.tracking import open_tracker
 
     tracker = open_tracker(config.tracking_store, spec.dataset_name, spec.run_name, folder)
-    metrics = {tracked.EVAL_MEAN_DICE: summary["mean_dice"]["mean"],
-               tracked.EVAL_MEAN_HD95: summary["mean_hd95"]["mean"],
-               tracked.EVAL_SECONDS_PER_CASE: summary["seconds_per_case"]["mean"]}
-    for name, values in summary["classes"].items():
-        for metric in TRACKED_CLASS_METRICS:
-            metrics[tracked.eval_class_metric(metric, name)] = values[metric]["mean"]
+    if cases == "test":
+        metrics = {tracked.TEST_MEAN_DICE: summary["mean_dice"]["mean"]}
+        artifacts = tracked.TEST_EVALUATION_FOLDER
+    else:
+        metrics = {tracked.EVAL_MEAN_DICE: summary["mean_dice"]["mean"],
+                   tracked.EVAL_MEAN_HD95: summary["mean_hd95"]["mean"],
+                   tracked.EVAL_SECONDS_PER_CASE: summary["seconds_per_case"]["mean"]}
+        for name, values in summary["classes"].items():
+            for metric in TRACKED_CLASS_METRICS:
+                metrics[tracked.eval_class_metric(metric, name)] = values[metric]["mean"]
+        artifacts = tracked.EVALUATION_FOLDER
     tracker.log_metrics(metrics)
-    tracker.log_artifact(folder.cases_table, tracked.EVALUATION_FOLDER)
-    tracker.log_artifact(folder.evaluation_summary, tracked.EVALUATION_FOLDER)
-    tracker.finish("FINISHED")
-
-
-def _log_test(config: PipelineConfig, folder: RunFolder, spec: SegmentationRunSpec,
-              summary: dict, scored: Path) -> None:
-    """The run's own test-set scores beside its validation ones (`evaluation_test/`)."""
-    from medpipe.tracking import open_tracker
-
-    tracker = open_tracker(config.tracking_store, spec.dataset_name, spec.run_name, folder)
-    tracker.log_metrics({tracked.TEST_MEAN_DICE: summary["mean_dice"]["mean"]})
-    tracker.log_artifact(scored / CASES_TABLE, tracked.TEST_EVALUATION_FOLDER)
-    tracker.log_artifact(scored / SUMMARY, tracked.TEST_EVALUATION_FOLDER)
+    tracker.log_artifact(scored / CASES_TABLE, artifacts)
+    tracker.log_artifact(scored / SUMMARY, artifacts)
     tracker.finish("FINISHED")
