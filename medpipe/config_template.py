@@ -14,9 +14,10 @@ import yaml
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
-from medpipe.config import OptimizerConfig, PipelineConfig
+from medpipe.config import PipelineConfig
 from medpipe.data.layout import DatasetSpec
 from medpipe.models import MODELS
+from medpipe.training_settings import OptimizerConfig
 
 INDENT = "  "
 # settings whose defaults are per model, not one value

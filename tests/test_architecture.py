@@ -18,7 +18,7 @@ REPO = PACKAGE.parent
 
 # the README's Architecture section, as numbers: lower imports nothing higher
 FLOORS = {
-    "medpipe.errors": 0, "medpipe.io": 0, "medpipe.parallel": 0,
+    "medpipe.errors": 0, "medpipe.io": 0, "medpipe.parallel": 0, "medpipe.training_settings": 0,
     "medpipe.config": 1, "medpipe.runs.folder": 1, "medpipe.tracked": 1,
     "medpipe.device": 1, "medpipe.spatial": 1, "medpipe.sampling": 1, "medpipe.progress": 1,
     "medpipe.metrics": 1, "medpipe.figures": 1,

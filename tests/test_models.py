@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from medpipe.config import OptimizerConfig
 from medpipe.errors import MedpipeError
 from medpipe.models import (
     MODELS,
@@ -18,6 +17,7 @@ from medpipe.models import (
     register,
 )
 from medpipe.planning.plans import ArchitectureKwargs
+from medpipe.training_settings import OptimizerConfig
 
 # an anisotropic plan (as nnU-Net makes for 1 x 1 x 4 mm data): no pooling and 3x3x1 kernels
 # on the coarse last axis at first, so the DynUNet must follow it axis by axis

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_registration import end_point_error, known_warp
 
-from medpipe.config import OptimizerConfig, RegistrationConfig, load_config
+from medpipe.config import RegistrationConfig, load_config
 from medpipe.errors import MedpipeError
 from medpipe.evaluation.registration import evaluate_registration
 from medpipe.models import NetworkShape, build_model, parse_options
@@ -26,6 +26,7 @@ from medpipe.spatial import compose, warp
 from medpipe.training.engine import EngineSettings, Trainer
 from medpipe.training.optim import build_optimizer, build_scheduler
 from medpipe.training.registration import RegistrationTask, train_registration
+from medpipe.training_settings import OptimizerConfig
 
 SMALL = {"encoder_channels": [4, 8, 8], "decoder_channels": [8, 8, 8]}
 

@@ -149,7 +149,7 @@ def test_network_recovers_a_known_warp_and_its_jacobian_matches_itk(tmp_path):
     net = build_model("voxelmorph", NetworkShape(1, 3, {}),
                       {"channels": [16, 32, 32, 32], "final_conv_channels": [16]})
     optimizer_settings = {"name": "adamw", "lr": 3e-3, "schedule": "constant"}
-    from medpipe.config import OptimizerConfig
+    from medpipe.training_settings import OptimizerConfig
 
     optimizer = build_optimizer(net, OptimizerConfig(**optimizer_settings))
     scheduler = build_scheduler(optimizer, OptimizerConfig(**optimizer_settings), 300)

@@ -50,9 +50,9 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from medpipe.config import OptimizerConfig
 from medpipe.models.registry import ModelSpec, NetworkShape, RegistrationOptions, register
 from medpipe.spatial import compose, full_precision, integrate, upsample_field, warp
+from medpipe.training_settings import OptimizerConfig
 
 # Adam at 1e-3 with a cosine decay, as theirs (Adam/amsgrad, cosine restarts 1e-3 -> 1e-5)
 ADAM = OptimizerConfig(name="adamw", lr=1e-3, weight_decay=0.0, schedule="cosine")

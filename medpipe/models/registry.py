@@ -13,9 +13,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from medpipe.config import OptimizerConfig, TrainingConfig
 from medpipe.errors import MedpipeError
 from medpipe.planning.plans import ArchitectureKwargs
+from medpipe.training_settings import OptimizerConfig, TrainingConfig
 
 Task = Literal["segmentation", "registration"]
 

@@ -19,9 +19,9 @@ from monai.networks.nets import DynUNet, SwinUNETR, UNet
 from pydantic import Field, field_validator
 from torch import nn
 
-from medpipe.config import OptimizerConfig, TrainingConfig
 from medpipe.errors import MedpipeError
 from medpipe.models.registry import ModelOptions, ModelSpec, NetworkShape, register
+from medpipe.training_settings import OptimizerConfig, TrainingConfig
 
 # optimiser defaults from the papers / reference code of each model (see training.optim)
 ADAMW_COSINE = OptimizerConfig(name="adamw", lr=1e-3, weight_decay=1e-5, schedule="cosine")

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from monai.networks.nets import VoxelMorph, VoxelMorphUNet
 from pydantic import Field
 
-from medpipe.config import OptimizerConfig
 from medpipe.models.registry import ModelSpec, NetworkShape, RegistrationOptions, register
 from medpipe.spatial import full_precision, integrate, warp
+from medpipe.training_settings import OptimizerConfig
 
 ADAM = OptimizerConfig(name="adamw", lr=1e-4, weight_decay=0.0, schedule="constant")  # VoxelMorph
 

@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, computed_field
 
-from medpipe.config import ClassicalSettings, NetworkRegistrationSettings, TrainingConfig
+from medpipe.config import ClassicalSettings, NetworkRegistrationSettings
 from medpipe.data.labels import HasLabels
 from medpipe.errors import MedpipeError
 from medpipe.io import write_json
 from medpipe.planning.plans import ArchitectureKwargs, Triplet
 from medpipe.runs.folder import RunFolder
+from medpipe.training_settings import TrainingConfig
 
 if TYPE_CHECKING:
     from medpipe.models import ModelOptions, NetworkShape

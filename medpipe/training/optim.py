@@ -12,7 +12,7 @@ from monai.optimizers.lr_scheduler import WarmupCosineSchedule
 from torch import nn
 from torch.optim.lr_scheduler import ConstantLR, LRScheduler, PolynomialLR
 
-from medpipe.config import OptimizerConfig
+from medpipe.training_settings import OptimizerConfig
 
 
 def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:

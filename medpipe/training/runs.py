@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from medpipe import tracked
-from medpipe.config import PipelineConfig, TrainingConfig
+from medpipe.config import PipelineConfig
 from medpipe.data.splits import fold_case_ids
 from medpipe.errors import MedpipeError
 from medpipe.io import orientation, write_json
@@ -28,6 +28,7 @@ from medpipe.training.callbacks import ProgressPrinter, TrackingCallback
 from medpipe.training.distributed import ONE_PROCESS, Processes, stop
 from medpipe.training.engine import EngineSettings, Trainer, TrainingTask
 from medpipe.training.optim import build_optimizer, build_scheduler
+from medpipe.training_settings import TrainingConfig
 
 
 def training_orientation(config: PipelineConfig, case_ids: list[str]) -> str | None:

@@ -15,7 +15,7 @@ from monai.losses import DeepSupervisionLoss, DiceCELoss
 from torch import nn
 from torch.utils.data import DataLoader
 
-from medpipe.config import PipelineConfig, TrainingConfig
+from medpipe.config import PipelineConfig
 from medpipe.data.labels import REGION_THRESHOLD, LabelScheme
 from medpipe.device import loader_workers, pick_device, require_memory
 from medpipe.errors import MedpipeError
@@ -40,6 +40,7 @@ from medpipe.training.runs import (
     model_plans,
     prepare_run_folder,
 )
+from medpipe.training_settings import TrainingConfig
 
 
 class SegmentationTask:
