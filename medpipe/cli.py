@@ -470,6 +470,10 @@ def evaluate_reg(
     network_dir: Annotated[Path | None, typer.Option(
         "--network-dir", help="For NETWORK_io: the network's run folder (default: "
         "RESULTS/runs/NETWORK/fold_K).")] = None,
+    amp: Annotated[bool, typer.Option(
+        help="A network: mixed precision where the device computes it natively (bf16 on a "
+        "GPU or a CPU with AVX-512 BF16/AMX; its geometry stays float32); --no-amp: float32 "
+        "throughout.")] = True,
 ) -> None:
     """Score a registration method on held-out pairs (the fold's validation cases, or the
     labelled test cases with registration.eval_cases=test): Dice of warped labels,
@@ -478,7 +482,7 @@ def evaluate_reg(
     from medpipe.evaluation.registration import evaluate_registration
 
     summary = evaluate_registration(load_config(config, overrides), model, fold, run_dir,
-                                    checkpoint, device, network_dir)
+                                    checkpoint, device, network_dir, amp)
     _print_classes(summary)
     console.print(
         f"[green]mean Dice[/green] {summary['mean_dice']['mean']:.3f} over {summary['pairs']} "

@@ -37,6 +37,8 @@ SMOKE_RUNS = {
     "onnx_inference": ["--runs", "{runs}", "--dataset", "{data}/raw", "--models", "unet",
                        "--scans", "1"],
     "preprocessing_scaling": ["--quick"],
+    "registration_precision": ["--config", "{data}/config.yaml", "--runs",
+                               "{runs}/voxelmorph/fold_0"],
     "registration_speed": ["--quick", "--only", "classical", "pyramid_io"],
     "registration_subjects": ["--config", "{data}/config.yaml", "--subjects", "2",
                               "--pairs", "1", "--budget", "2"],

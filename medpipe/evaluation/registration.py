@@ -71,12 +71,15 @@ def evaluate_registration(
     checkpoint: str = "best",
     device: str = "auto",
     network_dir: Path | None = None,
+    amp: bool = True,
 ) -> dict[str, Any]:
     """Score METHOD (a baseline: identity, classical, ants; a trained network's name; or
     NETWORK_io) on the held-out pairs (`held_out_cases`); write `evaluation/pairs.csv`,
     `evaluation/summary.json` and a figure in the run folder and log them to its MLflow run.
     NETWORK_io reads the network from NETWORK_DIR (default: NETWORK's run folder) and writes
-    to its own. Returns the summary."""
+    to its own. A network runs its layers under mixed precision where the device computes
+    it natively (AMP; its geometry stays float32), in float32 without. Returns the
+    summary."""
     folder = RunFolder(run_dir) if run_dir else config.run_folder(method, fold)
     plans = read_plans(config.plans_file)
     val_ids = held_out_cases(config, fold)
@@ -90,7 +93,7 @@ def evaluate_registration(
         network_folder = folder
     with ExitStack() as resources:
         return _evaluate(config, method, fold, folder, network_folder, plans, val_ids,
-                         torch_device, checkpoint, resources)
+                         torch_device, checkpoint, resources, amp)
 
 
 def held_out_cases(config: PipelineConfig, fold: int) -> list[str]:
@@ -113,8 +116,10 @@ def refined_network(method: str) -> str | None:
 
 def _evaluate(config: PipelineConfig, method: str, fold: int, folder: RunFolder,
               network_folder: RunFolder | None, plans: Plans, val_ids: list[str],
-              torch_device, checkpoint: str, resources: ExitStack) -> dict[str, Any]:
+              torch_device, checkpoint: str, resources: ExitStack,
+              amp: bool) -> dict[str, Any]:
     settings = config.registration
+    precision = None  # the network's layers' autocast dtype; a baseline has none
     if network_folder is None:
         register = _baseline(method, settings, resources)
         atlas, spec = settings.atlas, None
@@ -128,7 +133,9 @@ def _evaluate(config: PipelineConfig, method: str, fold: int, folder: RunFolder,
         if refinement is not None and refinement.steps == 0:
             raise MedpipeError(f"{method} needs registration.instance_optimisation.steps > 0")
         network_method = NetworkRegistration(network, spec, torch_device,
-                                             network_spacing(spec, plans), refinement)
+                                             network_spacing(spec, plans), refinement, amp)
+        dtype = network_method.dtype
+        precision = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
 
         def register(moving, fixed, target):
             return network_method(moving, fixed, target.geometry, target.shape)
@@ -182,7 +189,7 @@ def _evaluate(config: PipelineConfig, method: str, fold: int, folder: RunFolder,
             )
     _add_inverse_consistency(fields, per_pair, rows)
     summary = _summary(method, fold, classes, rows, per_pair, torch_device, checkpoint
-                       if spec else None)
+                       if spec else None, precision)
     _write_csv(rows, folder.pairs_table)
     write_json(summary, folder.evaluation_summary)
     _log(config, folder, method, fold, plans, summary, trained=network_folder == folder)
@@ -261,12 +268,14 @@ def _on_grid(moving: Volume, fixed: Volume) -> np.ndarray:
 # --------------------------------------------------------------------------- outputs
 
 
-def _summary(method, fold, classes, rows, per_pair, device, checkpoint) -> dict[str, Any]:
+def _summary(method, fold, classes, rows, per_pair, device, checkpoint,
+             precision) -> dict[str, Any]:
     return {
         "method": method,
         "fold": fold,
         "checkpoint": checkpoint,
         "device": str(device),
+        "precision": precision,
         "pairs": len(per_pair),
         "classes": {name: {metric: summarise([r[metric] for r in rows if r["class"] == name])
                            for metric in ("dice", "hd95", "hd95_voxels")}
