@@ -112,7 +112,8 @@ def test_one_run_per_model_ranks_nothing(tmp_path):
 
 def test_no_winner_among_models_still_improving(tmp_path):
     runs = _store(tmp_path, {"big": [0.05, 0.04], "small": [0.0, 0.01]},
-                  curves={"big": [0.3, 0.5, 0.6, 0.7]})  # +0.1 over the last quarter
+                  # big: +0.1 over the last quarter; small: one validation, nothing known
+                  curves={"big": [0.3, 0.5, 0.6, 0.7], "small": [0.7]})
     summary = build_report(runs, tmp_path / "out")
     assert not _pair(summary, "big", "small")["claimed"]
     first = summary["headline"][0]
@@ -120,6 +121,9 @@ def test_no_winner_among_models_still_improving(tmp_path):
     big = next(r for r in summary["segmentation"] if r["model"] == "big")
     assert big["convergence"]["gain"] == pytest.approx(0.1)
     assert not math.isnan(big["run_spread"][1])
+    # small validated once: the reader is told its convergence is unknown
+    sure = next(line for line in summary["headline"] if line.startswith("How sure?"))
+    assert "Whether small had stopped improving is not known" in sure
 
 
 def test_the_scope_box_says_what_the_numbers_cover(tmp_path):

@@ -499,6 +499,13 @@ def _sureness(summary: dict[str, Any]) -> str:
         text += (" With one run, run-to-run variance is not measured: the Wilcoxon p-values "
                  "in the tables cover the cases of one trained network per model, not "
                  "retraining.")
+    unchecked = sorted({r["model"] for r in summary["segmentation"] + summary["registration"]
+                        if r["model"] not in BASELINES
+                        and r["convergence"]["still_improving"] is None})
+    if unchecked:
+        text += (f" Whether {', '.join(unchecked)} had stopped improving is not known: "
+                 "no validation before the last quarter of the budget to compare the last "
+                 "one with (validate more often: `training.val_every`).")
     return text
 
 
