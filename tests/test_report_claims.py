@@ -88,6 +88,29 @@ def test_runs_scored_on_the_test_set_are_compared_there(tmp_path):
     assert row["mean_difference"] == pytest.approx(0.05, abs=0.005)
 
 
+def test_the_run_column_names_its_cases_when_the_table_is_the_ensembles(tmp_path):
+    # the test set scored by each model's fold ensemble only: the table's means are the
+    # test set's, the runs' own means their validation cases', and the column says so
+    runs = _store(tmp_path, {"big": [0.05, 0.04], "small": [0.0, 0.01]})
+    results = tmp_path / "results"
+    for model, shift in (("big", 0.1), ("small", 0.0)):
+        table = results / "test" / model / "evaluation" / "cases.csv"
+        table.parent.mkdir(parents=True)
+        table.write_text("case_id,class,dice,hd95\n" + "".join(
+            f"{case},a,{0.7 + shift},2.0\n" for case in CASES), encoding="utf-8")
+    summary = build_report(runs, tmp_path / "out", results=results)
+    assert summary["segmentation_scope"] == f"test set, n = {len(CASES)} cases"
+    assert summary["segmentation_runs_on"] == "validation cases"
+    markdown = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "| Mean Dice of runs on their validation cases (± SD over runs) |" in markdown
+    # runs scored where the table is: no qualifier
+    plain = build_report(_store(tmp_path / "plain", {"big": [0.05, 0.04], "small": [0.0, 0.01]}),
+                         tmp_path / "plain_out")
+    assert plain["segmentation_runs_on"] == "validation cases"
+    assert "| Mean Dice of runs (± SD over runs) |" in (
+        tmp_path / "plain_out" / "report.md").read_text(encoding="utf-8")
+
+
 def test_runs_that_disagree_in_sign_refuse_it(tmp_path):
     # big is better on average (+0.02) but one of its runs is worse than one of small's
     runs = _store(tmp_path, {"big": [0.05, -0.005], "small": [0.0, 0.01]})

@@ -108,7 +108,8 @@ def build_report(runs: Sequence[TrackedRun], out_dir: Path, results: Path | None
     reg_scores = {m: _pooled(folds, "pairs.csv", ("moving", "fixed"))
                   for m, folds in reg_methods.items()}
     reg_scope = _registration_scope(reg_methods, reg_scores)
-    seg_runs = {m: _run_scores(folds, _segmentation_run_file(seg_models), ("case_id",))
+    seg_run_file = _segmentation_run_file(seg_models)
+    seg_runs = {m: _run_scores(folds, seg_run_file, ("case_id",))
                 for m, folds in seg_models.items()}
     reg_runs = {m: _run_scores(folds, "pairs.csv", ("moving", "fixed"))
                 for m, folds in reg_methods.items()}
@@ -119,6 +120,10 @@ def build_report(runs: Sequence[TrackedRun], out_dir: Path, results: Path | None
     summary = {
         "segmentation_scope": seg_scope,
         "segmentation": table,
+        # where each run's own scores (the run spread, the run pairs) come from: the test
+        # set only where every run scored it, else the runs' validation cases
+        "segmentation_runs_on": "test set" if seg_run_file == TEST_CASES
+        else "validation cases",
         "paired": paired,
         "budgets": _budget_check(table),
         "registration_scope": reg_scope,
@@ -563,9 +568,9 @@ def _scope(summary: dict[str, Any], runs: Sequence[TrackedRun],
         ("native",): "native (each model as its authors train it)"}.get(
         tuple(recipes), " and ".join(recipes) or "none") + "; each method's is named under "
         "\"What was compared\".")
-    lines.append("p-values: the hierarchical bootstrap's cover runs and cases, Holm-corrected "
-                 "within a table; the Wilcoxon p in the tables covers the cases of one trained "
-                 "network per model.")
+    lines.append("p-values: those of the hierarchical bootstrap cover runs and cases, "
+                 "Holm-corrected within a table; the Wilcoxon p in the tables covers the cases "
+                 "of one trained network per model.")
     return lines
 
 

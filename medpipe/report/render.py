@@ -91,12 +91,21 @@ def _show(value: Any, how: str) -> str:
     return str(value)
 
 
-def _score_table(rows: list[dict[str, Any]], task: str) -> tuple[list[str], list[list[str]]]:
+def _score_table(rows: list[dict[str, Any]], task: str, runs_on: str | None = None,
+                 ) -> tuple[list[str], list[list[str]]]:
+    """RUNS_ON: where the runs' own scores come from, named in their column when it is not
+    the table's scope (the test set scored by the fold ensemble, the runs on their
+    validation cases)."""
     classes = [k for k in (rows[0] if rows else {}) if k.startswith("dice_")]
     columns = COLUMNS[task][:1] + [(k, f"Dice {k.removeprefix('dice_').replace('_', ' ')}",
                                     "spread") for k in classes] + COLUMNS[task][1:]
+    if runs_on:
+        columns = [(key, f"Mean Dice of runs on their {runs_on} (± SD over runs)", how)
+                   if key == "run_spread" else (key, title, how)
+                   for key, title, how in columns]
     columns = [c for c in columns if any(_show(r.get(c[0]), c[2]) != "-" for r in rows)]
-    header = ["Method"] + [title for _, title, _ in columns]
+    # the star marks the highest mean, a winner only where the verdicts claim one
+    header = [f"Method ({WINNER}: highest mean)"] + [title for _, title, _ in columns]
     body = [[(f"{WINNER} " if row.get("winner") else "") + row["model"]]
             + [_show(row.get(key), how) for key, _, how in columns] for row in rows]
     return header, body
@@ -138,8 +147,11 @@ def sections(summary: dict[str, Any]) -> list[tuple[str, str, Any]]:
     if first:
         out.append(("Figures", "figures", [(f["title"], f["file"]) for f in first]))
     if summary["segmentation"]:
-        out.append((f"Segmentation ({summary['segmentation_scope']})", "table",
-                    _score_table(summary["segmentation"], "segmentation")))
+        scope = summary["segmentation_scope"]
+        runs_on = summary.get("segmentation_runs_on", "test set")
+        out.append((f"Segmentation ({scope})", "table", _score_table(
+            summary["segmentation"], "segmentation",
+            runs_on if scope.startswith("test set") and runs_on != "test set" else None)))
         best = summary["segmentation"][0]["model"]
         against = [r for r in summary["paired"] if best in (r["a"], r["b"])]
         if against:
