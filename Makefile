@@ -17,7 +17,7 @@ TORCH_GPU_SPEC ?= torch>=2.4
 DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 
-.PHONY: setup ants-env test lint demo study study-native bench gpu-check-data clean-demo
+.PHONY: setup ants-env test lint demo study study-part study-report study-native bench gpu-check-data clean-demo
 
 setup: $(VENV)/.installed
 
@@ -77,6 +77,29 @@ study: setup $(ANTS_VENV)/.installed
 		--configfile configs/study.yaml --config dataset=$(STUDY_DIR)/raw results=$(STUDY_DIR)/results
 	$(PY) bench/study_record.py $(STUDY_DIR)/results docs/study --started $$(cat $(STUDY_DIR)/started)
 	@echo "Report: $(STUDY_DIR)/results/compare/report.html (recorded in docs/study/)"
+
+# The study in parts, on machines that share no disk (one CPU session at a time, cluster jobs
+# on different sites): STUDY_PART selects what this part runs, as config overrides of
+# configs/study.yaml that only choose models (the runs stay the study's), e.g.
+#   make study-part STUDY_PART="segmentation_models=[swin_unetr] registration.models=[] registration.baselines=[]"
+# The part's runs (no models) and the results its report reads are archived into
+# docs/study/runs/ beside the earlier parts'; `make study-report` then builds the study's
+# report and record from the whole archive.
+STUDY_PART ?=
+study-part: setup $(ANTS_VENV)/.installed
+	mkdir -p $(STUDY_DIR) && test -f $(STUDY_DIR)/started || date +%s > $(STUDY_DIR)/started
+	$(VENV)/bin/medpipe demo-data $(STUDY_DIR)/raw --cases 12 --test-cases 20 --seed 0
+	$(PY) -c "import sys, yaml; from medpipe.config import apply_overrides; \
+		config = apply_overrides(yaml.safe_load(open('configs/study.yaml')), sys.argv[1:]); \
+		open('$(STUDY_DIR)/part.yaml', 'w').write(yaml.safe_dump(config))" $(STUDY_PART)
+	$(ANTS) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/snakemake segmentation_all registration_all --profile configs/profiles/local \
+		--configfile $(STUDY_DIR)/part.yaml --config dataset=$(STUDY_DIR)/raw results=$(STUDY_DIR)/results
+	$(VENV)/bin/medpipe compare --config $(STUDY_DIR)/part.yaml --set dataset=$(STUDY_DIR)/raw \
+		--set results=$(STUDY_DIR)/results -o $(STUDY_DIR)/results/compare --archive docs/study/runs
+
+study-report: setup
+	$(VENV)/bin/medpipe compare --runs docs/study/runs -o $(STUDY_DIR)/report
+	$(PY) bench/study_record.py --archive docs/study/runs --report $(STUDY_DIR)/report docs/study
 
 # The native-recipe sensitivity check of the study: every segmentation model once
 # more, one seed, with its authors' recipe (`recipe: native`), on the study's data; the config

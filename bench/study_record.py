@@ -9,9 +9,16 @@ runs of each segmentation model) are checked against those numbers and written b
 
     python bench/study_record.py study/results docs/study [--started EPOCH_SECONDS]
                                  [--wall-minutes M]
+    python bench/study_record.py --archive docs/study/runs --report REPORT_DIR docs/study
+
+The record keeps the compared runs themselves (docs/study/runs/, `medpipe.report.archive`:
+no models), so its report can be rebuilt and a study run in parts on machines that share no
+disk is recorded from the union of its parts' archives (the second form: the report built by
+`medpipe compare --runs docs/study/runs`).
 
 The wall time counts from the first `make study`; `job_minutes` sums the jobs' own times
-(Snakemake's benchmark files), which is the study's cost when it was run in parts.
+(Snakemake's benchmark files, archived with the runs), which is the study's cost when it was
+run in parts.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from pathlib import Path
 from common import machine
 
 from medpipe import tracked
+from medpipe.report.archive import archive_runs, archived_runs
+from medpipe.tracking import TrackedRun, finished_runs
 
 TARGET_DICE = 0.80
 TARGET_MODELS = ("nnunet", "unet")
@@ -35,8 +44,9 @@ MIN_RUNS = 3
 REPORT_FILES = ("report.html", "report.md", "summary.json")
 
 
-def read_store(uri: str) -> dict:
-    """The latest comparison run of the store and the runs it compared."""
+def read_store(uri: str) -> tuple[dict, list[TrackedRun]]:
+    """The latest comparison run of the store and the runs it compared (as the record
+    states them, and as `TrackedRun`s for the archive)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -50,22 +60,47 @@ def read_store(uri: str) -> dict:
     children = client.search_runs(
         [parent.info.experiment_id],
         f"tags.{tracked.COMPARISON_RUN} = '{parent.info.run_id}'", max_results=10000)
-    compared = []
-    for run in sorted(children, key=lambda r: (r.data.tags.get(tracked.TASK, ""),
-                                               r.data.tags.get(tracked.MODEL, ""))):
-        metrics = run.data.metrics
-        compared.append({
-            "task": run.data.tags.get(tracked.TASK), "model": run.data.tags.get(tracked.MODEL),
-            "fold": run.data.tags.get(tracked.FOLD), "seed": run.data.tags.get(tracked.SEED),
-            "recipe": run.data.tags.get(tracked.RECIPE),
-            "device": run.data.tags.get(tracked.DEVICE),
-            **{key: metrics.get(key) for key in (
+    compared = {run.info.run_id for run in children}
+    experiment = client.get_experiment(parent.info.experiment_id).name
+    tracked_runs = [r for r in finished_runs(uri, experiment) if r.run_id in compared]
+    return ({"comparison_run": parent.info.run_id, "git_commit":
+             parent.data.tags.get(tracked.GIT_COMMIT), "scores": dict(parent.data.metrics),
+             "scopes": dict(parent.data.params), "runs": run_rows(tracked_runs)},
+            tracked_runs)
+
+
+def read_archive(archive: Path, report: Path) -> dict:
+    """What `read_store` says, from an archive of runs and the report built from it
+    (`medpipe compare --runs`): its summary's scores and scopes, every archived run."""
+    summary = json.loads((report / "summary.json").read_text(encoding="utf-8"))
+    scores = {f"{prefix}mean_dice_{row['model']}": row["mean_dice"][0]
+              for prefix, task in (("", "segmentation"), ("registration_", "registration"))
+              for row in summary[task]}
+    runs = archived_runs(archive)
+    return {"comparison_run": None,
+            "git_commit": sorted({r.tags.get(tracked.GIT_COMMIT, "") for r in runs} - {""}),
+            "scores": scores,
+            "scopes": {key: summary[key] for key in ("segmentation_scope",
+                                                     "registration_scope")},
+            "runs": run_rows(runs)}
+
+
+def run_rows(runs: list[TrackedRun]) -> list[dict]:
+    """Per compared run: what it is, its budget and costs."""
+    rows = []
+    for run in sorted(runs, key=lambda r: (r.tags.get(tracked.TASK, ""),
+                                           r.tags.get(tracked.MODEL, ""),
+                                           r.tags.get(tracked.SEED, ""))):
+        rows.append({
+            "task": run.tags.get(tracked.TASK), "model": run.tags.get(tracked.MODEL),
+            "fold": run.tags.get(tracked.FOLD), "seed": run.tags.get(tracked.SEED),
+            "recipe": run.tags.get(tracked.RECIPE), "device": run.tags.get(tracked.DEVICE),
+            **{key: run.metrics.get(key) for key in (
                 tracked.SAMPLES_SEEN, tracked.TRAINING_SECONDS, tracked.PARAMETERS,
                 tracked.EVAL_MEAN_DICE, tracked.EVAL_SECONDS_PER_CASE,
-                tracked.EVAL_SECONDS_PER_PAIR, tracked.SKIPPED_STEPS_TOTAL) if key in metrics}})
-    return {"comparison_run": parent.info.run_id, "git_commit":
-            parent.data.tags.get(tracked.GIT_COMMIT), "scores": dict(parent.data.metrics),
-            "scopes": dict(parent.data.params), "runs": compared}
+                tracked.EVAL_SECONDS_PER_PAIR, tracked.SKIPPED_STEPS_TOTAL)
+               if key in run.metrics}})
+    return rows
 
 
 def job_minutes(results: Path) -> float:
@@ -95,22 +130,39 @@ def check_targets(store: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=Path, help="the study's results folder")
+    parser.add_argument("results", type=Path, nargs="?", help="the study's results folder")
     parser.add_argument("out", type=Path, help="where the record goes (docs/study)")
+    parser.add_argument("--archive", type=Path, help="record from this archive of runs "
+                        "instead of a results folder's store")
+    parser.add_argument("--report", type=Path, help="with --archive: the folder of the report "
+                        "`medpipe compare --runs ARCHIVE` wrote")
     parser.add_argument("--started", type=float, help="the study's start, seconds since "
                         "the epoch (the Makefile writes it), for its wall time")
     parser.add_argument("--wall-minutes", type=float, help="the study's wall time, where the "
                         "record is rewritten after the run (a report rebuilt, say)")
     args = parser.parse_args()
-    store = read_store(f"sqlite:///{(args.results / 'mlflow.db').resolve()}")
+    archive = args.out / "runs"
+    if args.archive is not None:
+        if args.report is None:
+            parser.error("--archive needs --report")
+        store, report = read_archive(args.archive, args.report), args.report
+        if args.archive.resolve() != archive.resolve():
+            archive_runs(archived_runs(args.archive), archive, args.archive, args.archive)
+    elif args.results is not None:
+        store, runs = read_store(f"sqlite:///{(args.results / 'mlflow.db').resolve()}")
+        report = args.results / "compare"
+        dataset = args.results.parent / "raw"
+        archive_runs(runs, archive, args.results, dataset if dataset.is_dir() else None)
+    else:
+        parser.error("give the study's results folder, or --archive and --report")
     record = {"machine": machine(), "recorded": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "wall_minutes": args.wall_minutes if args.wall_minutes is not None
               else round((time.time() - args.started) / 60, 1) if args.started else None,
-              "job_minutes": job_minutes(args.results),
+              "job_minutes": job_minutes(archive),
               **store, "targets": check_targets(store)}
     args.out.mkdir(parents=True, exist_ok=True)
     for name in REPORT_FILES:
-        shutil.copyfile(args.results / "compare" / name, args.out / name)
+        shutil.copyfile(report / name, args.out / name)
     (args.out / "mlflow_summary.json").write_text(json.dumps(record, indent=2) + "\n",
                                                   encoding="utf-8")
     for target, met in record["targets"].items():

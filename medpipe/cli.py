@@ -643,6 +643,13 @@ def compare(
         "config's): its test-set evaluations (test/MODEL/evaluation/cases.csv, used when "
         "every model has one, else the cross-validation cases) and postprocessing "
         "decisions.")] = None,
+    runs_from: Annotated[Path | None, typer.Option(
+        "--runs", help="Build the report from an archive of runs (written by --archive; "
+        "several parts of a study archived into one folder) instead of an MLflow store; "
+        "nothing is logged.")] = None,
+    archive: Annotated[Path | None, typer.Option(
+        "--archive", help="Also archive the compared runs (no models) and the results' "
+        "files the report reads into this folder, added to what it holds.")] = None,
 ) -> None:
     """Compare every finished model of an experiment: tables, paired statistics, figures;
     report.md + report.html, logged to a parent MLflow run."""
@@ -657,6 +664,14 @@ def compare(
         write_comparison_view,
     )
 
+    if runs_from is not None:
+        from medpipe.report.archive import archived_runs
+
+        runs = archived_runs(runs_from)
+        build_report(runs, output, results or runs_from, (), runs_from)
+        console.print(f"[green]wrote[/green] {output / 'report.html'} ({len(runs)} archived "
+                      f"runs of {runs_from})")
+        return
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     dataset = None
     if config is not None:
@@ -678,6 +693,11 @@ def compare(
         raise MedpipeError("say where the runs were tracked: --config, --tracking-uri or "
                            "$MLFLOW_TRACKING_URI")
     runs = finished_runs(uri, experiment)
+    if archive is not None:
+        from medpipe.report.archive import archive_runs
+
+        archive_runs(runs, archive, results, dataset)
+        console.print(f"archived {len(runs)} runs in {archive}")
     summary = build_report(runs, output, results, unfinished_runs(uri, experiment), dataset)
     files = [output / "report.html", output / "report.md", output / "summary.json",
              *(output / figure["file"] for figure in summary["figures"])]

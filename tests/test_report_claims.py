@@ -6,7 +6,11 @@ scope, the verdicts and a figure."""
 from __future__ import annotations
 
 import csv
+import json
 import math
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -175,3 +179,61 @@ def test_the_first_screen_holds_the_scope_the_verdicts_and_a_figure(tmp_path):
     for colour in ((0xf7, 0xf7, 0xf2), (0xf5, 0xf8, 0xff)):  # scope box, verdicts' box
         assert np.all(shot == colour, axis=-1).sum() > 5000, colour
     assert len(np.unique(shot.reshape(-1, 3), axis=0)) > 300  # a figure, not only text
+
+
+def _ensemble_scores(results, model, shift):
+    table = results / "test" / model / "evaluation" / "cases.csv"
+    table.parent.mkdir(parents=True)
+    table.write_text("case_id,class,dice,hd95\n" + "".join(
+        f"{case},a,{0.7 + shift + 0.01 * k},2.0\n" for k, case in enumerate(CASES)),
+        encoding="utf-8")
+
+
+def test_a_study_archived_in_parts_reports_as_one_store_would(tmp_path):
+    # two parts on machines sharing no disk: each archives its store's runs and results
+    # into one folder; the report built from the folder is the one of all runs together
+    from medpipe.report.archive import archive_runs, archived_runs
+
+    part_a = _store(tmp_path / "a", {"big": [0.05, 0.04]})
+    part_b = _store(tmp_path / "b", {"small": [0.0, 0.01]})
+    for part, model, shift in (("a", "big", 0.1), ("b", "small", 0.0)):
+        _ensemble_scores(tmp_path / part / "results", model, shift)
+    archive = tmp_path / "archive"
+    archive_runs(part_a, archive, tmp_path / "a" / "results")
+    archive_runs(part_b, archive, tmp_path / "b" / "results")
+    restored = archived_runs(archive)
+    assert sorted(r.run_id for r in restored) == sorted(r.run_id for r in part_a + part_b)
+
+    pooled = tmp_path / "pooled"  # what one machine running both parts would hold
+    for part in ("a", "b"):
+        shutil.copytree(tmp_path / part / "results", pooled, dirs_exist_ok=True)
+    live = build_report(part_a + part_b, tmp_path / "live", results=pooled)
+    result = subprocess.run([sys.executable, "-m", "medpipe.cli", "compare", "--runs",
+                             str(archive), "-o", str(tmp_path / "rebuilt")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rebuilt = json.loads((tmp_path / "rebuilt" / "summary.json").read_text(encoding="utf-8"))
+    for key in ("segmentation_scope", "segmentation", "paired", "headline", "scope"):
+        assert rebuilt[key] == json.loads(json.dumps(live[key])), key
+    assert rebuilt["segmentation_scope"] == f"test set, n = {len(CASES)} cases"
+    assert _pair(rebuilt, "big", "small")["claimed"]
+    # an archive holds no model and stays small: text tables and the runs' records
+    assert sum(f.stat().st_size for f in archive.rglob("*") if f.is_file()) < 200_000
+
+
+def test_a_broken_archive_is_named_in_one_line(tmp_path):
+    from medpipe.report.archive import archive_runs
+
+    archive = tmp_path / "archive"
+    written = archive_runs(_store(tmp_path, {"big": [0.05]}), archive)
+    written[0].write_text('{"run_id": "x"}', encoding="utf-8")
+    compare = [sys.executable, "-m", "medpipe.cli", "compare", "-o", str(tmp_path / "out")]
+    result = subprocess.run([*compare, "--runs", str(archive)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2
+    assert str(written[0]) in result.stderr and "not an archived run" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = subprocess.run([*compare, "--runs", str(tmp_path / "empty")], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2 and "no archived runs" in result.stderr
+    assert not (tmp_path / "out").exists()

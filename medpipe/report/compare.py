@@ -197,10 +197,18 @@ def report_numbers(runs: Sequence[TrackedRun], summary: dict) -> dict[str, dict[
 
 
 def _by_model(runs: Sequence[TrackedRun]) -> dict[str, list[TrackedRun]]:
+    """Each model's runs by fold, then seed: one order whatever the source (a store lists
+    runs newest first, an archive by id), as the seeded run-level bootstrap depends on it."""
     out: dict[str, list[TrackedRun]] = defaultdict(list)
-    for run in sorted(runs, key=lambda r: int(r.tags.get(tracked.FOLD, 0))):
+    for run in sorted(runs, key=lambda r: (int(r.tags.get(tracked.FOLD, 0)),
+                                           _seed_order(r.tags.get(tracked.SEED, "")),
+                                           r.run_id)):
         out[run.tags[tracked.MODEL]].append(run)
     return dict(out)
+
+
+def _seed_order(seed: str) -> tuple[int, str]:
+    return (int(seed), "") if seed.lstrip("-").isdigit() else (0, seed)
 
 
 def _pooled(folds: Sequence[TrackedRun], name: str, key_columns: Sequence[str],
