@@ -112,6 +112,25 @@ def require_memory(needed: float, device: torch.device, what: str) -> None:
                            f"{available / 2**30:.1f} GiB available")
 
 
+def host_description(device: torch.device, dtype: torch.dtype | None) -> str:
+    """The machine a run's costs were measured on, for run tags: the device, for a CPU its
+    model and threads, and the precision the network ran in. Training minutes compare only
+    between runs of one description (a study run in parts may span machines)."""
+    import platform
+
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, {precision}"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} threads, {precision}"
+
+
 def device_name(device: torch.device) -> str:
     """What the device is, for run tags: the GPU's model, or "cpu"."""
     if device.type == "cuda":

@@ -15,6 +15,7 @@ RECIPE = "recipe"  # "shared" or "native" (`PipelineConfig.recipe`)
 GIT_COMMIT = "git_commit"
 DATA_HASH = "data_hash"
 DEVICE = "device"
+HOST = "host"  # the machine and precision a training's costs come from (`device.host_description`)
 EVAL_CASES = "eval_cases"  # a registration evaluation's pairs: "validation" or "test"
 DATASET = "dataset"
 MODEL_ID = "model_id"  # the logged MLflow model of a training run

@@ -6,6 +6,7 @@ scope, the verdicts and a figure."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import shutil
@@ -194,8 +195,11 @@ def test_a_study_archived_in_parts_reports_as_one_store_would(tmp_path):
     # into one folder; the report built from the folder is the one of all runs together
     from medpipe.report.archive import archive_runs, archived_runs
 
-    part_a = _store(tmp_path / "a", {"big": [0.05, 0.04]})
-    part_b = _store(tmp_path / "b", {"small": [0.0, 0.01]})
+    def on(host, runs):  # the machine each part's trainings ran on
+        return [dataclasses.replace(r, tags={**r.tags, tracked.HOST: host}) for r in runs]
+
+    part_a = on("CPU A, 2 threads, bf16", _store(tmp_path / "a", {"big": [0.05, 0.04]}))
+    part_b = on("CPU B, 2 threads, fp32", _store(tmp_path / "b", {"small": [0.0, 0.01]}))
     for part, model, shift in (("a", "big", 0.1), ("b", "small", 0.0)):
         _ensemble_scores(tmp_path / part / "results", model, shift)
     archive = tmp_path / "archive"
@@ -217,6 +221,12 @@ def test_a_study_archived_in_parts_reports_as_one_store_would(tmp_path):
         assert rebuilt[key] == json.loads(json.dumps(live[key])), key
     assert rebuilt["segmentation_scope"] == f"test set, n = {len(CASES)} cases"
     assert _pair(rebuilt, "big", "small")["claimed"]
+    # costs from two machines: the scope says which and that times compare within one only
+    assert ("Machines: the trainings' costs come from CPU A, 2 threads, bf16 (big); CPU B, "
+            "2 threads, fp32 (small). Compare training times only within one machine."
+            ) in rebuilt["scope"]
+    assert not any(line.startswith("Machines") for line in
+                   build_report(part_a, tmp_path / "one_machine")["scope"])
     # an archive holds no model and stays small: text tables and the runs' records
     assert sum(f.stat().st_size for f in archive.rglob("*") if f.is_file()) < 200_000
 

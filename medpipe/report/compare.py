@@ -576,10 +576,25 @@ def _scope(summary: dict[str, Any], runs: Sequence[TrackedRun],
         ("native",): "native (each model as its authors train it)"}.get(
         tuple(recipes), " and ".join(recipes) or "none") + "; each method's is named under "
         "\"What was compared\".")
+    machines = _machines(runs)
+    if len(machines) > 1:
+        lines.append("Machines: the trainings' costs come from " + "; ".join(
+            f"{host} ({', '.join(models)})" for host, models in machines.items())
+            + ". Compare training times only within one machine.")
     lines.append("p-values: those of the hierarchical bootstrap cover runs and cases, "
                  "Holm-corrected within a table; the Wilcoxon p in the tables covers the cases "
                  "of one trained network per model.")
     return lines
+
+
+def _machines(runs: Sequence[TrackedRun]) -> dict[str, list[str]]:
+    """Each machine (`tracked.HOST`) the trained runs' costs come from, with its models; a
+    run without the tag (older than it) counts as "not recorded"."""
+    found: dict[str, set[str]] = defaultdict(set)
+    for run in runs:
+        if run.tags.get(tracked.MODEL) not in BASELINES and tracked.MODEL in run.tags:
+            found[run.tags.get(tracked.HOST, "machine not recorded")].add(run.tags[tracked.MODEL])
+    return {host: sorted(models) for host, models in sorted(found.items())}
 
 
 def _did_not_finish(runs: Sequence[TrackedRun],

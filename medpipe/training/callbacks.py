@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from medpipe import tracked
-from medpipe.device import device_name
+from medpipe.device import device_name, host_description
 from medpipe.figures import plot_learning_curve
 from medpipe.planning.plans import PlanConfiguration
 from medpipe.progress import timing
@@ -103,6 +103,7 @@ class TrackingCallback(Callback):
             tracked.GIT_COMMIT: self.commit,
             tracked.DATA_HASH: str(self.spec.data_hash),
             tracked.DEVICE: device_name(trainer.settings.device),
+            tracked.HOST: host_description(trainer.settings.device, trainer.dtype),
             tracked.DATASET: self.spec.dataset_name,
         })
 
