@@ -79,22 +79,27 @@ study: setup $(ANTS_VENV)/.installed
 	@echo "Report: $(STUDY_DIR)/results/compare/report.html (recorded in docs/study/)"
 
 # The study in parts, on machines that share no disk (one CPU session at a time, cluster jobs
-# on different sites): STUDY_PART selects what this part runs, as config overrides of
-# configs/study.yaml that only choose models (the runs stay the study's), e.g.
-#   make study-part STUDY_PART="segmentation_models=[swin_unetr] registration.models=[] registration.baselines=[]"
-# The part's runs (no models) and the results its report reads are archived into
-# docs/study/runs/ beside the earlier parts'; `make study-report` then builds the study's
-# report and record from the whole archive.
-STUDY_PART ?=
+# on different sites): each part trains and scores some of the study's runs, with the study's
+# own config (so run folders, seeds and budgets stay the study's), then archives the runs (no
+# models) and the results its report reads into docs/study/runs/, beside earlier parts'.
+#   STUDY_RUNS: run folders to train and score, e.g. "swin_unetr/fold_0 swin_unetr/seed_1/fold_0"
+#   STUDY_TEST: models whose fold ensemble predicts and scores the test set (needs MODEL/fold_0)
+#   STUDY_RULES: whole stages, e.g. registration_all
+# `make study-report` then builds the study's report and record from the whole archive.
+STUDY_RUNS ?=
+STUDY_TEST ?=
+STUDY_RULES ?=
+STUDY_PART_TARGETS = $(foreach run,$(STUDY_RUNS),$(STUDY_DIR)/results/runs/$(run)/evaluation/summary.json \
+	$(STUDY_DIR)/results/runs/$(run)/evaluation_test/summary.json) \
+	$(foreach model,$(STUDY_TEST),$(STUDY_DIR)/results/test/$(model)/evaluation/summary.json) $(STUDY_RULES)
 study-part: setup $(ANTS_VENV)/.installed
+	test -n "$(strip $(STUDY_PART_TARGETS))" || (echo "say what this part runs: STUDY_RUNS, STUDY_TEST or STUDY_RULES" >&2; exit 2)
 	mkdir -p $(STUDY_DIR) && test -f $(STUDY_DIR)/started || date +%s > $(STUDY_DIR)/started
 	$(VENV)/bin/medpipe demo-data $(STUDY_DIR)/raw --cases 12 --test-cases 20 --seed 0
-	$(PY) -c "import sys, yaml; from medpipe.config import apply_overrides; \
-		config = apply_overrides(yaml.safe_load(open('configs/study.yaml')), sys.argv[1:]); \
-		open('$(STUDY_DIR)/part.yaml', 'w').write(yaml.safe_dump(config))" $(STUDY_PART)
-	$(ANTS) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/snakemake segmentation_all registration_all --profile configs/profiles/local \
-		--configfile $(STUDY_DIR)/part.yaml --config dataset=$(STUDY_DIR)/raw results=$(STUDY_DIR)/results
-	$(VENV)/bin/medpipe compare --config $(STUDY_DIR)/part.yaml --set dataset=$(STUDY_DIR)/raw \
+	$(ANTS) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/snakemake $(STUDY_PART_TARGETS) \
+		--profile configs/profiles/local \
+		--configfile configs/study.yaml --config dataset=$(STUDY_DIR)/raw results=$(STUDY_DIR)/results
+	$(VENV)/bin/medpipe compare --config configs/study.yaml --set dataset=$(STUDY_DIR)/raw \
 		--set results=$(STUDY_DIR)/results -o $(STUDY_DIR)/results/compare --archive docs/study/runs
 
 study-report: setup
