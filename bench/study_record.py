@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -75,7 +76,7 @@ def read_archive(archive: Path, report: Path) -> dict:
     summary = json.loads((report / "summary.json").read_text(encoding="utf-8"))
     scores = {f"{prefix}mean_dice_{row['model']}": row["mean_dice"][0]
               for prefix, task in (("", "segmentation"), ("registration_", "registration"))
-              for row in summary[task]}
+              for row in summary[task] if not math.isnan(row["mean_dice"][0])}
     runs = archived_runs(archive)
     return {"comparison_run": None,
             "git_commit": sorted({r.tags.get(tracked.GIT_COMMIT, "") for r in runs} - {""}),

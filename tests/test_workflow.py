@@ -309,6 +309,21 @@ def test_whole_workflow_end_to_end_killed_during_training_and_resumed(workdir):
     assert record.returncode == 0, record.stderr[-3000:]
     summary = json.loads((workdir / "record" / "mlflow_summary.json").read_text())
     assert summary["targets"] and (workdir / "record" / "report.md").is_file()
+    # ... and archives its runs (no models): the report rebuilt from the archive alone, on
+    # another machine say, records the same scores, runs and job minutes
+    archive = workdir / "record" / "runs"
+    assert len(list(archive.glob("tracked/*/run.json"))) == len(summary["runs"])
+    assert not list(archive.rglob("*.pt"))
+    rebuilt = run([sys.executable, "-m", "medpipe.cli", "compare", "--runs", str(archive),
+                   "-o", str(workdir / "rebuilt")])
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    again = run([sys.executable, str(REPO / "bench" / "study_record.py"), "--archive",
+                 str(archive), "--report", str(workdir / "rebuilt"), str(workdir / "again")])
+    assert again.returncode == 0, again.stderr[-3000:]
+    restated = json.loads((workdir / "again" / "mlflow_summary.json").read_text())
+    assert restated["scores"] == pytest.approx(summary["scores"])
+    assert restated["runs"] == summary["runs"]
+    assert restated["job_minutes"] == summary["job_minutes"] > 0
 
     # a changed setting of one model reruns that model's training and what follows, only
     config["models"]["unet"]["training"] = {"epochs": 3}
