@@ -667,6 +667,10 @@ def compare(
     if runs_from is not None:
         from medpipe.report.archive import archived_runs
 
+        if archive is not None or config is not None or tracking_uri is not None:
+            raise MedpipeError("--runs builds the report from an archive alone: give it "
+                               "without --archive, --config or --tracking-uri")
+
         runs = archived_runs(runs_from)
         build_report(runs, output, results or runs_from, (), runs_from)
         console.print(f"[green]wrote[/green] {output / 'report.html'} ({len(runs)} archived "
