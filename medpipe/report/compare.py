@@ -251,8 +251,8 @@ def _segmentation_scores(models: dict[str, list[TrackedRun]], test_results: Path
                   for m, folds in models.items()}
         n = len(next(iter(scores.values())).dice)
         runs = sorted({len(folds) for folds in models.values()})
-        return scores, (f"test set, n = {n} cases, each case's mean over "
-                        f"{'/'.join(map(str, runs))} runs")
+        counts = str(runs[0]) if len(runs) == 1 else f"{runs[0]} to {runs[-1]}"
+        return scores, f"test set, n = {n} cases, each case's mean over {counts} runs"
     test_files = {m: test_results / m / "evaluation" / "cases.csv" for m in models} \
         if test_results is not None else {}
     if models and test_files and all(path.is_file() for path in test_files.values()):
