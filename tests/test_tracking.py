@@ -3,6 +3,7 @@ a sqlite file, and a `mlflow server` process over HTTP."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import mlflow
@@ -50,6 +51,8 @@ def check_run(client: MlflowClient, run_id: str) -> None:
     assert 0.0 <= metrics["eval_mean_dice"] <= 1.0
     assert tags["git_commit"] and tags["data_hash"] not in ("", "None")
     assert tags["device"] == "cpu" and tags["model"] == "unet"
+    # the machine its costs come from: this CPU, its threads and the precision it ran in
+    assert re.fullmatch(r".+, \d+ threads, (bf16|fp32)", tags["host"]), tags["host"]
     assert {
         "config.json", "plans.json", "model.json", "figures/learning_curve.png",
         "figures/validation_overlay.png", "evaluation/cases.csv", "evaluation/summary.json",
