@@ -32,16 +32,16 @@ def machine() -> dict[str, Any]:
     """The machine a figure was measured on (recorded beside every figure)."""
     import torch
 
-    from medpipe.device import cpu_has_native_bf16
+    from medpipe.device import cpu_field, cpu_has_native_bf16
 
     info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
-        "cpu_model": _cpu_field("model name"),
-        "cpu_family_model": f"{_cpu_field('cpu family')}/{_cpu_field('model')}",  # 23: Zen 1-2
+        "cpu_model": cpu_field("model name"),
+        "cpu_family_model": f"{cpu_field('cpu family')}/{cpu_field('model')}",  # 23: Zen 1-2
         # the vector units decide CPU speed more than the core count: timings from a CPU
         # without AVX-512 (and so without native bf16) are not comparable to one with it
-        "cpu_avx512": "avx512f" in (_cpu_field("flags") or "").split(),
+        "cpu_avx512": "avx512f" in (cpu_field("flags") or "").split(),
         "cpu_native_bf16": cpu_has_native_bf16(),
         "cpu_cores": len(os.sched_getaffinity(0)),
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
@@ -51,19 +51,6 @@ def machine() -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     return info
-
-
-def _cpu_field(name: str) -> str | None:
-    """A field of /proc/cpuinfo's first processor (None where there is none: not Linux)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == name:
-                    return value.strip()
-    except OSError:
-        pass
-    return None
 
 
 def rss_mb() -> float:

@@ -121,14 +121,21 @@ def host_description(device: torch.device, dtype: torch.dtype | None) -> str:
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, {precision}"
-    model = platform.processor() or platform.machine()
+    model = cpu_field("model name") or platform.processor() or platform.machine()
+    return f"{model}, {torch.get_num_threads()} threads, {precision}"
+
+
+def cpu_field(name: str) -> str | None:
+    """A field of /proc/cpuinfo's first processor (None where there is none: not Linux)."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f
-                          if line.startswith("model name")), model)
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
-    return f"{model}, {torch.get_num_threads()} threads, {precision}"
+    return None
 
 
 def device_name(device: torch.device) -> str:
