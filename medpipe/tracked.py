@@ -66,6 +66,9 @@ EVAL_MEAN_HD95_VOXELS = "eval_mean_hd95_voxels"
 # method, so MLflow's runs table holds one column of each for all of them
 REPORT_MEAN_DICE = "report_mean_dice"  # the model's mean Dice in the report (its cases)
 TRAINING_MINUTES = "training_minutes"  # the model's mean training time per fold
+# what a comparison writes back onto its runs: the output of one report, not the run's own
+# record (an archive of runs leaves them out; a report over other runs would give others)
+REPORT_WRITEBACK = frozenset({COMPARISON_RUN, REPORT_MEAN_DICE, TRAINING_MINUTES})
 
 # ------------------------------------------------------------------ MLflow's own UI
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # which view MLflow's UI opens

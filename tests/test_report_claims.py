@@ -207,6 +207,15 @@ def test_a_study_archived_in_parts_reports_as_one_store_would(tmp_path):
     archive_runs(part_b, archive, tmp_path / "b" / "results")
     restored = archived_runs(archive)
     assert sorted(r.run_id for r in restored) == sorted(r.run_id for r in part_a + part_b)
+    # what an earlier part's report wrote back onto its runs is that report's, not the run's:
+    # archiving the runs again after it changes nothing
+    reported = [dataclasses.replace(r, tags={**r.tags, tracked.COMPARISON_RUN: "report-1"},
+                                    metrics={**r.metrics, tracked.REPORT_MEAN_DICE: 0.5,
+                                             tracked.TRAINING_MINUTES: 3.0}) for r in part_a]
+    before = {p: p.read_bytes() for p in archive.rglob("run.json")}
+    archive_runs(reported, archive, tmp_path / "a" / "results")
+    assert {p: p.read_bytes() for p in archive.rglob("run.json")} == before
+    assert all(not tracked.REPORT_WRITEBACK & {*r.tags, *r.metrics} for r in restored)
 
     pooled = tmp_path / "pooled"  # what one machine running both parts would hold
     for part in ("a", "b"):

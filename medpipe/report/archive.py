@@ -24,6 +24,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from medpipe import tracked
 from medpipe.errors import MedpipeError
 from medpipe.io import atomic_output, write_json
 from medpipe.tracking import TrackedRun
@@ -39,15 +40,17 @@ def archive_runs(runs: Sequence[TrackedRun], folder: Path, results: Path | None 
                  dataset: Path | None = None) -> list[Path]:
     """Write RUNS into FOLDER (added to what it holds; a run archived again is replaced),
     with RESULTS' files the report reads and DATASET's dataset.json; returns the run files.
-    A file of RESULTS replaces the archive's copy: the part that produced it is the newer."""
+    A file of RESULTS replaces the archive's copy: the part that produced it is the newer.
+    What an earlier comparison wrote back onto a run (`tracked.REPORT_WRITEBACK`) is left out:
+    it belongs to that part's report, and would change the archived run at every part."""
     written = []
     for run in runs:
         target = folder / TRACKED / run.run_id
         target.mkdir(parents=True, exist_ok=True)
         for name, source in run.files.items():
             _copy(Path(source), target / name)
-        record = {"run_id": run.run_id, "tags": run.tags, "params": run.params,
-                  "metrics": run.metrics, "files": sorted(run.files),
+        record = {"run_id": run.run_id, "tags": _own(run.tags), "params": run.params,
+                  "metrics": _own(run.metrics), "files": sorted(run.files),
                   "histories": {name: [list(point) for point in points]
                                 for name, points in run.histories.items()}}
         written.append(write_json(record, target / RUN_FILE))
@@ -78,6 +81,10 @@ def archived_runs(folder: Path) -> list[TrackedRun]:
         except (ValueError, KeyError, TypeError) as error:
             raise MedpipeError(f"not an archived run ({error!r})", path) from None
     return runs
+
+
+def _own(values: dict) -> dict:
+    return {key: value for key, value in values.items() if key not in tracked.REPORT_WRITEBACK}
 
 
 def _copy(source: Path, target: Path) -> None:
