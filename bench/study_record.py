@@ -18,14 +18,15 @@ disk is recorded from the union of its parts' archives (the second form: the rep
 
 The wall time counts from the first `make study`; `job_minutes` sums the jobs' own times
 (Snakemake's benchmark files, archived with the runs), which is the study's cost when it was
-run in parts.
+run in parts (less the data's preparation, which every part repeats and the archive counts
+once). `machine` is where the record was written: the trainings' machines are each run's
+`host` (`hosts` lists them), as a study run in parts may span several.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -33,7 +34,8 @@ from pathlib import Path
 from common import machine
 
 from medpipe import tracked
-from medpipe.report.archive import archive_runs, archived_runs
+from medpipe.report.archive import archived_runs, replace_archive
+from medpipe.report.compare import headline_scores, run_order
 from medpipe.tracking import TrackedRun, finished_runs
 
 TARGET_DICE = 0.80
@@ -65,37 +67,38 @@ def read_store(uri: str) -> tuple[dict, list[TrackedRun]]:
     experiment = client.get_experiment(parent.info.experiment_id).name
     tracked_runs = [r for r in finished_runs(uri, experiment) if r.run_id in compared]
     return ({"comparison_run": parent.info.run_id, "git_commit":
-             parent.data.tags.get(tracked.GIT_COMMIT), "scores": dict(parent.data.metrics),
-             "scopes": dict(parent.data.params), "runs": run_rows(tracked_runs)},
-            tracked_runs)
+             parent.data.tags.get(tracked.GIT_COMMIT), **provenance(tracked_runs),
+             "scores": dict(parent.data.metrics), "scopes": dict(parent.data.params),
+             "runs": run_rows(tracked_runs)}, tracked_runs)
 
 
 def read_archive(archive: Path, report: Path) -> dict:
     """What `read_store` says, from an archive of runs and the report built from it
     (`medpipe compare --runs`): its summary's scores and scopes, every archived run."""
     summary = json.loads((report / "summary.json").read_text(encoding="utf-8"))
-    scores = {f"{prefix}mean_dice_{row['model']}": row["mean_dice"][0]
-              for prefix, task in (("", "segmentation"), ("registration_", "registration"))
-              for row in summary[task] if not math.isnan(row["mean_dice"][0])}
     runs = archived_runs(archive)
-    return {"comparison_run": None,
-            "git_commit": sorted({r.tags.get(tracked.GIT_COMMIT, "") for r in runs} - {""}),
-            "scores": scores,
+    return {"comparison_run": None, "git_commit": None, **provenance(runs),
+            "scores": headline_scores(summary),
             "scopes": {key: summary[key] for key in ("segmentation_scope",
                                                      "registration_scope")},
             "runs": run_rows(runs)}
 
 
+def provenance(runs: list[TrackedRun]) -> dict:
+    """The commits the runs were trained at and the machines their costs come from."""
+    return {key: sorted({r.tags.get(tag, "") for r in runs} - {""})
+            for key, tag in (("run_commits", tracked.GIT_COMMIT), ("hosts", tracked.HOST))}
+
+
 def run_rows(runs: list[TrackedRun]) -> list[dict]:
     """Per compared run: what it is, its budget and costs."""
     rows = []
-    for run in sorted(runs, key=lambda r: (r.tags.get(tracked.TASK, ""),
-                                           r.tags.get(tracked.MODEL, ""),
-                                           r.tags.get(tracked.SEED, ""))):
+    for run in sorted(runs, key=run_order):
         rows.append({
             "task": run.tags.get(tracked.TASK), "model": run.tags.get(tracked.MODEL),
             "fold": run.tags.get(tracked.FOLD), "seed": run.tags.get(tracked.SEED),
             "recipe": run.tags.get(tracked.RECIPE), "device": run.tags.get(tracked.DEVICE),
+            "host": run.tags.get(tracked.HOST),
             **{key: run.metrics.get(key) for key in (
                 tracked.SAMPLES_SEEN, tracked.TRAINING_SECONDS, tracked.PARAMETERS,
                 tracked.EVAL_MEAN_DICE, tracked.EVAL_SECONDS_PER_CASE,
@@ -148,12 +151,12 @@ def main() -> None:
             parser.error("--archive needs --report")
         store, report = read_archive(args.archive, args.report), args.report
         if args.archive.resolve() != archive.resolve():
-            archive_runs(archived_runs(args.archive), archive, args.archive, args.archive)
+            replace_archive(archived_runs(args.archive), archive, args.archive, args.archive)
     elif args.results is not None:
         store, runs = read_store(f"sqlite:///{(args.results / 'mlflow.db').resolve()}")
         report = args.results / "compare"
         dataset = args.results.parent / "raw"
-        archive_runs(runs, archive, args.results, dataset if dataset.is_dir() else None)
+        replace_archive(runs, archive, args.results, dataset if dataset.is_dir() else None)
     else:
         parser.error("give the study's results folder, or --archive and --report")
     record = {"machine": machine(), "recorded": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

@@ -655,7 +655,7 @@ def compare(
     report.md + report.html, logged to a parent MLflow run."""
     from medpipe import tracked
     from medpipe.config import load_config
-    from medpipe.report.compare import build_report, champions, report_numbers
+    from medpipe.report.compare import build_report, champions, headline_scores, report_numbers
     from medpipe.tracking import (
         finished_runs,
         log_parent_run,
@@ -667,9 +667,11 @@ def compare(
     if runs_from is not None:
         from medpipe.report.archive import archived_runs
 
-        if archive is not None or config is not None or tracking_uri is not None:
+        if (archive is not None or config is not None or tracking_uri is not None
+                or experiment is not None or overrides):
             raise MedpipeError("--runs builds the report from an archive alone: give it "
-                               "without --archive, --config or --tracking-uri")
+                               "without --archive, --config, --set, --tracking-uri or "
+                               "--experiment")
 
         runs = archived_runs(runs_from)
         build_report(runs, output, results or runs_from, (), runs_from)
@@ -705,9 +707,7 @@ def compare(
     summary = build_report(runs, output, results, unfinished_runs(uri, experiment), dataset)
     files = [output / "report.html", output / "report.md", output / "summary.json",
              *(output / figure["file"] for figure in summary["figures"])]
-    headline = {f"{prefix}mean_dice_{r['model']}": r["mean_dice"][0]
-                for prefix, task in (("", "segmentation"), ("registration_", "registration"))
-                for r in summary[task] if not math.isnan(r["mean_dice"][0])}
+    headline = headline_scores(summary)
     scopes = {key: summary[key] for key in ("segmentation_scope", "registration_scope")}
     log_parent_run(uri, experiment, report_numbers(runs, summary), files, headline, scopes)
     address = write_comparison_view(uri, experiment)

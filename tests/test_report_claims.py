@@ -40,7 +40,7 @@ def _store(tmp_path, offsets: dict[str, list[float]], curves: dict[str, list[flo
         for seed, offset in enumerate(seeds):
             run = client.create_run(experiment, tags={
                 tracked.TASK: "segmentation", tracked.MODEL: model, tracked.FOLD: "0",
-                tracked.DEVICE: "cpu"})
+                tracked.SEED: str(seed), tracked.DEVICE: "cpu"})
             run_id = run.info.run_id
             client.log_param(run_id, "run.batch_size", "2")
             client.log_param(run_id, "run.training.seed", str(seed))
@@ -215,7 +215,8 @@ def test_a_study_archived_in_parts_reports_as_one_store_would(tmp_path):
     before = {p: p.read_bytes() for p in archive.rglob("run.json")}
     archive_runs(reported, archive, tmp_path / "a" / "results")
     assert {p: p.read_bytes() for p in archive.rglob("run.json")} == before
-    assert all(not tracked.REPORT_WRITEBACK & {*r.tags, *r.metrics} for r in restored)
+    assert all(not tracked.REPORT_WRITEBACK & {*r.tags, *r.metrics}
+               for r in archived_runs(archive))
 
     pooled = tmp_path / "pooled"  # what one machine running both parts would hold
     for part in ("a", "b"):
@@ -241,10 +242,25 @@ def test_a_study_archived_in_parts_reports_as_one_store_would(tmp_path):
 
 
 def test_a_broken_archive_is_named_in_one_line(tmp_path):
-    from medpipe.report.archive import archive_runs
+    from medpipe.errors import MedpipeError
+    from medpipe.report.archive import archive_runs, archived_runs
 
     archive = tmp_path / "archive"
-    written = archive_runs(_store(tmp_path, {"big": [0.05]}), archive)
+    written = archive_runs(_store(tmp_path, {"big": [0.05, 0.06]}), archive)
+    # a part run twice: a second run of one training (its seed's) would count as two runs
+    again = written[1].parent.with_name("a-later-run-id")
+    shutil.copytree(written[1].parent, again)
+    with pytest.raises(MedpipeError, match="two archived runs of one training") as error:
+        archived_runs(archive)
+    assert str(written[1]) in str(error.value) and str(again) in str(error.value)
+    shutil.rmtree(again)
+    # a table the run names but the archive lost
+    (written[1].parent / "cases.csv").unlink()
+    with pytest.raises(MedpipeError, match=r"archived run lacks its cases\.csv") as error:
+        archived_runs(archive)
+    assert str(written[1]) in str(error.value)
+    shutil.rmtree(written[1].parent)
+
     written[0].write_text('{"run_id": "x"}', encoding="utf-8")
     compare = [sys.executable, "-m", "medpipe.cli", "compare", "-o", str(tmp_path / "out")]
     result = subprocess.run([*compare, "--runs", str(archive)], capture_output=True, text=True,
@@ -255,4 +271,8 @@ def test_a_broken_archive_is_named_in_one_line(tmp_path):
     result = subprocess.run([*compare, "--runs", str(tmp_path / "empty")], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 2 and "no archived runs" in result.stderr
+    # a store's options beside --runs would be ignored: refused, not dropped
+    result = subprocess.run([*compare, "--runs", str(archive), "--set", "seeds=[0]"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "from an archive alone" in result.stderr
     assert not (tmp_path / "out").exists()

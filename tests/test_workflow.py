@@ -303,7 +303,11 @@ def test_whole_workflow_end_to_end_killed_during_training_and_resumed(workdir):
     assert (workdir / "results" / "mlflow.db").is_file()
     assert list((workdir / "results" / "mlruns").rglob("best.pt"))
     assert not (workdir / "mlflow.db").exists() and not (workdir / "mlruns").exists()
-    # the study's record (bench/study_record.py) reads such a finished results folder back
+    # the study's record (bench/study_record.py) reads such a finished results folder back;
+    # its archive holds this study's runs alone, whatever an earlier record left there
+    stale = workdir / "record" / "runs" / "tracked" / "an-earlier-study's-run"
+    stale.mkdir(parents=True)
+    (stale / "run.json").write_text("{}")
     record = run([sys.executable, str(REPO / "bench" / "study_record.py"),
                   str(workdir / "results"), str(workdir / "record")])
     assert record.returncode == 0, record.stderr[-3000:]
@@ -313,6 +317,7 @@ def test_whole_workflow_end_to_end_killed_during_training_and_resumed(workdir):
     # another machine say, records the same scores, runs and job minutes
     archive = workdir / "record" / "runs"
     assert len(list(archive.glob("tracked/*/run.json"))) == len(summary["runs"])
+    assert not stale.exists()
     assert not list(archive.rglob("*.pt"))
     rebuilt = run([sys.executable, "-m", "medpipe.cli", "compare", "--runs", str(archive),
                    "-o", str(workdir / "rebuilt")])
@@ -323,6 +328,7 @@ def test_whole_workflow_end_to_end_killed_during_training_and_resumed(workdir):
     restated = json.loads((workdir / "again" / "mlflow_summary.json").read_text())
     assert restated["scores"] == pytest.approx(summary["scores"])
     assert restated["runs"] == summary["runs"]
+    assert restated["hosts"] == summary["hosts"] and len(summary["hosts"]) == 1
     assert restated["job_minutes"] == summary["job_minutes"] > 0
 
     # a changed setting of one model reruns that model's training and what follows, only

@@ -196,19 +196,30 @@ def report_numbers(runs: Sequence[TrackedRun], summary: dict) -> dict[str, dict[
 # --------------------------------------------------------------------------- scores
 
 
+def run_order(run: TrackedRun) -> tuple:
+    """Runs by task, model, fold, then seed (as numbers), then id: one order whatever the
+    source (a store lists runs newest first, an archive by id), as the seeded run-level
+    bootstrap, the example figures and the study's record of runs depend on it."""
+    seed = run.tags.get(tracked.SEED, "")
+    return (run.tags.get(tracked.TASK, ""), run.tags.get(tracked.MODEL, ""),
+            int(run.tags.get(tracked.FOLD, 0)),
+            (int(seed), "") if seed.lstrip("-").isdigit() else (0, seed), run.run_id)
+
+
+def headline_scores(summary: dict) -> dict[str, float]:
+    """Each model's and method's mean Dice in the report, under the names the comparison's
+    MLflow run logs them (`mean_dice_MODEL`, `registration_mean_dice_METHOD`)."""
+    return {f"{prefix}mean_dice_{row['model']}": row["mean_dice"][0]
+            for prefix, task in (("", "segmentation"), ("registration_", "registration"))
+            for row in summary[task] if not math.isnan(row["mean_dice"][0])}
+
+
 def _by_model(runs: Sequence[TrackedRun]) -> dict[str, list[TrackedRun]]:
-    """Each model's runs by fold, then seed: one order whatever the source (a store lists
-    runs newest first, an archive by id), as the seeded run-level bootstrap depends on it."""
+    """Each model's runs by fold, then seed (`run_order`)."""
     out: dict[str, list[TrackedRun]] = defaultdict(list)
-    for run in sorted(runs, key=lambda r: (int(r.tags.get(tracked.FOLD, 0)),
-                                           _seed_order(r.tags.get(tracked.SEED, "")),
-                                           r.run_id)):
+    for run in sorted(runs, key=run_order):
         out[run.tags[tracked.MODEL]].append(run)
     return dict(out)
-
-
-def _seed_order(seed: str) -> tuple[int, str]:
-    return (int(seed), "") if seed.lstrip("-").isdigit() else (0, seed)
 
 
 def _pooled(folds: Sequence[TrackedRun], name: str, key_columns: Sequence[str],
@@ -678,7 +689,7 @@ def _examples(runs: Sequence[TrackedRun], out_dir: Path) -> list[dict[str, str]]
     """One example figure per model (its lowest fold): validation overlays for segmentation,
     the first evaluated pair with its deformation grid and Jacobian for registration."""
     chosen: dict[tuple[str, str], str] = {}
-    for run in sorted(runs, key=lambda r: int(r.tags.get(tracked.FOLD, 0))):
+    for run in sorted(runs, key=run_order):
         key = (run.tags[tracked.TASK], run.tags[tracked.MODEL])
         source = run.files.get("example.png")
         if key in chosen or source is None:
