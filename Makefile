@@ -70,11 +70,17 @@ demo: setup $(ANTS_VENV)/.installed
 # its report and the MLflow store's summary are copied to docs/study/, the recorded answer.
 # Its wall time counts from the first `make study` in STUDY_DIR (a resumed study included)
 STUDY_DIR ?= study
+# what `make study` and each `make study-part` share: the start time, the data, and Snakemake
+# with the study's config on the targets given ($(call study_snakemake,TARGETS))
+STUDY_START = mkdir -p $(STUDY_DIR) && test -f $(STUDY_DIR)/started || date +%s > $(STUDY_DIR)/started
+STUDY_DATA = $(VENV)/bin/medpipe demo-data $(STUDY_DIR)/raw --cases 12 --test-cases 20 --seed 0
+study_snakemake = $(ANTS) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/snakemake $(1) \
+	--profile configs/profiles/local \
+	--configfile configs/study.yaml --config dataset=$(STUDY_DIR)/raw results=$(STUDY_DIR)/results
 study: setup $(ANTS_VENV)/.installed
-	mkdir -p $(STUDY_DIR) && test -f $(STUDY_DIR)/started || date +%s > $(STUDY_DIR)/started
-	$(VENV)/bin/medpipe demo-data $(STUDY_DIR)/raw --cases 12 --test-cases 20 --seed 0
-	$(ANTS) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/snakemake all --profile configs/profiles/local \
-		--configfile configs/study.yaml --config dataset=$(STUDY_DIR)/raw results=$(STUDY_DIR)/results
+	$(STUDY_START)
+	$(STUDY_DATA)
+	$(call study_snakemake,all)
 	$(PY) bench/study_record.py $(STUDY_DIR)/results docs/study --started $$(cat $(STUDY_DIR)/started)
 	@echo "Report: $(STUDY_DIR)/results/compare/report.html (recorded in docs/study/)"
 
@@ -94,11 +100,9 @@ STUDY_PART_TARGETS = $(foreach run,$(STUDY_RUNS),$(STUDY_DIR)/results/runs/$(run
 	$(foreach model,$(STUDY_TEST),$(STUDY_DIR)/results/test/$(model)/evaluation/summary.json) $(STUDY_RULES)
 study-part: setup $(ANTS_VENV)/.installed
 	test -n "$(strip $(STUDY_PART_TARGETS))" || (echo "say what this part runs: STUDY_RUNS, STUDY_TEST or STUDY_RULES" >&2; exit 2)
-	mkdir -p $(STUDY_DIR) && test -f $(STUDY_DIR)/started || date +%s > $(STUDY_DIR)/started
-	$(VENV)/bin/medpipe demo-data $(STUDY_DIR)/raw --cases 12 --test-cases 20 --seed 0
-	$(ANTS) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/snakemake $(STUDY_PART_TARGETS) \
-		--profile configs/profiles/local \
-		--configfile configs/study.yaml --config dataset=$(STUDY_DIR)/raw results=$(STUDY_DIR)/results
+	$(STUDY_START)
+	$(STUDY_DATA)
+	$(call study_snakemake,$(STUDY_PART_TARGETS))
 	$(VENV)/bin/medpipe compare --config configs/study.yaml --set dataset=$(STUDY_DIR)/raw \
 		--set results=$(STUDY_DIR)/results -o $(STUDY_DIR)/results/compare --archive docs/study/runs
 
@@ -112,7 +116,7 @@ study-report: setup
 # docs/study/native/. Its wall time is printed by Snakemake's log
 study-native: setup
 	mkdir -p $(STUDY_DIR)
-	$(VENV)/bin/medpipe demo-data $(STUDY_DIR)/raw --cases 12 --test-cases 20 --seed 0
+	$(STUDY_DATA)
 	$(PY) -c "import sys, yaml; from medpipe.config import apply_overrides; \
 		config = apply_overrides(yaml.safe_load(open('configs/study.yaml')), sys.argv[1:]); \
 		open('$(STUDY_DIR)/native.yaml', 'w').write(yaml.safe_dump(config))" \
