@@ -704,6 +704,9 @@ def compare(
 
         archive_runs(runs, archive, results, dataset)
         console.print(f"archived {len(runs)} runs in {archive}")
+        if results is None:
+            console.print("[yellow]without --results or --config the archive holds no fold "
+                          "ensemble scores, postprocessing decisions or job times[/yellow]")
     summary = build_report(runs, output, results, unfinished_runs(uri, experiment), dataset)
     files = [output / "report.html", output / "report.md", output / "summary.json",
              *(output / figure["file"] for figure in summary["figures"])]
