@@ -35,10 +35,10 @@ from medpipe.tracking import TrackedRun
 
 TRACKED = "tracked"
 RUN_FILE = "run.json"
-# the workflow's files that build_report (and the study's record) read, relative to RESULTS
 # what makes two runs one training's: a part run twice archives two runs of it
 IDENTITY = (tracked.TASK, tracked.MODEL, tracked.FOLD, tracked.SEED, tracked.RECIPE,
             tracked.EVAL_CASES)
+# the workflow's files that build_report (and the study's record) read, relative to RESULTS
 RESULT_FILES = ("test/*/evaluation/cases.csv", "test/*/evaluation/summary.json",
                 "runs/*/postprocessing.json", "benchmarks/**/*.tsv")
 
