@@ -328,7 +328,7 @@ def test_whole_workflow_end_to_end_killed_during_training_and_resumed(workdir):
     restated = json.loads((workdir / "again" / "mlflow_summary.json").read_text())
     assert restated["scores"] == pytest.approx(summary["scores"])
     assert restated["runs"] == summary["runs"]
-    assert restated["hosts"] == summary["hosts"] and len(summary["hosts"]) == 1
+    assert restated["hosts"] == summary["hosts"] and summary["hosts"]  # jobs of 1 or 2 threads
     assert restated["job_minutes"] == summary["job_minutes"] > 0
 
     # a changed setting of one model reruns that model's training and what follows, only
