@@ -32,7 +32,7 @@ def machine() -> dict[str, Any]:
     """The machine a figure was measured on (recorded beside every figure)."""
     import torch
 
-    from medpipe.device import cpu_field, cpu_has_native_bf16
+    from medpipe.device import cpu_field, cpu_has_native_bf16, cpu_vector_unit
 
     info = {
         "platform": platform.platform(),
@@ -41,7 +41,7 @@ def machine() -> dict[str, Any]:
         "cpu_family_model": f"{cpu_field('cpu family')}/{cpu_field('model')}",  # 23: Zen 1-2
         # the vector units decide CPU speed more than the core count: timings from a CPU
         # without AVX-512 (and so without native bf16) are not comparable to one with it
-        "cpu_avx512": "avx512f" in (cpu_field("flags") or "").split(),
+        "cpu_avx512": cpu_vector_unit() == "AVX-512",
         "cpu_native_bf16": cpu_has_native_bf16(),
         "cpu_cores": len(os.sched_getaffinity(0)),
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),

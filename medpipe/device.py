@@ -126,10 +126,16 @@ def host_description(device: torch.device, dtype: torch.dtype | None) -> str:
     if device.type == "mps":
         return f"Apple GPU ({platform.machine()}), {precision}"
     model = cpu_field("model name") or platform.processor() or platform.machine()
-    flags = (cpu_field("flags") or "").split()
-    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    vector = cpu_vector_unit()
     model = f"{model} ({vector})" if vector else model
     return f"{model}, {torch.get_num_threads()} threads, {precision}"
+
+
+def cpu_vector_unit() -> str | None:
+    """The CPU's widest x86 vector unit ("AVX-512", "AVX2"; None where neither or not
+    Linux): it decides CPU training speed more than the core count does."""
+    flags = (cpu_field("flags") or "").split()
+    return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
 
 
 def cpu_field(name: str) -> str | None:
