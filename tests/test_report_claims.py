@@ -154,6 +154,21 @@ def test_no_winner_among_models_still_improving(tmp_path):
     assert "Whether small had stopped improving is not known" in sure
 
 
+def test_claims_among_converged_models_are_named_while_the_winner_is_withheld(tmp_path):
+    # slow still improving: no winner; big over small (both flat, runs agree) still holds
+    runs = _store(tmp_path, {"big": [0.05, 0.04], "small": [0.0, 0.01], "slow": [0.02, 0.03]},
+                  curves={"slow": [0.3, 0.5, 0.6, 0.7]})
+    summary = build_report(runs, tmp_path / "out")
+    first = summary["headline"][0]
+    assert "no winner is declared: slow was still improving" in first
+    assert _pair(summary, "big", "small")["claimed"]
+    assert not _pair(summary, "big", "slow")["claimed"]
+    gain = _pair(summary, "big", "small")["run_level"]["mean_difference"]
+    assert gain == pytest.approx(0.04, abs=0.01)
+    assert first.endswith("Shown among the models that had stopped improving: big above "
+                          f"small ({gain:+.3f}).")
+
+
 def test_the_scope_box_says_what_the_numbers_cover(tmp_path):
     runs = _store(tmp_path, {"big": [0.05, 0.04], "small": [0.0, 0.01]})
     summary = build_report(runs, tmp_path / "out")

@@ -453,7 +453,8 @@ def _answer(table: list[dict[str, Any]], paired: list[dict[str, Any]], verb: str
                     "it would take")
         return (f"no winner is declared: {names} {'was' if len(improving) == 1 else 'were'} "
                 f"still improving at the end of the budget (mean Dice gained over its last "
-                f"quarter: {gains}){estimate}. Highest so far: {best['model']}, {mean:.3f}.")
+                f"quarter: {gains}){estimate}. Highest so far: {best['model']}, {mean:.3f}."
+                + _claims_among_converged(paired))
     if len(table) == 1:
         return f"{best['model']} alone, mean Dice {mean:.3f}."
     runner = table[1]
@@ -481,6 +482,21 @@ def _answer(table: list[dict[str, Any]], paired: list[dict[str, Any]], verb: str
               else "the interval includes zero")
     return (f"{best['model']} scored highest ({scores}), but a difference is not shown: "
             f"{reason} ({evidence}).")
+
+
+def _claims_among_converged(paired: list[dict[str, Any]]) -> str:
+    """The differences that are claimed while a winner is withheld: between models that had
+    stopped improving (a claim never involves one still improving), grouped by the better."""
+    above: dict[str, list[str]] = {}
+    for row in paired:
+        if row["claimed"]:
+            above.setdefault(row["a"], []).append(
+                f"{row['b']} ({row['run_level']['mean_difference']:+.3f})")
+    if not above:
+        return ""
+    shown = "; ".join(f"{a} above " + (", ".join(bs[:-1]) + " and " if len(bs) > 1 else "")
+                      + bs[-1] for a, bs in above.items())
+    return f" Shown among the models that had stopped improving: {shown}."
 
 
 def _cost_answer(summary: dict[str, Any]) -> str:
