@@ -84,10 +84,11 @@ def build_tiny_pipeline(root: Path, tracking: dict, test_cases: int = 0) -> Path
     return root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def segmentation_run(tiny_pipeline, tmp_path_factory):
     """A unet trained for a few steps on the tiny pipeline (weights barely matter: the
-    tests check geometry, files and refusals)."""
+    tests check geometry, files and refusals). One for the session: a test that writes
+    into a run folder copies it first."""
     from medpipe.config import load_config
     from medpipe.training.segmentation import train_segmentation
 
@@ -98,7 +99,7 @@ def segmentation_run(tiny_pipeline, tmp_path_factory):
                               progress=False)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def registration_run(tiny_pipeline, tmp_path_factory):
     """A small voxelmorph trained for two steps on the tiny pipeline, registering to an
     atlas (its folds hold too few validation cases for pairs)."""

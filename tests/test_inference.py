@@ -293,10 +293,13 @@ def test_a_run_scores_the_labelled_test_cases_as_it_scores_its_validation_cases(
     raw, results = tmp_path / "raw", tmp_path / "results"
     shutil.copytree(tiny_pipeline / "raw", raw)
     shutil.copytree(tiny_pipeline / "results", results)
+    # scoring writes into the run folder: a copy, the session's run stays as trained
+    run = tmp_path / "run"
+    shutil.copytree(segmentation_run, run)
     config = load_config(tiny_pipeline / "config.yaml", [
         f"dataset={raw}", f"results={results}", "tracking.enabled=false"])
-    validation = evaluate_segmentation(config, "unet", 0, segmentation_run, device="cpu")
-    case = read_model(segmentation_run).val_cases[0]
+    validation = evaluate_segmentation(config, "unet", 0, run, device="cpu")
+    case = read_model(run).val_cases[0]
     for folder in ("imagesTs", "labelsTs"):
         (raw / folder).mkdir(exist_ok=True)
     shutil.copy(raw / "imagesTr" / f"{case}_0000.nii.gz", raw / "imagesTs" / "t0_0000.nii.gz")
@@ -304,18 +307,18 @@ def test_a_run_scores_the_labelled_test_cases_as_it_scores_its_validation_cases(
     for suffix in (".npz", ".json"):
         shutil.copy(config.preprocessed_dir / f"{case}{suffix}",
                     config.preprocessed_dir / f"t0{suffix}")
-    test = evaluate_segmentation(config, "unet", 0, segmentation_run, device="cpu",
+    test = evaluate_segmentation(config, "unet", 0, run, device="cpu",
                                  cases="test")
     assert test["scored"] == "test" and test["cases"] == 1
-    assert (segmentation_run / "test" / "t0.nii.gz").is_file()
+    assert (run / "test" / "t0.nii.gz").is_file()
 
     def dice(path, case_id):
         with open(path, newline="", encoding="utf-8") as f:
             return {r["class"]: float(r["dice"]) for r in csv.DictReader(f)
                     if r["case_id"] == case_id}
 
-    assert dice(segmentation_run / "evaluation_test" / "cases.csv", "t0") == pytest.approx(
-        dice(segmentation_run / "evaluation" / "cases.csv", case), abs=1e-6)
+    assert dice(run / "evaluation_test" / "cases.csv", "t0") == pytest.approx(
+        dice(run / "evaluation" / "cases.csv", case), abs=1e-6)
     assert validation["scored"] == "validation"
 
 
