@@ -90,7 +90,9 @@ study: setup $(ANTS_VENV)/.installed
 # models) and the results its report reads into docs/study/runs/, beside earlier parts'.
 #   STUDY_RUNS: run folders to train and score, e.g. "swin_unetr/fold_0 swin_unetr/seed_1/fold_0"
 #   STUDY_TEST: models whose fold ensemble predicts and scores the test set (needs MODEL/fold_0)
-#   STUDY_RULES: whole stages, e.g. registration_all
+#   STUDY_RULES: whole stages, e.g. registration_all, or single outputs, e.g. one registration
+#     run: $(STUDY_DIR)/results/runs/pyramid/seed_1/fold_0/evaluation/summary.json (a registration
+#     network is scored on the test pairs in its evaluation/, so STUDY_RUNS does not fit it)
 # `make study-report` then builds the study's report and record from the whole archive.
 STUDY_RUNS ?=
 STUDY_TEST ?=
